@@ -1,0 +1,402 @@
+"""The Discord side of generations: status messages, results, persistent buttons.
+
+The status message is a regular channel message the bot owns, so it can be edited long
+after the 15-minute interaction token has expired; the interaction itself only gets a
+private "queued" reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import ui
+
+from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, progress_bar
+from bot.relay import MessageRelay
+from bot.tree import send_ephemeral
+from core.errors import ComfyVastError
+from core.generation import GenerationRequest, JobView
+from core.images import ImageFile, fit_for_upload, make_grid, thumbnail
+
+if TYPE_CHECKING:
+    from bot.bot import ComfyVastBot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+STATUS_WORDS = {
+    "pending": "Preparing",
+    "queued": "Queued",
+    "running": "Generating",
+    "uploading": "Uploading",
+    "completed": "Done",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Embed:
+    title = f"{STATUS_WORDS.get(job.status, job.status)} · job #{job.id}"
+    colour = ERROR_COLOUR if job.status in ("failed", "cancelled") else BRAND_COLOUR
+    embed = discord.Embed(title=title, description=_short(job.prompt, 300), colour=colour)
+    lines: list[str] = []
+    if job.status == "queued":
+        position = job.queue_position
+        lines.append(
+            "Waiting in the server's queue"
+            + (f": position {position + 1}" if position is not None else "")
+        )
+    if job.status in ("running", "uploading"):
+        if job.current_node:
+            lines.append(f"Node: **{job.current_node}**")
+        if job.max_steps:
+            step = job.step or 0
+            pct = int(100 * step / job.max_steps)
+            eta = f" · ETA {human_duration(job.eta_seconds)}" if job.eta_seconds else ""
+            lines.append(f"`{progress_bar(step / job.max_steps)}` {step}/{job.max_steps} "
+                         f"({pct}%){eta}")
+    if job.status == "uploading":
+        lines.append("Uploading the images…")
+    if job.error:
+        lines.append(f"**{_short(job.error, 900)}**")
+    if job.notice:
+        lines.append(f"⚠️ {_short(job.notice, 300)}")
+    if lines:
+        embed.add_field(name="Progress", value="\n".join(lines), inline=False)
+    embed.set_footer(text=f"Job #{job.id} · {job.server_name or 'no server'} · "
+                          f"requested by user {job.user_id}")
+    if preview_name:
+        embed.set_image(url=f"attachment://{preview_name}")
+    return embed
+
+
+def result_embed(job: JobView, image_name: str) -> discord.Embed:
+    p = job.parameters
+    embed = discord.Embed(
+        title=_short(job.prompt or "Upscale", 250), colour=OK_COLOUR,
+        description=f"Negative: {_short(job.negative, 500)}" if job.negative else None,
+    )
+    fields = [
+        ("Seed", str(p.get("seed"))),
+        ("Model", p.get("model") or p.get("workflow") or p.get("upscale_model") or "?"),
+        ("Size", f"{p.get('width')}×{p.get('height')}"),
+        ("Steps", str(p.get("steps"))),
+        ("CFG", f"{p.get('cfg')}"),
+        ("Sampler", f"{p.get('sampler')} / {p.get('scheduler')}"),
+    ]
+    if p.get("lora"):
+        fields.append(("LoRA", f"{p['lora']} ({p.get('lora_strength')})"))
+    if p.get("kind") == "upscale":
+        fields = [("Upscaled with", str(p.get("upscale_model"))), ("From job", f"#{p.get('parent_id')}")]
+    for name, value in fields:
+        embed.add_field(name=name, value=_short(value, 200))
+    took = ""
+    if job.started_at and job.completed_at:
+        took = f" · {human_duration((job.completed_at - job.started_at).total_seconds())}"
+    embed.set_footer(text=f"Job #{job.id} · {job.server_name or ''}{took}")
+    embed.set_image(url=f"attachment://{image_name}")
+    return embed
+
+
+def prepare_upload(images: list[ImageFile], limit: int) -> tuple[list[ImageFile], str]:
+    """The files to upload (grid first for batches), fitted under ``limit`` bytes in all.
+
+    Returns the files and the name of the one the embed shows. Runs in a thread.
+    """
+    files = list(images)
+    if len(files) > 1:
+        files = [make_grid(files), *files]
+    files = fit_for_upload(files, limit)
+    return files, files[0].filename
+
+
+# --------------------------------------------------------------------------- buttons
+
+
+class _JobButton:
+    """Mixin for persistent buttons whose custom id carries the job id (survive restarts).
+
+    Each concrete class also derives from ``ui.DynamicItem`` with its own template.
+    """
+
+    action: str = ""
+    label: str = ""
+    style: discord.ButtonStyle = discord.ButtonStyle.secondary
+    emoji: str | None = None
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            ui.Button(label=self.label, style=self.style, emoji=self.emoji,
+                      custom_id=f"cv:{self.action}:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: ui.Button[Any], match: re.Match[str]
+    ) -> Any:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
+        try:
+            await self.run(bot, interaction)
+        except ComfyVastError as exc:
+            await send_ephemeral(interaction, str(exc))
+        except Exception:
+            log.exception("button %s on job %s failed", self.action, self.job_id)
+            await send_ephemeral(interaction, "Something went wrong; it has been logged.")
+
+    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
+        raise NotImplementedError
+
+
+class CancelButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:cancel:(?P<job>[0-9]+)"):
+    action = "cancel"
+    label = "Cancel"
+    style = discord.ButtonStyle.danger
+    emoji = None
+
+    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
+        from bot.checks import actor_of
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        job = await bot.services.generation.cancel(self.job_id, actor_of(interaction))
+        await interaction.followup.send(f"Job #{job.id} is {job.status}.", ephemeral=True)
+
+
+class RerollButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:reroll:(?P<job>[0-9]+)"):
+    action = "reroll"
+    label = "Re-roll"
+    style = discord.ButtonStyle.primary
+    emoji = '🎲'
+
+    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
+        from bot.checks import actor_of
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        gen = bot.services.generation
+        job = await gen.get(self.job_id)
+        request = gen.request_from(job, actor_of(interaction), seed=None, kind="reroll")
+        await launch_jobs(bot, interaction, [request])
+
+
+class VariationsButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:vary:(?P<job>[0-9]+)"):
+    action = "vary"
+    label = "Variations"
+    style = discord.ButtonStyle.secondary
+    emoji = '🔀'
+
+    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
+        from bot.checks import actor_of
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        gen = bot.services.generation
+        job = await gen.get(self.job_id)
+        actor = actor_of(interaction)
+        requests = [
+            gen.request_from(job, actor, seed=None, batch=1, kind="variation")
+            for _ in range(4)
+        ]
+        await launch_jobs(bot, interaction, requests)
+
+
+class UpscaleButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:upscale:(?P<job>[0-9]+)"):
+    action = "upscale"
+    label = "Upscale"
+    style = discord.ButtonStyle.secondary
+    emoji = '🔍'
+
+    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
+        from bot.checks import actor_of
+        from core.generation import InputImage
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        gen = bot.services.generation
+        job = await gen.get(self.job_id)
+        models = await gen.upscale_models(job.server_id)
+        if not models:
+            models = await gen.upscale_models()
+        if not models:
+            raise ComfyVastError("No running server has an upscale model.")
+        server_id, names = next(iter(models.items()))
+        images = await gen.output_images(self.job_id)
+        source = images[0]
+        server = await bot.services.servers.get(server_id)
+        request = GenerationRequest(
+            actor=actor_of(interaction), prompt=job.prompt, kind="upscale",
+            image=InputImage(source.filename, source.data), upscale_model=names[0],
+            server=server.name, parent_id=job.id,
+        )
+        await launch_jobs(bot, interaction, [request])
+
+
+DYNAMIC_ITEMS: tuple[type[ui.DynamicItem[Any]], ...] = (
+    CancelButton, RerollButton, VariationsButton, UpscaleButton,
+)
+
+
+def status_view(job_id: int) -> ui.View:
+    view = ui.View(timeout=None)
+    view.add_item(CancelButton(job_id))
+    return view
+
+
+def result_view(job_id: int, *, upscale: bool) -> ui.View:
+    view = ui.View(timeout=None)
+    view.add_item(RerollButton(job_id))
+    view.add_item(VariationsButton(job_id))
+    if upscale:
+        view.add_item(UpscaleButton(job_id))
+    return view
+
+
+# --------------------------------------------------------------------------- launching
+
+
+async def launch_jobs(
+    bot: ComfyVastBot, interaction: discord.Interaction, requests: list[GenerationRequest]
+) -> list[JobView]:
+    """Submit each request, post its status message, start it; reply privately.
+
+    The interaction must already be deferred. Errors are ComfyVastErrors with a sentence.
+    """
+    gen = bot.services.generation
+    channel = interaction.channel
+    if channel is None or not hasattr(channel, "send"):
+        raise ComfyVastError("Generations can only run in a text channel.")
+    jobs: list[JobView] = []
+    links: list[str] = []
+    for request in requests:
+        job = await gen.submit(request)
+        try:
+            message = await channel.send(  # type: ignore[union-attr]
+                embed=status_embed(job), view=status_view(job.id),
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+        except discord.HTTPException as exc:
+            await gen.abandon(job.id, "The status message could not be posted.")
+            raise ComfyVastError(
+                "I can't post in this channel; check my Send Messages and Embed Links "
+                "permissions."
+            ) from exc
+        await gen.attach_message(job.id, message.channel.id, message.id)
+        gen.start(job.id)
+        jobs.append(job)
+        links.append(f"#{job.id} ({message.jump_url})")
+    text = "Queued " + ", ".join(links) + "."
+    await interaction.followup.send(text, ephemeral=True)
+    return jobs
+
+
+# --------------------------------------------------------------------------- observer
+
+
+class DiscordJobObserver:
+    """Renders job events into the status message and delivers results to the channel."""
+
+    def __init__(self, bot: ComfyVastBot, relay: MessageRelay) -> None:
+        self.bot = bot
+        self.relay = relay
+        self._previews: dict[int, bytes] = {}
+        self._preview_sent: dict[int, int] = {}  # job id -> id() of the preview last sent
+
+    async def on_update(self, job: JobView, preview: bytes | None) -> None:
+        if job.message_id is None or job.channel_id is None:
+            return
+        if preview is not None:
+            self._previews[job.id] = preview
+        self.relay.update(job.channel_id, job.message_id, lambda: self._render_status(job.id))
+
+    async def _render_status(self, job_id: int) -> dict[str, Any]:
+        # Built when the edit is really sent: always the newest state and preview.
+        job = await self.bot.services.generation.get(job_id)
+        kwargs: dict[str, Any] = {"view": status_view(job.id)}
+        preview = self._previews.get(job_id)
+        name = None
+        if preview is not None:
+            name = "preview.jpg"
+            if self._preview_sent.get(job_id) != id(preview):
+                thumb = await asyncio.to_thread(thumbnail, preview)
+                kwargs["attachments"] = [discord.File(io.BytesIO(thumb), filename=name)]
+                self._preview_sent[job_id] = id(preview)
+        kwargs["embed"] = status_embed(job, preview_name=name)
+        return kwargs
+
+    async def deliver(self, job: JobView, images: list[ImageFile]) -> None:
+        if job.channel_id is None:
+            return
+        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        existing = await self._find_delivery(channel, job)
+        if existing is None:
+            limit = self._upload_limit(job.guild_id)
+            files, shown = await asyncio.to_thread(prepare_upload, images, limit)
+            upscale = bool(await self.bot.services.generation.upscale_models(job.server_id))
+            existing = await channel.send(
+                content=f"<@{job.user_id}>",
+                embed=result_embed(job, shown),
+                files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files],
+                view=result_view(job.id, upscale=upscale and job.parameters.get("kind") != "upscale"),
+                allowed_mentions=discord.AllowedMentions(users=True),
+                # Discord drops a second message with the same nonce sent shortly after.
+                nonce=f"cvjob{job.id}",
+            )
+        if job.message_id is not None:
+            jump = existing.jump_url
+            await self.relay.finish(
+                job.channel_id, job.message_id,
+                lambda: self._render_final(job.id, f"Finished: {jump}"),
+            )
+        self._forget(job.id)
+
+    async def on_finished(self, job: JobView) -> None:
+        if job.message_id is not None and job.channel_id is not None:
+            await self.relay.finish(
+                job.channel_id, job.message_id, lambda: self._render_final(job.id, None)
+            )
+        self._forget(job.id)
+
+    async def _render_final(self, job_id: int, link: str | None) -> dict[str, Any]:
+        job = await self.bot.services.generation.get(job_id)
+        embed = status_embed(job)
+        if link:
+            embed.add_field(name="Result", value=link, inline=False)
+        return {"embed": embed, "attachments": [], "view": None}
+
+    async def _find_delivery(
+        self, channel: discord.PartialMessageable, job: JobView
+    ) -> discord.Message | None:
+        """A result message already posted for this job (a restart mid-delivery)."""
+        if job.message_id is None:
+            return None
+        marker = f"Job #{job.id} "
+        try:
+            async for message in channel.history(
+                after=discord.Object(id=job.message_id), limit=100
+            ):
+                if message.author.id != self.bot.user.id:  # type: ignore[union-attr]
+                    continue
+                for embed in message.embeds:
+                    if embed.footer.text and (embed.footer.text + " ").startswith(marker) \
+                            and message.attachments:
+                        return message
+        except discord.HTTPException as exc:
+            log.warning("could not read channel history to check delivery: %s", exc)
+        return None
+
+    def _upload_limit(self, guild_id: int | None) -> int:
+        guild = self.bot.get_guild(guild_id) if guild_id else None
+        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+
+    def _forget(self, job_id: int) -> None:
+        self._previews.pop(job_id, None)
+        self._preview_sent.pop(job_id, None)

@@ -1,0 +1,87 @@
+"""The command tree: one place that turns errors into one ephemeral sentence."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord import app_commands
+
+from bot.checks import NotAdmin, actor_of, bot_of, is_admin_command
+from core.audit import OUTCOME_ERROR, OUTCOME_REFUSED
+from core.errors import ComfyVastError, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+GENERIC_FAILURE = "Something went wrong; it has been logged."
+
+
+def describe_error(error: Exception) -> tuple[str, bool]:
+    """The sentence to show, and whether the error is expected (no traceback needed)."""
+    if isinstance(error, app_commands.CommandInvokeError):
+        error = error.original
+    if isinstance(error, ComfyVastError):
+        return str(error), True
+    if isinstance(error, NotAdmin):
+        return str(error), True
+    if isinstance(error, app_commands.CommandOnCooldown):
+        return f"Slow down: try again in {error.retry_after:.0f} s.", True
+    if isinstance(error, app_commands.NoPrivateMessage):
+        return "This command only works in a server channel.", True
+    if isinstance(error, app_commands.MissingPermissions | app_commands.BotMissingPermissions):
+        return str(error), True
+    if isinstance(error, app_commands.TransformerError):
+        return f"'{error.value}' is not a valid value for this option.", True
+    if isinstance(error, app_commands.CheckFailure):
+        return "You can't use this command here.", True
+    return GENERIC_FAILURE, False
+
+
+async def send_ephemeral(interaction: discord.Interaction, content: str) -> None:
+    """Reply privately whether or not the interaction was already acknowledged."""
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(content, ephemeral=True)
+        else:
+            await interaction.response.send_message(content, ephemeral=True)
+    except discord.HTTPException:
+        # The token may have expired (15 min) or the interaction timed out (3 s).
+        log.warning("could not deliver an error message for interaction %s", interaction.id)
+
+
+class ComfyVastTree(app_commands.CommandTree):
+    async def on_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        message, expected = describe_error(error)
+        command = interaction.command
+        name = command.qualified_name if command else "unknown"
+        if not expected:
+            log.error("command %s failed", name, exc_info=error)
+        if is_admin_command(command) or isinstance(error, NotAdmin):
+            original = getattr(error, "original", error)
+            refused = isinstance(error, NotAdmin) or isinstance(original, PermissionDenied)
+            await bot_of(interaction).services.audit.record(
+                actor_of(interaction),
+                name,
+                outcome=OUTCOME_REFUSED if refused else OUTCOME_ERROR,
+                details={"error": message, "options": _options(interaction)},
+            )
+        await send_ephemeral(interaction, message)
+
+
+def _options(interaction: discord.Interaction) -> dict[str, object]:
+    """The options as given, flattened; values only of simple types (no attachments)."""
+    out: dict[str, object] = {}
+
+    def walk(options: list[dict[str, object]]) -> None:
+        for opt in options:
+            nested = opt.get("options")
+            if isinstance(nested, list):
+                walk(nested)  # type: ignore[arg-type]
+            elif isinstance(opt.get("value"), str | int | float | bool):
+                out[str(opt["name"])] = opt["value"]
+
+    data = interaction.data or {}
+    walk(list(data.get("options", [])))  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,532 @@
+"""An async HTTP client for one ComfyUI server.
+
+The routes, bodies and status codes follow what a real ComfyUI 0.3.64 was recorded doing
+(tests/data/comfyui-traces/, summarised in the shared reference ``comfyui.md``). Notable
+facts this client relies on:
+
+* ``POST /prompt`` accepts a client-chosen ``prompt_id`` verbatim (trace 23), so the caller
+  can persist its row before queueing; ``client_id`` must be sent, otherwise no
+  ``executing``/``execution_*`` WebSocket messages are sent at all (trace 14).
+* A 200 from ``POST /prompt`` may still carry ``node_errors``: the prompt was queued with
+  only its valid outputs (trace 08). We return them; the caller decides.
+* ``GET /history/{id}`` is ``{}`` until the prompt finished; interrupted and failed
+  prompts both have ``status_str: "error"`` and differ by their last status message.
+* ``POST /interrupt {prompt_id}`` only interrupts if that prompt is the running one
+  (trace 19); without a body it interrupts whatever runs, possibly another user's job.
+
+The ``aiohttp.ClientSession`` is injected and shared; this class never closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from core.comfy.errors import (
+    ComfyError,
+    ComfyExecutionError,
+    ComfyHTTPError,
+    ComfyInterrupted,
+    ComfyNotFound,
+    ComfyProtocolError,
+    ComfyUnreachable,
+    ComfyValidationError,
+)
+
+log = logging.getLogger(__name__)
+
+ImageType = Literal["output", "input", "temp"]
+PromptStatus = Literal["success", "error", "interrupted"]
+
+# Characters that survive aiohttp's multipart encoding unchanged. aiohttp percent-encodes
+# anything else in a filename, and ComfyUI then stores the literal "%20" (trace 13 shows
+# "../evil.png" stored as "..%2Fevil.png"), so we pick the name ourselves.
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# ---------------------------------------------------------------------------------------
+# Data returned at the boundary
+
+
+@dataclass(frozen=True, slots=True)
+class OutputImage:
+    """One file a node produced (``executed.output.images`` / history ``outputs``)."""
+
+    filename: str
+    subfolder: str
+    type: str
+    node_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedPrompt:
+    """The 200 answer of ``POST /prompt``."""
+
+    prompt_id: str
+    number: int
+    node_errors: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        """True when some outputs failed validation and were dropped (trace 08)."""
+        return bool(self.node_errors)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    number: int
+    prompt_id: str
+    client_id: str | None
+    outputs_to_execute: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """``GET /queue``: at most one running item, pending items sorted by number."""
+
+    running: tuple[QueueItem, ...]
+    pending: tuple[QueueItem, ...]
+
+    @property
+    def running_ids(self) -> list[str]:
+        return [item.prompt_id for item in self.running]
+
+    @property
+    def pending_ids(self) -> list[str]:
+        return [item.prompt_id for item in self.pending]
+
+    def position(self, prompt_id: str) -> int | None:
+        """0 while running, 1.. for the place in the pending line, None if absent."""
+        if prompt_id in self.running_ids:
+            return 0
+        for index, item in enumerate(self.pending, start=1):
+            if item.prompt_id == prompt_id:
+                return index
+        return None
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return isinstance(prompt_id, str) and self.position(prompt_id) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptResult:
+    """A finished prompt, parsed from its ``/history`` entry."""
+
+    prompt_id: str
+    status: PromptStatus
+    completed: bool
+    outputs: tuple[OutputImage, ...]
+    node_id: str | None = None
+    node_type: str | None = None
+    exception_message: str | None = None
+    exception_type: str | None = None
+
+    def raise_for_status(self) -> None:
+        if self.status == "error":
+            raise ComfyExecutionError(
+                self.node_id,
+                self.node_type,
+                self.exception_message or "",
+                exception_type=self.exception_type or "",
+                prompt_id=self.prompt_id,
+            )
+        if self.status == "interrupted":
+            raise ComfyInterrupted(self.prompt_id, self.node_id, self.node_type)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    name: str
+    type: str
+    vram_total: int
+    vram_free: int
+
+
+@dataclass(frozen=True, slots=True)
+class SystemStats:
+    comfyui_version: str
+    python_version: str
+    pytorch_version: str
+    devices: tuple[DeviceStats, ...]
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedImage:
+    """``POST /upload/image`` answer. ComfyUI may rename on a clash (``name (1).png``)."""
+
+    name: str
+    subfolder: str
+    type: str
+
+    @property
+    def load_image_value(self) -> str:
+        """The value a LoadImage node wants: ``subfolder/name`` (trace 13)."""
+        return f"{self.subfolder}/{self.name}" if self.subfolder else self.name
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing helpers shared with the event stream
+
+
+def parse_images(node_id: str | None, output: Mapping[str, Any] | None) -> list[OutputImage]:
+    images: list[OutputImage] = []
+    for item in (output or {}).get("images") or []:
+        if isinstance(item, dict) and "filename" in item:
+            images.append(
+                OutputImage(
+                    filename=str(item["filename"]),
+                    subfolder=str(item.get("subfolder") or ""),
+                    type=str(item.get("type") or "output"),
+                    node_id=node_id,
+                )
+            )
+    return images
+
+
+def parse_history_entry(prompt_id: str, entry: Mapping[str, Any]) -> PromptResult:
+    """Turn one ``/history`` value into a :class:`PromptResult`.
+
+    ``status_str`` is "error" for both failures and interrupts (traces 09, 12, 19); the
+    ``messages`` list says which one it was.
+    """
+    status = entry.get("status") or {}
+    outputs: list[OutputImage] = []
+    for node_id, output in (entry.get("outputs") or {}).items():
+        outputs.extend(parse_images(str(node_id), output))
+    result_status: PromptStatus = "success"
+    node_id = node_type = message = exc_type = None
+    for kind, data in status.get("messages") or []:
+        if kind == "execution_error":
+            result_status = "error"
+            node_id, node_type = data.get("node_id"), data.get("node_type")
+            message, exc_type = data.get("exception_message"), data.get("exception_type")
+        elif kind == "execution_interrupted":
+            result_status = "interrupted"
+            node_id, node_type = data.get("node_id"), data.get("node_type")
+    if status.get("status_str") == "error" and result_status == "success":
+        # An error with no message recorded: still an error, just without details.
+        result_status = "error"
+    return PromptResult(
+        prompt_id=prompt_id,
+        status=result_status,
+        completed=bool(status.get("completed", result_status == "success")),
+        outputs=tuple(outputs),
+        node_id=None if node_id is None else str(node_id),
+        node_type=node_type,
+        exception_message=message,
+        exception_type=exc_type,
+    )
+
+
+def _queue_items(raw: Any) -> tuple[QueueItem, ...]:
+    items: list[QueueItem] = []
+    for row in raw or []:
+        # [number, prompt_id, prompt, extra_data, outputs_to_execute] (traces 12, 20)
+        if not isinstance(row, list) or len(row) < 2:
+            continue
+        extra = row[3] if len(row) > 3 and isinstance(row[3], dict) else {}
+        outputs = row[4] if len(row) > 4 and isinstance(row[4], list) else []
+        items.append(
+            QueueItem(
+                number=int(row[0]),
+                prompt_id=str(row[1]),
+                client_id=extra.get("client_id"),
+                outputs_to_execute=tuple(str(o) for o in outputs),
+            )
+        )
+    items.sort(key=lambda item: item.number)
+    return tuple(items)
+
+
+def safe_upload_name(filename: str) -> str:
+    """A file name that reaches ComfyUI unchanged (see ``_SAFE_NAME``)."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, "png"
+    stem = _SAFE_NAME.sub("_", stem).strip("._") or "image"
+    ext = _SAFE_NAME.sub("", ext) or "png"
+    return f"{stem[:100]}.{ext[:10]}"
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class ComfyClient:
+    """HTTP calls to one ComfyUI server; every call has a timeout and raises ComfyError."""
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        *,
+        timeout: float = 30.0,
+        client_id: str | None = None,
+        get_retries: int = 1,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._timeout = timeout
+        # The same id must be used for ?clientId= on the WebSocket (see ComfyEventStream).
+        self.client_id = client_id or uuid.uuid4().hex
+        self._get_retries = max(0, get_retries)
+
+    def __repr__(self) -> str:
+        return f"ComfyClient({self.base_url!r})"
+
+    # -- low level -----------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        data: Any = None,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> tuple[int, bytes, str]:
+        """Send one request; return (status, body, content type). Maps transport errors."""
+        url = self.base_url + path
+        limit = aiohttp.ClientTimeout(total=timeout if timeout is not None else self._timeout)
+        # Only GETs are retried: they are idempotent, and a lost POST /prompt must never
+        # be sent twice.
+        attempts = 1 + (self._get_retries if method == "GET" else 0)
+        for attempt in range(attempts):
+            try:
+                async with self._session.request(
+                    method, url, params=params, json=json_body, data=data, timeout=limit
+                ) as resp:
+                    body = await resp.read()
+                    ctype = resp.headers.get("Content-Type", "")
+                    status = resp.status
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+                if attempt + 1 < attempts and not isinstance(exc, TimeoutError):
+                    log.debug("GET %s failed (%s), retrying", path, reason)
+                    await asyncio.sleep(0.1 + random.random() * 0.2)  # noqa: S311
+                    continue
+                raise ComfyUnreachable(self.base_url, reason) from exc
+            if status not in ok:
+                self._raise_for_status(method, path, status, body)
+            return status, body, ctype
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _raise_for_status(method: str, path: str, status: int, body: bytes) -> None:
+        text = body.decode("utf-8", "replace")
+        if status == 404:
+            raise ComfyNotFound(method, path, status, text)
+        raise ComfyHTTPError(method, path, status, text)
+
+    @staticmethod
+    def _json(body: bytes, path: str) -> Any:
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            message = f"ComfyUI sent a response to {path} that is not JSON."
+            raise ComfyProtocolError(message) from exc
+
+    async def _get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        _status, body, _ctype = await self._request("GET", path, params=params)
+        return self._json(body, path)
+
+    # -- server --------------------------------------------------------------------------
+
+    async def system_stats(self) -> SystemStats:
+        raw = await self._get_json("/system_stats")
+        if not isinstance(raw, dict):
+            raise ComfyProtocolError("ComfyUI sent /system_stats in an unexpected shape.")
+        system = raw.get("system") or {}
+        devices = tuple(
+            DeviceStats(
+                name=str(d.get("name", "")),
+                type=str(d.get("type", "")),
+                vram_total=int(d.get("vram_total") or 0),
+                vram_free=int(d.get("vram_free") or 0),
+            )
+            for d in raw.get("devices") or []
+            if isinstance(d, dict)
+        )
+        return SystemStats(
+            comfyui_version=str(system.get("comfyui_version", "")),
+            python_version=str(system.get("python_version", "")),
+            pytorch_version=str(system.get("pytorch_version", "")),
+            devices=devices,
+            raw=raw,
+        )
+
+    async def check_status(self, *, timeout: float = 5.0) -> bool:
+        """True if the server answers ``/system_stats``; never raises."""
+        try:
+            await self._request("GET", "/system_stats", timeout=timeout)
+        except ComfyError as exc:
+            log.debug("ComfyUI at %s is not healthy: %s", self.base_url, exc)
+            return False
+        return True
+
+    async def features(self) -> dict[str, Any]:
+        return dict(await self._get_json("/features"))
+
+    async def object_info(self, node_class: str | None = None) -> dict[str, Any]:
+        """All node definitions, or one (``{}`` if ComfyUI does not know the class)."""
+        path = "/object_info" if node_class is None else f"/object_info/{node_class}"
+        # The full object_info is ~500 KB and takes ~100 ms to build on the server.
+        _s, body, _c = await self._request("GET", path, timeout=max(self._timeout, 60.0))
+        return dict(self._json(body, path))
+
+    async def list_model_folders(self) -> list[str]:
+        return [str(x) for x in await self._get_json("/models")]
+
+    async def list_models(self, folder: str) -> list[str]:
+        """Files in one model folder; :class:`ComfyNotFound` if the folder is unknown."""
+        return [str(x) for x in await self._get_json(f"/models/{folder}")]
+
+    async def free(self, *, unload_models: bool = True, free_memory: bool = True) -> None:
+        body = {"unload_models": unload_models, "free_memory": free_memory}
+        await self._request("POST", "/free", json_body=body)
+
+    # -- prompts -------------------------------------------------------------------------
+
+    async def queue_prompt(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        prompt_id: str | None = None,
+        front: bool = False,
+        extra_data: Mapping[str, Any] | None = None,
+    ) -> QueuedPrompt:
+        """Queue an API-format workflow. Raises :class:`ComfyValidationError` on a 400."""
+        body: dict[str, Any] = {
+            "prompt": dict(workflow),
+            "client_id": self.client_id,
+            "prompt_id": prompt_id or str(uuid.uuid4()),
+        }
+        if extra_data:
+            body["extra_data"] = dict(extra_data)
+        if front:
+            body["front"] = True
+        status, raw, _ctype = await self._request(
+            "POST", "/prompt", json_body=body, ok=(200, 400)
+        )
+        data = self._json(raw, "/prompt")
+        if status == 400:
+            raise ComfyValidationError(data.get("node_errors") or {}, data.get("error"))
+        queued = QueuedPrompt(
+            prompt_id=str(data["prompt_id"]),
+            number=int(data.get("number", 0)),
+            node_errors=dict(data.get("node_errors") or {}),
+        )
+        if queued.partial:
+            log.warning(
+                "ComfyUI queued prompt %s without its invalid outputs: %s",
+                queued.prompt_id,
+                ComfyValidationError(queued.node_errors, None),
+            )
+        return queued
+
+    async def queue_remaining(self) -> int:
+        data = await self._get_json("/prompt")
+        return int((data.get("exec_info") or {}).get("queue_remaining", 0))
+
+    async def get_queue(self) -> QueueState:
+        data = await self._get_json("/queue")
+        return QueueState(
+            running=_queue_items(data.get("queue_running")),
+            pending=_queue_items(data.get("queue_pending")),
+        )
+
+    async def delete_from_queue(self, prompt_ids: Iterable[str]) -> None:
+        """Remove pending prompts; a running prompt is untouched (use :meth:`interrupt`)."""
+        await self._request("POST", "/queue", json_body={"delete": list(prompt_ids)})
+
+    async def clear_queue(self) -> None:
+        await self._request("POST", "/queue", json_body={"clear": True})
+
+    async def interrupt(self, prompt_id: str | None) -> None:
+        """Interrupt ``prompt_id`` if it is the running prompt; ``None`` interrupts
+        whatever runs (possibly someone else's prompt)."""
+        body = {"prompt_id": prompt_id} if prompt_id else None
+        await self._request("POST", "/interrupt", json_body=body)
+
+    async def get_history(
+        self, prompt_id: str | None = None, max_items: int | None = None
+    ) -> dict[str, Any]:
+        if prompt_id is not None:
+            return dict(await self._get_json(f"/history/{prompt_id}"))
+        params = {"max_items": str(max_items)} if max_items is not None else None
+        return dict(await self._get_json("/history", params=params))
+
+    async def delete_history(self, prompt_ids: Iterable[str]) -> None:
+        await self._request("POST", "/history", json_body={"delete": list(prompt_ids)})
+
+    async def get_prompt_result(self, prompt_id: str) -> PromptResult | None:
+        """The finished prompt's result, or None while it is queued/running/unknown."""
+        history = await self.get_history(prompt_id)
+        entry = history.get(prompt_id)
+        if not isinstance(entry, dict):
+            return None
+        return parse_history_entry(prompt_id, entry)
+
+    async def get_prompt_outputs(self, prompt_id: str) -> list[OutputImage]:
+        """Images of a finished prompt ([] while it runs). Raises if the prompt failed."""
+        result = await self.get_prompt_result(prompt_id)
+        if result is None:
+            return []
+        result.raise_for_status()
+        return list(result.outputs)
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
+        params = {"filename": filename, "subfolder": subfolder, "type": type}
+        _s, body, _c = await self._request(
+            "GET", "/view", params=params, timeout=max(self._timeout, 60.0)
+        )
+        return body
+
+    async def view_image(self, image: OutputImage) -> bytes:
+        return await self.view(image.filename, image.subfolder, image.type)
+
+    async def upload_image(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        overwrite: bool = True,
+        subfolder: str = "",
+        type: str = "input",
+    ) -> UploadedImage:
+        """Upload an input image. Without ``overwrite`` ComfyUI keeps the name for
+        identical bytes and renames to ``name (1).ext`` otherwise (trace 13)."""
+        name = safe_upload_name(filename)
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=name, content_type=_mime_for(name))
+        if overwrite:
+            form.add_field("overwrite", "true")
+        if subfolder:
+            form.add_field("subfolder", subfolder)
+        form.add_field("type", type)
+        _s, body, _c = await self._request(
+            "POST", "/upload/image", data=form, timeout=max(self._timeout, 120.0)
+        )
+        raw = self._json(body, "/upload/image")
+        return UploadedImage(
+            name=str(raw["name"]), subfolder=str(raw.get("subfolder") or ""), type=str(raw["type"])
+        )
+
+
+def _mime_for(name: str) -> str:
+    ext = name.rsplit(".", 1)[-1].lower()
+    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(ext, "image/png")

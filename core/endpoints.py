@@ -1,0 +1,42 @@
+"""Where the bot reaches each server's ComfyUI: its URL, a public port, or an SSH tunnel."""
+
+from __future__ import annotations
+
+import logging
+
+from core.config import Settings
+from core.db.models import Provider
+from core.errors import ExternalServiceError
+from core.servers import ServerView
+
+log = logging.getLogger(__name__)
+
+
+class EndpointResolver:
+    """Turns a server row into a ComfyUI base URL.
+
+    ``direct`` servers carry their URL. ``ssh`` and ``vast`` servers keep ComfyUI on
+    127.0.0.1 and are reached through an SSH tunnel, unless the port is exposed publicly.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._tunnels = None  # set by attach_tunnels once the SSH layer is built
+
+    def attach_tunnels(self, tunnels) -> None:  # type: ignore[no-untyped-def]
+        self._tunnels = tunnels
+
+    async def resolve(self, server: ServerView) -> str:
+        if server.provider == Provider.DIRECT.value or server.comfy_url:
+            if not server.comfy_url:
+                raise ExternalServiceError(f"Server '{server.name}' has no ComfyUI URL.")
+            return server.comfy_url
+        if self._tunnels is None:
+            raise ExternalServiceError(
+                f"Server '{server.name}' is reached over SSH, which is not available."
+            )
+        return await self._tunnels.url_for(server)
+
+    async def close(self) -> None:
+        if self._tunnels is not None:
+            await self._tunnels.close()

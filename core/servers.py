@@ -1,0 +1,218 @@
+"""Server registry: the team's GPU servers of every provider, as rows and views.
+
+Renting and the provider life cycle live in the provider modules; this module owns the
+rows, names, validation and the read side used by every other service.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, select
+
+from core.audit import OUTCOME_OK, Actor, AuditService
+from core.db.engine import SessionFactory
+from core.db.models import ComfyGeneration, Provider, Server, ServerStatus, utcnow
+from core.errors import NotFound, ValidationFailed
+from core.overview import ACTIVE_JOB_STATES
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$|^\[?[0-9A-Fa-f:.]+\]?$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """A read-only snapshot of a server row, safe to pass across layers."""
+
+    id: int
+    name: str
+    provider: str
+    provider_id: str | None
+    status: str
+    status_message: str | None
+    gpu: str | None
+    gpu_count: int
+    gpu_ram_mb: int | None
+    price_per_hour: float
+    location: str | None
+    ssh_host: str | None
+    ssh_port: int | None
+    ssh_user: str | None
+    host_key: str | None
+    comfy_url: str | None
+    comfy_port: int | None
+    idle_timeout: int | None
+    last_used_at: dt.datetime | None
+    last_channel_id: int | None
+    running_since: dt.datetime | None
+    created_at: dt.datetime
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ServerStatus.RUNNING.value
+
+    @classmethod
+    def of(cls, row: Server) -> ServerView:
+        return cls(
+            id=row.id, name=row.name, provider=row.provider, provider_id=row.provider_id,
+            status=row.status, status_message=row.status_message, gpu=row.gpu,
+            gpu_count=row.gpu_count, gpu_ram_mb=row.gpu_ram_mb,
+            price_per_hour=row.price_per_hour, location=row.location, ssh_host=row.ssh_host,
+            ssh_port=row.ssh_port, ssh_user=row.ssh_user, host_key=row.host_key,
+            comfy_url=row.comfy_url, comfy_port=row.comfy_port, idle_timeout=row.idle_timeout,
+            last_used_at=row.last_used_at, last_channel_id=row.last_channel_id,
+            running_since=row.running_since, created_at=row.created_at,
+        )
+
+
+def validate_name(name: str) -> str:
+    name = name.strip().lower()
+    if not NAME_RE.match(name):
+        raise ValidationFailed(
+            "Server names are 1-32 characters: lowercase letters, digits and dashes, "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def validate_comfy_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationFailed("The ComfyUI URL must start with http:// or https:// and name a host.")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValidationFailed("The ComfyUI URL must not carry credentials, a query or a fragment.")
+    return url
+
+
+def validate_ssh_target(host: str, port: int, user: str) -> tuple[str, int, str]:
+    host = host.strip()
+    if not HOST_RE.match(host) or host.startswith("-"):
+        raise ValidationFailed("The SSH host must be a hostname or an IP address.")
+    if not 1 <= port <= 65535:
+        raise ValidationFailed("The SSH port must be between 1 and 65535.")
+    if not USER_RE.match(user):
+        raise ValidationFailed("The SSH user must be a plain Unix user name.")
+    return host, port, user
+
+
+class ServerRegistry:
+    def __init__(self, session_factory: SessionFactory, audit: AuditService) -> None:
+        self._sessions = session_factory
+        self._audit = audit
+
+    async def get(self, name_or_id: str | int) -> ServerView:
+        async with self._sessions() as session:
+            row = await self._find(session, name_or_id)
+            return ServerView.of(row)
+
+    async def _find(self, session, name_or_id: str | int) -> Server:  # type: ignore[no-untyped-def]
+        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+            row = await session.get(Server, int(name_or_id))
+            if row is not None:
+                return row
+        row = (
+            await session.scalars(select(Server).where(Server.name == str(name_or_id).lower()))
+        ).first()
+        if row is None:
+            raise NotFound(f"There is no server named '{name_or_id}'.")
+        return row
+
+    async def list(self, *, include_destroyed: bool = False) -> list[ServerView]:
+        stmt = select(Server).order_by(Server.name)
+        if not include_destroyed:
+            stmt = stmt.where(Server.status != ServerStatus.DESTROYED.value)
+        async with self._sessions() as session:
+            return [ServerView.of(r) for r in (await session.scalars(stmt)).all()]
+
+    async def names(self, prefix: str = "", *, limit: int = 25) -> list[str]:
+        """Names for autocomplete: live servers whose name contains what was typed."""
+        stmt = (
+            select(Server.name)
+            .where(Server.status != ServerStatus.DESTROYED.value)
+            .where(Server.name.contains(prefix.lower(), autoescape=True))
+            .order_by(Server.name)
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            return list((await session.scalars(stmt)).all())
+
+    async def active_jobs(self) -> dict[int, int]:
+        """Jobs waiting or running per server id, for picking the least busy server."""
+        stmt = (
+            select(ComfyGeneration.server_id, func.count())
+            .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
+            .where(ComfyGeneration.server_id.is_not(None))
+            .group_by(ComfyGeneration.server_id)
+        )
+        async with self._sessions() as session:
+            return {sid: n for sid, n in (await session.execute(stmt)).all()}
+
+    async def ensure_name_free(self, name: str) -> None:
+        async with self._sessions() as session:
+            taken = (await session.scalars(select(Server.id).where(Server.name == name))).first()
+        if taken is not None:
+            raise ValidationFailed(f"A server named '{name}' already exists; pick another name.")
+
+    async def add_direct(self, actor: Actor, name: str, url: str) -> ServerView:
+        """Register a ComfyUI that is already running (the caller checked it answers)."""
+        name = validate_name(name)
+        url = validate_comfy_url(url)
+        await self.ensure_name_free(name)
+        now = utcnow()
+        async with self._sessions.begin() as session:
+            row = Server(
+                provider=Provider.DIRECT.value, name=name, comfy_url=url,
+                status=ServerStatus.RUNNING.value, is_launched=True, running_since=now,
+                created_by=actor.user_id, last_used_at=now,
+            )
+            session.add(row)
+            await session.flush()
+            view = ServerView.of(row)
+        await self._audit.record(actor, "server add-direct", outcome=OUTCOME_OK, resource=name,
+                                 details={"url": url})
+        return view
+
+    async def add_ssh(
+        self, actor: Actor, name: str, host: str, port: int, user: str, host_key: str,
+        *, comfy_port: int,
+    ) -> ServerView:
+        """Register a host the team owns, with the host key pinned on first contact."""
+        name = validate_name(name)
+        host, port, user = validate_ssh_target(host, port, user)
+        await self.ensure_name_free(name)
+        now = utcnow()
+        async with self._sessions.begin() as session:
+            row = Server(
+                provider=Provider.SSH.value, name=name, ssh_host=host, ssh_port=port,
+                ssh_user=user, host_key=host_key, comfy_port=comfy_port,
+                status=ServerStatus.RUNNING.value, is_launched=True, running_since=now,
+                created_by=actor.user_id, last_used_at=now,
+            )
+            session.add(row)
+            await session.flush()
+            view = ServerView.of(row)
+        await self._audit.record(actor, "server add-ssh", outcome=OUTCOME_OK, resource=name,
+                                 details={"host": host, "port": port, "user": user})
+        return view
+
+    async def touch(self, server_id: int, *, channel_id: int | None = None) -> None:
+        """Record activity (a generation, setup, download) so idle autostop waits."""
+        async with self._sessions.begin() as session:
+            row = await session.get(Server, server_id)
+            if row is not None:
+                row.last_used_at = utcnow()
+                if channel_id is not None:
+                    row.last_channel_id = channel_id
+
+    async def set_status(self, server_id: int, status: ServerStatus, message: str | None = None) -> None:
+        async with self._sessions.begin() as session:
+            row = await session.get(Server, server_id)
+            if row is None:
+                raise NotFound(f"Server {server_id} no longer exists.")
+            row.status = status.value
+            row.status_message = message

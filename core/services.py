@@ -1,0 +1,73 @@
+"""The service container the entry point builds once and hands to the bot and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.audit import AuditService
+from core.botstate import StateStore
+from core.comfy.pool import ComfyPool
+from core.config import Settings
+from core.db.engine import SessionFactory, create_engine, create_session_factory, migrate
+from core.endpoints import EndpointResolver
+from core.generation import GenerationService
+from core.servers import ServerRegistry
+from core.workflow_store import WorkflowStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionFactory
+    http: aiohttp.ClientSession
+    audit: AuditService
+    state: StateStore
+    servers: ServerRegistry
+    endpoints: EndpointResolver
+    comfy: ComfyPool
+    generation: GenerationService
+    workflows: WorkflowStore
+
+    async def close(self) -> None:
+        await self.generation.close()
+        await self.comfy.close()
+        await self.endpoints.close()
+        await self.http.close()
+        await self.engine.dispose()
+
+
+def http_timeout(settings: Settings) -> aiohttp.ClientTimeout:
+    # aiohttp's default total timeout is 300 s; every call gets a tighter bound.
+    return aiohttp.ClientTimeout(total=None, connect=10, sock_read=settings.comfy.request_timeout)
+
+
+async def build_services(settings: Settings, *, run_migrations: bool = True) -> Services:
+    """Create the long-lived resources once: engine, sessions, one HTTP session."""
+    engine = create_engine(settings.database.url, echo=settings.database.echo)
+    if run_migrations:
+        await migrate(engine)
+    sessions = create_session_factory(engine)
+    http = aiohttp.ClientSession(timeout=http_timeout(settings))
+    audit = AuditService(sessions)
+    servers = ServerRegistry(sessions, audit)
+    endpoints = EndpointResolver(settings)
+    comfy = ComfyPool(
+        http, endpoints.resolve, request_timeout=settings.comfy.request_timeout
+    )
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        http=http,
+        audit=audit,
+        state=StateStore(sessions),
+        servers=servers,
+        endpoints=endpoints,
+        comfy=comfy,
+        generation=GenerationService(settings, sessions, servers, comfy),
+        workflows=WorkflowStore(sessions, audit, servers, comfy),
+    )
