@@ -309,6 +309,7 @@ class DiscordJobObserver:
         self.relay = relay
         self._previews: dict[int, bytes] = {}
         self._preview_sent: dict[int, int] = {}  # job id -> id() of the preview last sent
+        self._results: dict[int, str] = {}  # job id -> jump URL of its result message
 
     async def on_update(self, job: JobView, preview: bytes | None) -> None:
         if job.message_id is None or job.channel_id is None:
@@ -350,18 +351,15 @@ class DiscordJobObserver:
                 # Discord drops a second message with the same nonce sent shortly after.
                 nonce=f"cvjob{job.id}",
             )
-        if job.message_id is not None:
-            jump = existing.jump_url
-            await self.relay.finish(
-                job.channel_id, job.message_id,
-                lambda: self._render_final(job.id, f"Finished: {jump}"),
-            )
-        self._forget(job.id)
+        self._results[job.id] = existing.jump_url
 
     async def on_finished(self, job: JobView) -> None:
+        """The final state of the status message: done (with a link), failed or cancelled."""
+        link = self._results.pop(job.id, None)
         if job.message_id is not None and job.channel_id is not None:
             await self.relay.finish(
-                job.channel_id, job.message_id, lambda: self._render_final(job.id, None)
+                job.channel_id, job.message_id,
+                lambda: self._render_final(job.id, f"Finished: {link}" if link else None),
             )
         self._forget(job.id)
 

@@ -910,8 +910,13 @@ class GenerationService:
             assert row is not None
             row.status = GenerationStatus.COMPLETED.value
             row.completed_at = row.delivered_at = self._clock()
-        if row.server_id is not None:
-            await self._registry.touch(row.server_id)
+            server_id = row.server_id
+        if server_id is not None:
+            await self._registry.touch(server_id)
+        try:
+            await self.observer.on_finished(await self.get(job_id))
+        except Exception:
+            log.exception("could not show the end of generation %s", job_id)
 
     async def _try_interrupt(self, conn: ComfyConnection, prompt_id: str) -> None:
         try:

@@ -151,7 +151,8 @@ async def test_save_outside_output_sentence(client: ComfyClient, fake: FakeComfy
     result = await client.get_prompt_result(queued.prompt_id)
     assert result is not None and result.status == "error"
     assert [o.node_id for o in result.outputs] == ["4"]  # the preview ran before the error
-    with pytest.raises(ComfyExecutionError, match=r"node 3 \(SaveImage\): ERROR: Saving image outside"):
+    expected = r"node 3 \(SaveImage\): ERROR: Saving image outside"
+    with pytest.raises(ComfyExecutionError, match=expected):
         result.raise_for_status()
 
 

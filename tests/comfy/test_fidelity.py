@@ -289,7 +289,9 @@ def _trace_prompt_id(name: str) -> str:
     return str(post["response"]["json"]["prompt_id"])
 
 
-async def test_reconnect_mid_run_matches_trace(fake: FakeComfy, http: aiohttp.ClientSession) -> None:
+async def test_reconnect_mid_run_matches_trace(
+    fake: FakeComfy, http: aiohttp.ClientSession
+) -> None:
     trace = facts.load_trace("22_ws_reconnect_mid_run")
     second = [e["message"] for e in facts.ws_in(trace, "second") if e["frame"] == "text"][:2]
     body = trace_prompt_bodies("22_ws_reconnect_mid_run")[0]
@@ -366,8 +368,9 @@ async def test_queue_front_delete_clear_match_trace(
     await http.post(f"{fake.url}/interrupt")
     fake.resume_sampling()
     await fake.wait_idle()
-    async with http.post(f"{fake.url}/free", json={"unload_models": True, "free_memory": True}) as r:
-        assert r.status == 200
+    free = {"unload_models": True, "free_memory": True}
+    async with http.post(f"{fake.url}/free", json=free) as resp:
+        assert resp.status == 200
 
 
 async def test_origin_check(fake: FakeComfy, http: aiohttp.ClientSession) -> None:

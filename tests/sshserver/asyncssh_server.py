@@ -39,7 +39,9 @@ class AsyncSSHTestServer:
         self._host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: set[asyncssh.SSHServerConnection] = set()
-        self._procs: set[asyncio.subprocess.Process] = set()
+        # Commands still running, with the task that reaps each; like sshd we leave them
+        # running when their connection drops, and close() kills what is left.
+        self._procs: dict[asyncio.subprocess.Process, asyncio.Task[int]] = {}
         self.total_connections = 0
 
     @property
@@ -75,6 +77,8 @@ class AsyncSSHTestServer:
         for proc in list(self._procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        if self._procs:
+            await asyncio.gather(*self._procs.values(), return_exceptions=True)
         if self._acceptor is not None:
             self._acceptor.close()
             await self._acceptor.wait_closed()
@@ -113,16 +117,17 @@ class AsyncSSHTestServer:
             # Like sshd: a session of its own, so a signal reaches the whole group.
             start_new_session=True,
         )
-        self._procs.add(proc)
+        reaper = asyncio.create_task(proc.wait())
+        self._procs[proc] = reaper
+        reaper.add_done_callback(lambda _: self._procs.pop(proc, None))
         feeder = asyncio.create_task(_feed_stdin(process, proc))
         try:
             await asyncio.gather(
                 _copy_out(proc.stdout, process.stdout), _copy_out(proc.stderr, process.stderr)
             )
-            status = await proc.wait()
+            status = await asyncio.shield(reaper)
         finally:
             feeder.cancel()
-            self._procs.discard(proc)
         with contextlib.suppress(Exception):
             if status < 0:
                 process.exit_with_signal(signal.Signals(-status).name.removeprefix("SIG"))

@@ -1,0 +1,279 @@
+"""/generate end to end: real bot, fake Discord, fake ComfyUI, over real sockets."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from core.db.models import ComfyGeneration
+from tests.conftest import BotEnv, bot_settings, eventually, start_bot
+from tests.fakecomfy import FakeComfy
+
+MODELS = {
+    "checkpoints": ["sd15.safetensors", "sdxl.safetensors"],
+    "loras": ["detail.safetensors"],
+    "upscale_models": ["4x-ultra.pth"],
+}
+
+
+@pytest.fixture
+async def comfy() -> AsyncIterator[FakeComfy]:
+    fake = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def reply(interaction: Any) -> Any:
+    """The bot's latest answer to an interaction: a followup, or the edited original."""
+    followups = interaction.followups()
+    if followups:
+        return followups[-1]
+    message = interaction.response_message()
+    if message is not None and not message.loading and (message.content or message.embeds):
+        return message
+    return None
+
+
+async def answer(env: BotEnv, interaction: Any) -> Any:
+    return await env.fake.wait_for(lambda: reply(interaction))
+
+
+async def add_server(env: BotEnv, name: str, url: str) -> None:
+    interaction = await env.slash("server", {"name": name, "url": url}, user=env.fake.admin,
+                                  subcommand="add-direct")
+    text = (await answer(env, interaction)).content
+    assert "Added server" in text, text
+
+
+async def generate(env: BotEnv, options: dict[str, Any], *, user: Any = None) -> Any:
+    interaction = await env.slash("generate", options, user=user or env.fake.member)
+    await answer(env, interaction)
+    return interaction
+
+
+async def job_row(env: BotEnv, job_id: int | None = None) -> ComfyGeneration:
+    async with env.services.sessions() as session:
+        stmt = select(ComfyGeneration).order_by(ComfyGeneration.id.desc())
+        if job_id is not None:
+            stmt = stmt.where(ComfyGeneration.id == job_id)
+        return (await session.scalars(stmt)).first()
+
+
+async def finished_row(env: BotEnv, job_id: int | None = None, timeout: float = 15.0) -> Any:
+    """The job's row once it ended and its status message shows the final state."""
+
+    async def done() -> Any:
+        row = await job_row(env, job_id)
+        return row if row and row.status in ("completed", "failed", "cancelled") else None
+
+    row = await eventually(done, timeout=timeout)
+    if row.message_id is not None:
+        word = {"completed": "Done", "failed": "Failed", "cancelled": "Cancelled"}[row.status]
+        message = env.fake.messages[row.message_id]
+        await env.fake.wait_for(lambda: message.embeds[0]["title"].startswith(word))
+    return row
+
+
+def result_messages(env: BotEnv) -> list[Any]:
+    return [m for m in env.fake.channel_messages(env.channel_id, include_ephemeral=False)
+            if m.attachments and m.content.startswith("<@")]
+
+
+def status_message(env: BotEnv, job_id: int) -> Any:
+    for message in env.fake.channel_messages(env.channel_id, include_ephemeral=False):
+        if f"cv:cancel:{job_id}" in message.custom_ids() or any(
+            (e.get("title") or "").endswith(f"job #{job_id}") for e in message.embeds
+        ):
+            return message
+    raise AssertionError(f"no status message for job {job_id}")
+
+
+@pytest.fixture
+async def studio(env: BotEnv, comfy: FakeComfy) -> BotEnv:
+    await add_server(env, "gpu-1", comfy.url)
+    return env
+
+
+async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: FakeComfy) -> None:
+    comfy.step_delay = 0.15
+    interaction = await generate(studio, {"prompt": "a lighthouse at dusk", "steps": 8,
+                                          "width": 512, "height": 512, "seed": 1234})
+    queued = reply(interaction)
+    assert queued.ephemeral and "Queued #" in queued.content
+    row = await finished_row(studio)
+    assert row.status == "completed", row.error_message
+    # The status message moved through states and ended with a link to the result.
+    status = status_message(studio, row.id)
+    titles = [e["embeds"][0]["title"] for e in status.edits if e.get("embeds")]
+    assert any(t.startswith("Generating") for t in titles)
+    progress_texts = " ".join(
+        f["value"] for e in status.edits for emb in e.get("embeds", [])
+        for f in emb.get("fields", [])
+    )
+    assert "/8" in progress_texts and "%" in progress_texts
+    assert status.embeds[0]["title"].startswith("Done")
+    assert status.custom_ids() == []  # no Cancel button once finished
+    # The result: the user mentioned, the exact PNG ComfyUI produced, seed in the embed.
+    [result] = result_messages(studio)
+    assert result.content == f"<@{studio.fake.member.id}>"
+    outputs = comfy.files["output"]
+    produced = {name.rsplit("/", 1)[-1]: data for name, data in outputs.items()}
+    [attachment] = result.attachments
+    assert produced[attachment.filename] == attachment.data
+    assert Image.open(io.BytesIO(attachment.data)).size == (64, 64)
+    fields = {f["name"]: f["value"] for f in result.embeds[0]["fields"]}
+    assert fields["Seed"] == "1234" and fields["Model"] == "sd15.safetensors"
+    assert sorted(result.custom_ids()) == sorted(
+        [f"cv:reroll:{row.id}", f"cv:vary:{row.id}", f"cv:upscale:{row.id}"])
+    # What was queued is the built-in graph with the user's values.
+    [workflow] = comfy.prompts.values()
+    sampler = workflow["3"]["inputs"]
+    assert (sampler["seed"], sampler["steps"]) == (1234, 8)
+    assert workflow["6"]["inputs"]["text"] == "a lighthouse at dusk"
+
+
+async def test_edits_are_coalesced_to_about_one_per_second(studio: BotEnv, comfy: FakeComfy) -> None:
+    comfy.step_delay = 0.03  # ~33 progress events per second
+    await generate(studio, {"prompt": "fast steps", "steps": 60})
+    row = await finished_row(studio)
+    assert row.status == "completed"
+    status = status_message(studio, row.id)
+    patches = [r for r in studio.fake.calls("PATCH", f"/messages/{status.id}")]
+    times = [r.time for r in patches]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(patches) < 10  # 60 steps did not become 60 edits
+    # All but the final edit respect the one-second interval (small scheduling slack).
+    assert all(g >= 0.9 for g in gaps[:-1]), gaps
+
+
+async def test_model_not_on_any_server_is_refused_privately(studio: BotEnv) -> None:
+    interaction = await generate(studio, {"prompt": "x", "model": "missing.safetensors"})
+    refusal = reply(interaction)
+    assert refusal.ephemeral
+    assert "missing.safetensors" in refusal.content
+    assert await job_row(studio) is None
+
+
+async def test_bad_size_is_refused_before_anything_happens(studio: BotEnv, comfy: FakeComfy) -> None:
+    interaction = await generate(studio, {"prompt": "x", "width": 500})
+    assert "multiple of 8" in reply(interaction).content
+    assert comfy.prompts == {}
+
+
+async def test_comfy_validation_error_names_the_node(studio: BotEnv, comfy: FakeComfy) -> None:
+    await generate(studio, {"prompt": "warm up"})  # caches the model list
+    await finished_row(studio)
+    comfy.models["checkpoints"].remove("sdxl.safetensors")  # gone after the cache was filled
+    await generate(studio, {"prompt": "x", "model": "sdxl.safetensors"})
+    row = await finished_row(studio)
+    assert row.status == "failed"
+    assert "node 4 (CheckpointLoaderSimple)" in row.error_message
+    status = status_message(studio, row.id)
+    assert "CheckpointLoaderSimple" in str(status.embeds[0])
+
+
+async def test_execution_error_is_one_sentence(studio: BotEnv, comfy: FakeComfy) -> None:
+    comfy.fail_node("KSampler", "CUDA out of memory")
+    await generate(studio, {"prompt": "too big"})
+    row = await finished_row(studio)
+    assert row.status == "failed"
+    assert "KSampler" in row.error_message and "CUDA out of memory" in row.error_message
+    assert result_messages(studio) == []
+
+
+async def test_cancel_by_requester_but_not_by_someone_else(studio: BotEnv, comfy: FakeComfy) -> None:
+    comfy.pause_sampling()
+    await generate(studio, {"prompt": "long one", "steps": 30})
+    row = await job_row(studio)
+    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    status = status_message(studio, row.id)
+    other = studio.fake.add_user("mallory", guild_id=studio.fake.guild.id)
+    click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=other)
+    await answer(studio, click)
+    assert "Only the person" in reply(click).content
+    assert (await job_row(studio, row.id)).status in ("queued", "running")
+    click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=studio.fake.member)
+    comfy.resume_sampling()
+    row = await finished_row(studio, row.id)
+    assert row.status == "cancelled"
+    assert any(r.path == "/interrupt" for r in comfy.requests)
+    await answer(studio, click)
+    assert "cancelled" in reply(click).content
+
+
+async def test_reroll_queues_same_prompt_with_new_seed(studio: BotEnv, comfy: FakeComfy) -> None:
+    await generate(studio, {"prompt": "a fox", "seed": 7})
+    first = await finished_row(studio)
+    [result] = result_messages(studio)
+    click = await studio.fake.click(result.id, f"cv:reroll:{first.id}", user=studio.fake.member)
+    await answer(studio, click)
+    second = await finished_row(studio, first.id + 1)
+    assert second.status == "completed"
+    assert second.prompt == "a fox" and second.parameters["seed"] != 7
+    assert second.parameters["parent_id"] == first.id
+    assert len(result_messages(studio)) == 2
+
+
+async def test_websocket_dropped_mid_run_still_delivers_once(studio: BotEnv, comfy: FakeComfy) -> None:
+    comfy.pause_sampling()
+    await generate(studio, {"prompt": "resilient", "steps": 5})
+    row = await job_row(studio)
+    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    await comfy.drop_websockets(abrupt=True)
+    comfy.resume_sampling()
+    row = await finished_row(studio, row.id)
+    assert row.status == "completed"
+    assert len(result_messages(studio)) == 1
+
+
+async def test_rate_limit_on_concurrent_jobs(fake_discord: Any, tmp_path: Path,
+                                             comfy: FakeComfy) -> None:
+    env = await start_bot(fake_discord, bot_settings(tmp_path, fake_discord,
+                                                     limits={"user_concurrent_jobs": 1}))
+    try:
+        await add_server(env, "gpu-1", comfy.url)
+        comfy.pause_sampling()
+        await generate(env, {"prompt": "one"})
+        second = await generate(env, {"prompt": "two"})
+        assert "already have 1 job" in reply(second).content
+        comfy.resume_sampling()
+        assert (await finished_row(env)).prompt == "one"
+    finally:
+        await env.stop()
+
+
+async def test_oversize_image_is_reencoded_under_the_limit(
+    fake_discord: Any, tmp_path: Path
+) -> None:
+    # Noise does not compress: a 2048x2048 PNG of it is ~12.6 MB, over the 10 MiB limit
+    # of a guild without boosts.
+    import os
+
+    noise = Image.frombytes("RGB", (2048, 2048), os.urandom(2048 * 2048 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG", compress_level=1)
+    big = buffer.getvalue()
+    limit = 10 * 1024 * 1024
+    assert len(big) > limit
+    comfy = FakeComfy(models=MODELS, output_image=big)
+    await comfy.start()
+    env = await start_bot(fake_discord, bot_settings(tmp_path, fake_discord))
+    try:
+        await add_server(env, "gpu-1", comfy.url)
+        await generate(env, {"prompt": "noise"})
+        row = await finished_row(env, timeout=30)
+        assert row.status == "completed", row.error_message
+        [result] = result_messages(env)
+        [attachment] = result.attachments
+        assert attachment.size <= limit < len(big)
+        assert Image.open(io.BytesIO(attachment.data)).size[0] >= 400
+    finally:
+        await env.stop()
+        await comfy.stop()
