@@ -79,6 +79,8 @@ class ComfySettings(_Section):
     expose_port: bool = False
     request_timeout: float = Field(default=30.0, gt=0)
     job_timeout: float = Field(default=1800.0, gt=0)
+    # Seconds a server may stay unreachable under a running job before the job moves.
+    failover_after: float = Field(default=20.0, gt=0)
     hf_token: SecretStr | None = None
     civitai_token: SecretStr | None = None
     # http:// download sources allowed besides https:// (hostnames); tests use loopback.

@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 
 INPUT_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 MAX_INPUT_BYTES = 20 * 1024 * 1024
-# How long a server may stay unreachable under a running job before it moves elsewhere.
-SERVER_DOWN_GRACE = 20.0
 CATALOG_TTL = 60.0
 QUEUE_SNAPSHOT_TTL = 2.0
 PROGRESS_DB_INTERVAL = 5.0
@@ -783,7 +781,7 @@ class GenerationService:
                 raise ServerFailure("the connection to it closed") from None
             if not conn.stream.connected:
                 down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > SERVER_DOWN_GRACE:
+                if time.monotonic() - down_since > self._settings.comfy.failover_after:
                     raise ServerFailure("it stopped answering")
             else:
                 down_since = None

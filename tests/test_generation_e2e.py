@@ -277,3 +277,84 @@ async def test_oversize_image_is_reencoded_under_the_limit(
     finally:
         await env.stop()
         await comfy.stop()
+
+
+async def test_bot_restarted_mid_run_delivers_exactly_once(
+    fake_discord: Any, tmp_path: Path, comfy: FakeComfy
+) -> None:
+    settings = bot_settings(tmp_path, fake_discord)
+    first = await start_bot(fake_discord, settings)
+    await add_server(first, "gpu-1", comfy.url)
+    comfy.pause_sampling()
+    await generate(first, {"prompt": "survive a restart", "steps": 4})
+    row = await job_row(first)
+    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    await first.stop()  # the bot goes away mid-run
+    comfy.resume_sampling()
+    await comfy.wait_idle()  # ...and ComfyUI finishes while nobody listens
+    second = await start_bot(fake_discord, settings)
+    try:
+        row = await finished_row(second, row.id)
+        assert row.status == "completed"
+        assert len(result_messages(second)) == 1
+        assert len(comfy.prompts) == 1  # resumed from history, not queued again
+        # The buttons on the result work for the new process (persistent custom ids).
+        [result] = result_messages(second)
+        click = await fake_discord.click(result.id, f"cv:reroll:{row.id}",
+                                         user=fake_discord.member)
+        await answer(second, click)
+        assert (await finished_row(second, row.id + 1)).status == "completed"
+    finally:
+        await second.stop()
+
+
+async def test_restart_while_delivering_does_not_post_twice(
+    fake_discord: Any, tmp_path: Path, comfy: FakeComfy
+) -> None:
+    settings = bot_settings(tmp_path, fake_discord)
+    first = await start_bot(fake_discord, settings)
+    await add_server(first, "gpu-1", comfy.url)
+    await generate(first, {"prompt": "posted once"})
+    row = await finished_row(first)
+    await first.stop()
+    # Simulate a crash after the result was posted but before the row said so.
+    from core.db.engine import create_engine, create_session_factory
+
+    engine = create_engine(settings.database.url)
+    async with create_session_factory(engine).begin() as session:
+        stored = await session.get(ComfyGeneration, row.id)
+        stored.status = "uploading"
+        stored.delivered_at = None
+    await engine.dispose()
+    second = await start_bot(fake_discord, settings)
+    try:
+        row = await finished_row(second, row.id)
+        assert row.status == "completed"
+        assert len(result_messages(second)) == 1
+    finally:
+        await second.stop()
+
+
+async def test_failover_to_a_second_server(studio: BotEnv, comfy: FakeComfy) -> None:
+    studio.services.settings.comfy.failover_after = 1.5
+    backup = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
+    await backup.start()
+    try:
+        await add_server(studio, "gpu-2", backup.url)
+        comfy.pause_sampling()
+        await generate(studio, {"prompt": "move me"})
+        row = await job_row(studio)
+        first = await studio.services.servers.get(row.server_id)
+        assert first.name == "gpu-1"  # both idle: the first registered wins
+        await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+        await comfy.stop()  # the server dies mid-run
+        row = await finished_row(studio, row.id, timeout=60)
+        assert row.status == "completed", row.error_message
+        assert (await studio.services.servers.get(row.server_id)).name == "gpu-2"
+        assert row.attempts == 2
+        assert len(result_messages(studio)) == 1
+        assert len(backup.prompts) == 1
+        status = studio.fake.messages[row.message_id]
+        assert any("moved to 'gpu-2'" in str(e) for e in status.edits)
+    finally:
+        await backup.stop()
