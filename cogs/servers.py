@@ -13,7 +13,8 @@ from bot.checks import AdminCog, actor_of
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.comfy.errors import ComfyError
 from core.errors import ValidationFailed
-from core.servers import validate_comfy_url
+from core.servers import validate_comfy_url, validate_name, validate_ssh_target
+from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
 
 
 async def server_autocomplete(
@@ -52,6 +53,42 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
         await interaction.followup.send(
             f"Added server **{server.name}**: ComfyUI {stats.comfyui_version} on {gpu} "
             f"(answered in {(time.monotonic() - started) * 1000:.0f} ms).",
+            ephemeral=True,
+        )
+
+    @app_commands.command(name="add-ssh", description="Register a GPU host the team owns (SSH).")
+    @app_commands.describe(name="A short name (letters, digits, dashes).",
+                           host="Hostname or IP address.", port="SSH port.",
+                           user="SSH user (needs the bot's public key in authorized_keys).",
+                           comfy_port="ComfyUI's port on that host.")
+    async def add_ssh(
+        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 32],
+        host: app_commands.Range[str, 1, 253], port: app_commands.Range[int, 1, 65535] = 22,
+        user: app_commands.Range[str, 1, 32] = "root",
+        comfy_port: app_commands.Range[int, 1, 65535] = 8188,
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        services = self.bot.services
+        host, port, user = validate_ssh_target(host, port, user)
+        await services.servers.ensure_name_free(validate_name(name))
+        remote = services.remote
+        try:
+            # Trust on first use: the key seen now is pinned and checked ever after.
+            host_key = await remote.connector.fetch_host_key(host, port)
+            target = SSHTarget(host, port, user, pinned_host_key=host_key)
+            await remote.pool.run(target, "true", timeout=30)
+        except SSHAuthError:
+            raise ValidationFailed(
+                f"{user}@{host}:{port} refused the bot's key. Add this line to "
+                f"~{user}/.ssh/authorized_keys there, then try again:\n"
+                f"`{remote.key.public_openssh}`"
+            ) from None
+        server = await services.servers.add_ssh(
+            actor_of(interaction), name, host, port, user, host_key, comfy_port=comfy_port
+        )
+        await interaction.followup.send(
+            f"Added server **{server.name}** ({user}@{host}:{port}); host key "
+            f"`{host_key_fingerprint(host_key)}` pinned. Install ComfyUI with /setup run.",
             ephemeral=True,
         )
 

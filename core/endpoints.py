@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from core.config import Settings
 from core.db.models import Provider
@@ -10,6 +11,10 @@ from core.errors import ExternalServiceError
 from core.servers import ServerView
 
 log = logging.getLogger(__name__)
+
+
+class TunnelSource(Protocol):
+    async def url_for(self, server: ServerView) -> str: ...
 
 
 class EndpointResolver:
@@ -21,9 +26,9 @@ class EndpointResolver:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._tunnels = None  # set by attach_tunnels once the SSH layer is built
+        self._tunnels: TunnelSource | None = None
 
-    def attach_tunnels(self, tunnels) -> None:  # type: ignore[no-untyped-def]
+    def attach_tunnels(self, tunnels: TunnelSource) -> None:
         self._tunnels = tunnels
 
     async def resolve(self, server: ServerView) -> str:
@@ -37,6 +42,3 @@ class EndpointResolver:
             )
         return await self._tunnels.url_for(server)
 
-    async def close(self) -> None:
-        if self._tunnels is not None:
-            await self._tunnels.close()

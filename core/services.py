@@ -14,7 +14,10 @@ from core.config import Settings
 from core.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
+from core.remote import Remote
+from core.server_service import ServerService
 from core.servers import ServerRegistry
+from core.vast import VastClient
 from core.workflow_store import WorkflowStore
 
 
@@ -31,11 +34,14 @@ class Services:
     comfy: ComfyPool
     generation: GenerationService
     workflows: WorkflowStore
+    remote: Remote
+    vast: VastClient | None
+    server_ops: ServerService
 
     async def close(self) -> None:
         await self.generation.close()
         await self.comfy.close()
-        await self.endpoints.close()
+        await self.remote.close()
         await self.http.close()
         await self.engine.dispose()
 
@@ -54,7 +60,19 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     http = aiohttp.ClientSession(timeout=http_timeout(settings))
     audit = AuditService(sessions)
     servers = ServerRegistry(sessions, audit)
+    remote = Remote(settings, sessions)
     endpoints = EndpointResolver(settings)
+    endpoints.attach_tunnels(remote)
+    vast = (
+        VastClient(settings.vast.api_key, http, base_url=settings.vast.base_url,
+                   timeout=settings.vast.request_timeout)
+        if settings.vast.api_key is not None
+        else None
+    )
+    server_ops = ServerService(
+        settings, sessions, servers, audit, vast, public_key=lambda: remote.key.public_openssh
+    )
+    server_ops.heartbeat = remote.heartbeat
     comfy = ComfyPool(
         http, endpoints.resolve, request_timeout=settings.comfy.request_timeout
     )
@@ -70,4 +88,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         comfy=comfy,
         generation=GenerationService(settings, sessions, servers, comfy),
         workflows=WorkflowStore(sessions, audit, servers, comfy),
+        remote=remote,
+        vast=vast,
+        server_ops=server_ops,
     )

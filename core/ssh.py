@@ -698,23 +698,17 @@ class SSHPool:
         except TimeoutError:
             log.warning("Command on %s timed out after %g s; stopping it", where, timeout)
             await _stop(process, conn, err.pid)
-            readers.cancel()
-            with contextlib.suppress(BaseException):
-                await readers
+            await _cancel_and_wait(readers)
             raise SSHTimeout(timeout, where=where) from None
         except (asyncssh.Error, OSError) as exc:
-            readers.cancel()
-            with contextlib.suppress(BaseException):
-                await readers
+            await _cancel_and_wait(readers)
             raise SSHConnectError(
                 f"The SSH connection to {where} was lost while a command was running."
             ) from exc
         except BaseException:
             # on_line failed or we were cancelled: do not leave the remote command running.
             await _stop(process, conn, err.pid)
-            readers.cancel()
-            with contextlib.suppress(BaseException):
-                await readers
+            await _cancel_and_wait(readers)
             raise
         status = process.returncode
         if status is None:
@@ -833,6 +827,15 @@ async def _feed(process: asyncssh.SSHClientProcess, data: bytes) -> None:
         process.stdin.write_eof()
     except (BrokenPipeError, ConnectionError, asyncssh.Error):
         pass  # the command exited without reading all of its input; its status tells
+
+
+async def _cancel_and_wait(fut: asyncio.Future[object]) -> None:
+    """Cancel ``fut`` and wait for it, consuming its outcome (our own cancellation still
+    propagates, unlike ``suppress(BaseException)``)."""
+    fut.cancel()
+    await asyncio.wait([fut])
+    if not fut.cancelled():
+        fut.exception()  # mark it retrieved so asyncio does not log it later
 
 
 async def _stop(

@@ -448,14 +448,23 @@ async def test_reconnect_resume_then_interactions(fake_discord: FakeDiscord) -> 
         assert resume["token"] == fake.token
         assert resume["session_id"] == bot.ws.session_id
         assert resume["seq"] >= 2  # READY + GUILD_CREATE
+        # /secret keeps running after its callback (GET @original, then bot.log), so wait for
+        # it to finish: leaving the block while it runs closes the bot's HTTP session under it
+        # ("Connector is closed"). Exactly one log entry each also proves RESUME's replay did
+        # not deliver an interaction twice.
         itx = await fake.slash("secret", user=fake.member)
         assert (await itx.wait_response())["type"] == 4
+        await fake.wait_for(lambda: len(bot.log) >= 1)
+        assert bot.log == [("secret", itx.original_message_id, True)]
         assert len(fake.identifies) == 1
 
         await fake.drop_connection()
         assert len(fake.resumes) == 2 and len(fake.identifies) == 1
-        itx = await fake.slash("secret", user=fake.member)
-        assert (await itx.wait_response())["type"] == 4
+        itx2 = await fake.slash("secret", user=fake.member)
+        assert (await itx2.wait_response())["type"] == 4
+        await fake.wait_for(lambda: len(bot.log) >= 2)
+        assert bot.log == [("secret", itx.original_message_id, True),
+                           ("secret", itx2.original_message_id, True)]
 
 
 def test_fail_on_discord_errors_collects(fail_on_discord_errors: list) -> None:
