@@ -146,3 +146,44 @@ async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.02) -
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(params=["asyncssh", "openssh"])
+async def ssh_host(request: pytest.FixtureRequest, env: BotEnv) -> AsyncIterator[Any]:
+    """A real SSH server on loopback that accepts the bot's own key (both kinds)."""
+    from tests.sshserver import AsyncSSHTestServer, OpenSSHTestServer
+
+    public_key = env.services.remote.key.public_openssh
+    if request.param == "openssh":
+        if not OpenSSHTestServer.available():
+            pytest.skip(OpenSSHTestServer.unavailable_reason())
+        server: Any = OpenSSHTestServer(public_key)
+    else:
+        server = AsyncSSHTestServer(public_key)
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def register_ssh_server(env: BotEnv, server: Any, name: str = "box",
+                              comfy_port: int = 8188) -> Any:
+    """Register an SSH host through /server add-ssh, as an admin would."""
+    interaction = await env.slash(
+        "server",
+        {"name": name, "host": server.host, "port": server.port, "user": server.username,
+         "comfy_port": comfy_port},
+        user=env.fake.admin, subcommand="add-ssh",
+    )
+    message = await env.fake.wait_for(lambda: _answered(interaction))
+    assert "Added server" in message.content, message.content
+    return await env.services.servers.get(name)
+
+
+def _answered(interaction: Any) -> Any:
+    followups = interaction.followups()
+    if followups:
+        return followups[-1]
+    message = interaction.response_message()
+    if message is not None and not message.loading and (message.content or message.embeds):
+        return message
+    return None
