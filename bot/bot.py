@@ -56,15 +56,18 @@ class ComfyVastBot(commands.Bot):
     async def setup_hook(self) -> None:
         from bot.jobs import DYNAMIC_ITEMS, DiscordJobObserver
         from bot.relay import MessageRelay
+        from bot.server_events import DiscordServerEvents, KeepAliveButton, server_loop
 
         self.relay = MessageRelay(self)
         self.services.generation.observer = DiscordJobObserver(self, self.relay)
-        # Buttons whose custom ids carry a job id keep working across restarts.
-        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        self.services.server_ops.events = DiscordServerEvents(self)
+        # Buttons whose custom ids carry a job or server id keep working across restarts.
+        self.add_dynamic_items(*DYNAMIC_ITEMS, KeepAliveButton)
         for ext in self._extensions:
             await self.load_extension(ext)
         await self.sync_commands_if_changed()
         self.spawn(self._resume_jobs(), name="resume-generations")
+        self.spawn(server_loop(self), name="server-maintenance")
 
     async def _resume_jobs(self) -> None:
         await self.wait_until_ready()

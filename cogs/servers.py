@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+from typing import Literal
 
 import discord
 from discord import app_commands
@@ -11,10 +14,76 @@ from discord.ext import commands
 from bot.bot import ComfyVastBot
 from bot.checks import AdminCog, actor_of
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
+from bot.confirm import confirm
 from core.comfy.errors import ComfyError
-from core.errors import ValidationFailed
+from core.errors import ComfyVastError, ValidationFailed
+from core.server_service import RentPlan
+from core.vast import Offer, OfferQuery
 from core.servers import validate_comfy_url, validate_name, validate_ssh_target
 from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
+
+
+log = logging.getLogger(__name__)
+
+SORTS = Literal["price", "reliability", "performance", "value", "bandwidth", "vram"]
+REGIONS = Literal["europe", "north-america", "asia", "oceania", "south-america"]
+
+
+def offer_line(index: int, offer: Offer) -> str:
+    return (
+        f"`{index}` **{offer.num_gpus}× {offer.gpu_name}** ({offer.gpu_ram_mb // 1024} GB) · "
+        f"${offer.price_per_hour:.3f}/h · reliability {offer.reliability:.1%} · "
+        f"↓{offer.inet_down:.0f} Mbps · {offer.location or '?'} · offer {offer.id}"
+    )
+
+
+def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
+    o = plan.offer
+    embed = discord.Embed(title=f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?",
+                          colour=discord.Colour.orange())
+    embed.add_field(name="GPU", value=f"{o.num_gpus}× {o.gpu_name}")
+    embed.add_field(name="VRAM", value=f"{o.gpu_ram_mb // 1024} GB per GPU")
+    embed.add_field(name="Price", value=f"${o.price_per_hour:.3f}/h "
+                                        f"(≈ ${o.price_per_hour * 24:.2f}/day)")
+    budget = f" of ${plan.budget:.2f}" if plan.budget is not None else ""
+    embed.add_field(name="This month", value=f"${plan.month_spend:.2f} spent{budget}")
+    embed.add_field(name="Where", value=o.location or "?")
+    embed.add_field(name="Offer", value=str(o.id))
+    embed.set_footer(text="It bills until stopped or destroyed; idle servers stop by themselves.")
+    return embed
+
+
+def default_name(gpu: str, taken: list[str]) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:24] or "gpu"
+    n = 1
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+class OffersView(discord.ui.View):
+    """Rent buttons under /server offers; only the admin who searched may press them."""
+
+    def __init__(self, cog: Servers, owner_id: int, query: OfferQuery,
+                 offers: list[Offer]) -> None:
+        super().__init__(timeout=300)
+        self.cog, self.owner_id, self.query = cog, owner_id, query
+        for index, offer in enumerate(offers[:5], start=1):
+            button: discord.ui.Button[OffersView] = discord.ui.Button(
+                label=f"Rent {index}", style=discord.ButtonStyle.primary,
+                custom_id=f"cv:offer:{offer.id}:{index}")
+            button.callback = self._make_callback(offer.id)  # type: ignore[method-assign]
+            self.add_item(button)
+
+    def _make_callback(self, offer_id: int):  # type: ignore[no-untyped-def]
+        async def callback(interaction: discord.Interaction) -> None:
+            if interaction.user.id != self.owner_id:
+                await interaction.response.send_message(
+                    "Only the admin who searched can rent from this list.", ephemeral=True)
+                return
+            await self.cog.rent_flow(interaction, self.query, offer_id=offer_id, name=None,
+                                     disk=None, image=None)
+        return callback
 
 
 async def server_autocomplete(
@@ -92,6 +161,173 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
             ephemeral=True,
         )
 
+    # ------------------------------------------------------------------ Vast.ai
+
+    @app_commands.command(name="offers", description="Search Vast.ai GPU offers.")
+    @app_commands.describe(
+        gpu="GPU model, e.g. RTX 4090.", num_gpus="GPUs per machine.",
+        max_price="Highest $/h.", min_reliability="Lowest reliability (0-1).",
+        region="Region.", sort="Order of the results.",
+    )
+    async def offers(
+        self, interaction: discord.Interaction, gpu: str | None = None,
+        num_gpus: app_commands.Range[int, 1, 8] = 1,
+        max_price: app_commands.Range[float, 0.01, 100.0] | None = None,
+        min_reliability: app_commands.Range[float, 0.0, 1.0] | None = None,
+        region: REGIONS | None = None, sort: SORTS = "price",
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        query = OfferQuery(gpu_name=gpu, num_gpus=num_gpus, max_price_per_hour=max_price,
+                           min_reliability=min_reliability, region=region, sort=sort, limit=10)
+        found = await self.bot.services.server_ops.offers(query)
+        if not found:
+            await interaction.followup.send("No offer matches; relax the filters.",
+                                            ephemeral=True)
+            return
+        embed = discord.Embed(
+            title="Vast.ai offers",
+            description="\n".join(offer_line(i, o) for i, o in enumerate(found[:10], start=1)),
+            colour=BRAND_COLOUR)
+        embed.set_footer(text="Rent one with the buttons (a confirmation follows), "
+                              "or /server create offer_id:<id>.")
+        await interaction.followup.send(
+            embed=embed, view=OffersView(self, interaction.user.id, query, found), ephemeral=True)
+
+    @app_commands.command(name="create", description="Rent a GPU server on Vast.ai.")
+    @app_commands.describe(
+        gpu="Rent the cheapest offer with this GPU (or give offer_id).",
+        offer_id="Rent this exact offer (from /server offers).", name="A short name.",
+        disk="Disk in GB.", image="Docker image (default from config).",
+        max_price="Highest $/h when picking by GPU.",
+    )
+    async def create(
+        self, interaction: discord.Interaction, gpu: str | None = None,
+        offer_id: app_commands.Range[int, 1] | None = None,
+        name: app_commands.Range[str, 1, 32] | None = None,
+        disk: app_commands.Range[int, 10, 2000] | None = None,
+        image: app_commands.Range[str, 3, 200] | None = None,
+        max_price: app_commands.Range[float, 0.01, 100.0] | None = None,
+    ) -> None:
+        if not gpu and offer_id is None:
+            raise ValidationFailed("Give a GPU (e.g. RTX 4090) or an offer id.")
+        query = OfferQuery(gpu_name=gpu, max_price_per_hour=max_price,
+                           min_disk_gb=disk, limit=20)
+        await self.rent_flow(interaction, query, offer_id=offer_id, name=name, disk=disk,
+                             image=image)
+
+    async def rent_flow(
+        self, interaction: discord.Interaction, query: OfferQuery, *, offer_id: int | None,
+        name: str | None, disk: int | None, image: str | None,
+    ) -> None:
+        """Plan, confirm (GPU, VRAM, $/h, the month's spend), then rent in the background
+        with the progress in a bot-owned channel message."""
+        if not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        ops = self.bot.services.server_ops
+        plan = await ops.plan(query, offer_id=offer_id)
+        taken = [s.name for s in await self.bot.services.servers.list(include_destroyed=True)]
+        name = validate_name(name) if name else default_name(plan.offer.gpu_name, taken)
+        await self.bot.services.servers.ensure_name_free(name)
+        if not await confirm(interaction, plan_embed(plan, name), confirm_label="Rent it"):
+            await interaction.followup.send("Nothing was rented.", ephemeral=True)
+            return
+        channel = interaction.channel
+        status = await channel.send(  # type: ignore[union-attr]
+            f"⏳ Renting **{name}** ({plan.offer.num_gpus}× {plan.offer.gpu_name}, "
+            f"${plan.offer.price_per_hour:.3f}/h) for {interaction.user.mention}…",
+            allowed_mentions=discord.AllowedMentions.none())
+        await interaction.followup.send(f"Renting: {status.jump_url}", ephemeral=True)
+        actor = actor_of(interaction)
+        self.bot.spawn(self._rent(actor, plan, name, disk, image, status),
+                       name=f"rent-{name}")
+
+    async def _rent(self, actor, plan: RentPlan, name: str, disk: int | None,  # type: ignore[no-untyped-def]
+                    image: str | None, status: discord.Message) -> None:
+        lines: list[str] = [status.content]
+
+        async def progress(text: str) -> None:
+            lines.append(f"• {text}")
+            content = "\n".join(lines[-12:])
+            self.bot.relay.update(status.channel.id, status.id,
+                                  lambda: _content(content))
+
+        try:
+            server = await self.bot.services.server_ops.rent(
+                actor, plan, name, image=image, disk_gb=disk, progress=progress)
+            lines.append(f"✅ **{server.name}** is running ({server.gpu}, "
+                         f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run.")
+        except ComfyVastError as exc:
+            lines.append(f"❌ {exc}")
+        except Exception:
+            log.exception("renting %s failed", name)
+            lines.append("❌ Something went wrong; it has been logged.")
+        final = "\n".join(lines[-12:])
+        await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
+
+    @app_commands.command(name="start", description="Start a stopped Vast.ai server.")
+    @app_commands.describe(server="The server.")
+    @app_commands.autocomplete(server=server_autocomplete)
+    async def start(self, interaction: discord.Interaction, server: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        view = await self.bot.services.servers.get(server)
+        await self.bot.services.server_ops.check_budget(view.price_per_hour,
+                                                        "Starting this server")
+        if not await confirm(interaction, f"Start **{view.name}** at "
+                             f"${view.price_per_hour:.3f}/h?", confirm_label="Start it"):
+            await interaction.followup.send("Not started.", ephemeral=True)
+            return
+        channel = interaction.channel
+        status = await channel.send(f"⏳ Starting **{view.name}**…")  # type: ignore[union-attr]
+        await interaction.followup.send(f"Starting: {status.jump_url}", ephemeral=True)
+        actor = actor_of(interaction)
+
+        async def run() -> None:
+            try:
+                done = await self.bot.services.server_ops.start(actor, view.name)
+                text = f"✅ **{done.name}** is running."
+            except ComfyVastError as exc:
+                text = f"❌ Starting **{view.name}** failed: {exc}"
+            await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(text))
+
+        self.bot.spawn(run(), name=f"start-{view.name}")
+
+    @app_commands.command(name="stop", description="Stop a Vast.ai server (its disk still bills).")
+    @app_commands.describe(server="The server.")
+    @app_commands.autocomplete(server=server_autocomplete)
+    async def stop(self, interaction: discord.Interaction, server: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        view = await self.bot.services.server_ops.stop(actor_of(interaction), server)
+        await interaction.followup.send(
+            f"Stopped **{view.name}**. A stopped Vast.ai instance still bills its disk; "
+            "/server destroy ends that.", ephemeral=True)
+
+    @app_commands.command(name="destroy", description="Destroy a server (asks first).")
+    @app_commands.describe(server="The server.")
+    @app_commands.autocomplete(server=server_autocomplete)
+    async def destroy(self, interaction: discord.Interaction, server: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        view = await self.bot.services.servers.get(server)
+        what = ("This destroys the rented instance and everything on its disk."
+                if view.provider == "vast" else "The bot forgets this server; the host stays.")
+        if not await confirm(interaction, f"Destroy **{view.name}**? {what}",
+                             confirm_label="Destroy", danger=True):
+            await interaction.followup.send("Nothing was destroyed.", ephemeral=True)
+            return
+        done = await self.bot.services.server_ops.destroy(actor_of(interaction), view.name)
+        await interaction.followup.send(f"Destroyed **{view.name}** (kept in the records as "
+                                        f"{done.name}).", ephemeral=True)
+
+    @app_commands.command(name="autostop", description="Stop a server after N idle minutes.")
+    @app_commands.describe(server="The server.", minutes="Idle minutes before it stops; 0 = never.")
+    @app_commands.autocomplete(server=server_autocomplete)
+    async def autostop(self, interaction: discord.Interaction, server: str,
+                       minutes: app_commands.Range[int, 0, 10080]) -> None:
+        view = await self.bot.services.server_ops.set_autostop(actor_of(interaction), server,
+                                                               minutes)
+        text = ("never stops by itself" if minutes == 0
+                else f"stops after {minutes} idle minutes")
+        await interaction.response.send_message(f"**{view.name}** {text}.", ephemeral=True)
+
     @app_commands.command(name="list", description="All servers with state, GPU, price and queue.")
     async def list_servers(self, interaction: discord.Interaction) -> None:
         servers = await self.bot.services.servers.list()
@@ -101,6 +337,8 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
                 "/server create.", ephemeral=True)
             return
         jobs = await self.bot.services.servers.active_jobs()
+        ops = self.bot.services.server_ops
+        month = await ops.month_spend()
         lines = []
         for s in servers:
             uptime = ""
@@ -108,12 +346,17 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
                 uptime = " · up " + human_duration(
                     (discord.utils.utcnow() - s.running_since).total_seconds())
             price = f" · ${s.price_per_hour:.3f}/h" if s.price_per_hour else ""
+            spent = await ops.server_spend(s.id) if s.provider == "vast" else 0.0
+            spend = f" · ${spent:.2f} spent" if spent else ""
             lines.append(
                 f"**{s.name}** ({s.provider}) · {s.status} · {s.gpu or 'GPU ?'}{price}{uptime}"
-                f" · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
+                f"{spend} · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
             )
         embed = discord.Embed(title="Servers", description=truncate("\n".join(lines), 4000),
                               colour=BRAND_COLOUR)
+        budget = self.bot.services.settings.costs.monthly_budget
+        embed.set_footer(text=f"This month: ${month:.2f}"
+                              + (f" of a ${budget:.2f} budget" if budget is not None else ""))
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="status", description="Live state of one server.")
@@ -142,6 +385,10 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
             embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)
+
+
+async def _content(text: str) -> dict[str, object]:
+    return {"content": text}
 
 
 async def setup(bot: ComfyVastBot) -> None:

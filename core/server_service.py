@@ -43,10 +43,15 @@ from core.vast import (
     Offer,
     OfferQuery,
     OfferUnavailable,
+    SearchQuotaExceeded,
     VastAuthError,
     VastClient,
+    VastConnectionError,
     VastError,
     VastNotFound,
+    VastRateLimited,
+    VastServerError,
+    VastTimeout,
 )
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,13 @@ def onstart_script(public_key: str, vast_base_url: str, orphan_minutes: int) -> 
     )
 
 
+def transient(exc: BaseException) -> bool:
+    """Worth repeating: the API was busy, slow or unreachable (not a refusal)."""
+    if isinstance(exc, SearchQuotaExceeded):
+        return False
+    return isinstance(exc, VastServerError | VastTimeout | VastConnectionError | VastRateLimited)
+
+
 def _month_start(now: dt.datetime) -> dt.datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
@@ -161,6 +173,23 @@ class ServerService:
                 "Vast.ai is not configured: set [vast] api_key (or VAST_AI_API_KEY)."
             )
         return self._vast
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[Any]], attempts: int = 5) -> Any:
+        """Repeat an idempotent call (show, start, stop, destroy) on transient errors.
+
+        The client already retries a few times; this outer loop rides out longer bursts
+        with jittered exponential backoff. Never used for create (see _create_once).
+        """
+        for attempt in range(attempts):
+            try:
+                return await call()
+            except VastError as exc:
+                if not transient(exc) or attempt + 1 == attempts:
+                    raise
+                delay = min(2.0**attempt, 20.0) * (0.5 + secrets.randbelow(1000) / 1000)
+                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                await self._sleep(delay)
+        raise AssertionError("unreachable")
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -243,11 +272,11 @@ class ServerService:
     # ------------------------------------------------------------------ offers / rent
 
     async def offers(self, query: OfferQuery) -> list[Offer]:
-        return await self.vast.search_offers(query)
+        return await self._retry("search", lambda: self.vast.search_offers(query))
 
     async def plan(self, query: OfferQuery, *, offer_id: int | None = None) -> RentPlan:
         """Pick the offer to confirm: the given id, else the cheapest match."""
-        offers = await self.vast.search_offers(query)
+        offers = await self.offers(query)
         if offer_id is not None:
             match = [o for o in offers if o.id == offer_id]
             if not match:
@@ -317,7 +346,6 @@ class ServerService:
         self, plan: RentPlan, label: str, image: str | None, disk_gb: int | None,
         progress: Progress,
     ) -> tuple[int, Offer]:
-        vast = self.vast
         tried: set[int] = set()
         offer: Offer | None = plan.offer
         for attempt in range(MAX_OFFER_TRIES):
@@ -328,15 +356,9 @@ class ServerService:
                 return await self._create_once(offer, request, label), offer
             except OfferUnavailable:
                 log.info("offer %s was taken; looking for the next one", offer.id)
-                candidates = [
-                    o for o in await vast.search_offers(plan.query) if o.id not in tried
-                ]
+                candidates = [o for o in await self.offers(plan.query) if o.id not in tried]
                 if not candidates or attempt + 1 >= MAX_OFFER_TRIES:
-                    raise OfferUnavailable(
-                        0, None,
-                        message=f"Offer {offer.id} was taken and no other offer matched in "
-                        f"{attempt + 1} tries; try again or relax the constraints.",
-                    ) if False else ValidationFailed(
+                    raise ValidationFailed(
                         f"Offer {offer.id} was taken and no other offer matched after "
                         f"{attempt + 1} tries; try again or relax the constraints."
                     ) from None
@@ -358,7 +380,7 @@ class ServerService:
             except (VastAuthError, InsufficientCredit, OfferUnavailable):
                 raise
             except VastError as exc:
-                if not exc.may_have_succeeded and exc.status not in (429,) and exc.status < 500:
+                if not (exc.may_have_succeeded or transient(exc)):
                     raise
                 log.warning("create on offer %s failed (%s); checking label %s", offer.id,
                             exc.status, label)
@@ -406,7 +428,8 @@ class ServerService:
         last_state = None
         while True:
             try:
-                instance = await self.vast.show_instance(instance_id)
+                instance = await self._retry(
+                    "show instance", lambda: self.vast.show_instance(instance_id))
             except VastNotFound:
                 await self._set(server_id, status=ServerStatus.DESTROYED,
                                 message="The instance vanished while starting.")
@@ -469,14 +492,19 @@ class ServerService:
             row.status_message = message
             if status in (ServerStatus.STOPPED, ServerStatus.DESTROYED, ServerStatus.ERROR):
                 row.running_since = None
-            state = {"running": "running", "loading": "loading", "stopped": "stopped"}.get(
-                status.value, "destroyed" if status == ServerStatus.DESTROYED else "idle"
-            )
-            await self._open_interval(session, row, state)
+            # Billing follows the instance: booting bills like loading; while stopping or
+            # destroying, the previous interval simply runs on until the final state.
+            state = {
+                ServerStatus.RUNNING: "running", ServerStatus.LOADING: "loading",
+                ServerStatus.STARTING: "loading", ServerStatus.STOPPED: "stopped",
+                ServerStatus.DESTROYED: "destroyed", ServerStatus.ERROR: "destroyed",
+            }.get(status)
+            if state is not None:
+                await self._open_interval(session, row, state)
 
     async def _destroy_instance(self, instance_id: int) -> None:
         try:
-            await self.vast.destroy_instance(instance_id)
+            await self._retry("destroy", lambda: self.vast.destroy_instance(instance_id))
         except VastNotFound:
             pass
 
@@ -492,7 +520,8 @@ class ServerService:
                 raise ValidationFailed(f"Server '{server.name}' was destroyed.")
             await self.check_budget(server.price_per_hour, "Starting this server")
             await self._set(server.id, status=ServerStatus.STARTING)
-            await self.vast.start_instance(int(server.provider_id or 0))
+            instance_id = int(server.provider_id or 0)
+            await self._retry("start", lambda: self.vast.start_instance(instance_id))
             await self._audit.record(actor, "server start", outcome=OUTCOME_OK,
                                      resource=server.name)
             return await self.wait_running(server.id, progress=progress)
@@ -504,7 +533,8 @@ class ServerService:
             if server.status == ServerStatus.STOPPED.value:
                 raise ValidationFailed(f"Server '{server.name}' is already stopped.")
             await self._set(server.id, status=ServerStatus.STOPPING)
-            await self.vast.stop_instance(int(server.provider_id or 0))
+            instance_id = int(server.provider_id or 0)
+            await self._retry("stop", lambda: self.vast.stop_instance(instance_id))
             await self._set(server.id, status=ServerStatus.STOPPED, message=reason)
         await self._audit.record(actor, "server stop", outcome=OUTCOME_OK, resource=server.name,
                                  details={"reason": reason})

@@ -1,0 +1,99 @@
+"""The Discord side of server life: idle warnings with a Keep-alive button, notices,
+and the background loops that reconcile with Vast.ai and stop idle servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import ui
+
+from bot.checks import actor_of, is_admin_member
+from bot.tree import send_ephemeral
+from core.errors import ComfyVastError
+from core.servers import ServerView
+
+if TYPE_CHECKING:
+    from bot.bot import ComfyVastBot
+
+log = logging.getLogger(__name__)
+
+
+class KeepAliveButton(ui.DynamicItem[ui.Button[Any]], template=r"cv:keepalive:(?P<server>[0-9]+)"):
+    """Resets a server's idle timer; persistent, so it works after a restart."""
+
+    def __init__(self, server_id: int) -> None:
+        super().__init__(ui.Button(label="Keep alive", style=discord.ButtonStyle.primary,
+                                   emoji="⏰", custom_id=f"cv:keepalive:{server_id}"))
+        self.server_id = server_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: ui.Button[Any], match: re.Match[str]
+    ) -> KeepAliveButton:
+        return cls(int(match["server"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
+        if not is_admin_member(interaction, bot.services.settings):
+            await send_ephemeral(interaction, "Only admins can keep a server running: it costs money.")
+            return
+        try:
+            server = await bot.services.server_ops.keep_alive(actor_of(interaction),
+                                                              self.server_id)
+        except ComfyVastError as exc:
+            await send_ephemeral(interaction, str(exc))
+            return
+        await interaction.response.edit_message(
+            content=f"Server **{server.name}** will stay up: its idle timer was reset by "
+                    f"{interaction.user.mention}.",
+            view=None, allowed_mentions=discord.AllowedMentions.none(),
+        )
+
+
+class DiscordServerEvents:
+    def __init__(self, bot: ComfyVastBot) -> None:
+        self.bot = bot
+
+    async def idle_warning(self, server: ServerView, channel_id: int, minutes_left: int) -> None:
+        view = ui.View(timeout=None)
+        view.add_item(KeepAliveButton(server.id))
+        channel = self.bot.get_partial_messageable(channel_id)
+        try:
+            await channel.send(
+                f"Server **{server.name}** has been idle and will be "
+                f"{'destroyed' if self.bot.services.settings.costs.idle_action == 'destroy' else 'stopped'}"
+                f" in about {minutes_left} minute(s) to save money.",
+                view=view,
+            )
+        except discord.HTTPException as exc:
+            log.warning("could not post the idle warning for %s: %s", server.name, exc)
+
+    async def notice(self, channel_id: int, text: str) -> None:
+        try:
+            await self.bot.get_partial_messageable(channel_id).send(
+                text, allowed_mentions=discord.AllowedMentions.none()
+            )
+        except discord.HTTPException as exc:
+            log.warning("could not post a server notice: %s", exc)
+
+
+async def server_loop(bot: ComfyVastBot, *, sync_every: float = 60.0,
+                      autostop_every: float = 30.0) -> None:
+    """Reconcile with the provider at start and every minute; check idle servers often."""
+    ops = bot.services.server_ops
+    next_sync = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        now = loop.time()
+        try:
+            if now >= next_sync:
+                await ops.sync()
+                next_sync = now + sync_every
+            await ops.autostop_tick()
+        except Exception:
+            log.exception("server maintenance failed; retrying on the next tick")
+        await asyncio.sleep(autostop_every)

@@ -1,0 +1,283 @@
+"""Renting on Vast.ai end to end: the real bot, the fake Discord and the fake Vast.ai."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from core.audit import Actor
+from core.db.models import AuditLog, ServerBilling
+from core.vast import OfferQuery
+from tests.conftest import BotEnv, _answered, bot_settings, eventually, start_bot
+from tests.fakediscord.models import iter_components
+from tests.fakevast import FakeVast
+from tests.fakevast.server import make_offer
+
+ADMIN_ACTOR = Actor(user_id=1, is_admin=True)
+
+
+def loopback_offers() -> list[dict[str, Any]]:
+    # Loopback addresses only: nothing in the tests may reach beyond this machine.
+    return [
+        make_offer(101, "RTX 4090", dph_base=0.40, public_ipaddr="127.0.0.1"),
+        make_offer(102, "RTX 4090", dph_base=0.50, public_ipaddr="127.0.0.1"),
+        make_offer(103, "RTX 4090", dph_base=0.60, public_ipaddr="127.0.0.1"),
+        make_offer(201, "RTX 3090", dph_base=0.20, public_ipaddr="127.0.0.1"),
+    ]
+
+
+@pytest.fixture
+async def vast() -> AsyncIterator[FakeVast]:
+    # Real time drives the instance life cycle (loading -> running in 0.15 s).
+    fake = FakeVast(offers=loopback_offers(), clock=time.time, provision_seconds=0.05,
+                    boot_seconds=0.1, restart_seconds=0.1, timeout_hang=1.5)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def vast_env(fake_discord: Any, tmp_path: Path, vast: FakeVast, **sections: Any) -> BotEnv:
+    env = await start_bot(fake_discord, bot_settings(
+        tmp_path, fake_discord,
+        vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 1},
+        **sections))
+    ops = env.services.server_ops
+    ops.poll_interval = 0.05
+    ops.heartbeat = None  # the fake instances have no SSH server behind them
+    ops._sleep = _fast_sleep  # backoff between retries, shortened
+    return env
+
+
+async def _fast_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(min(seconds, 0.01))
+
+
+@pytest.fixture
+async def venv(fake_discord: Any, tmp_path: Path, vast: FakeVast) -> AsyncIterator[BotEnv]:
+    env = await vast_env(fake_discord, tmp_path, vast)
+    yield env
+    await env.stop()
+
+
+def buttons(message: Any) -> dict[str, str]:
+    return {c.get("label"): c["custom_id"] for c in iter_components(message.components)
+            if c.get("type") == 2 and "custom_id" in c}
+
+
+async def press(env: BotEnv, interaction: Any, label: str, *, user: Any = None) -> Any:
+    """Click the button called ``label`` on the bot's latest prompt for ``interaction``."""
+
+    def prompt() -> Any:
+        for message in reversed([*interaction.followups(),
+                                 interaction.response_message()]):
+            if message is not None and label in buttons(message):
+                return message
+        return None
+
+    message = await env.fake.wait_for(prompt)
+    return await env.fake.click(message.id, buttons(message)[label],
+                                user=user or env.fake.admin)
+
+
+def channel_texts(env: BotEnv) -> list[str]:
+    return [m.content for m in env.fake.channel_messages(env.channel_id, include_ephemeral=False)]
+
+
+async def rent(env: BotEnv, options: dict[str, Any]) -> Any:
+    interaction = await env.slash("server", options, user=env.fake.admin, subcommand="create")
+    await press(env, interaction, "Rent it")
+    return interaction
+
+
+async def test_offers_then_rent_then_running(venv: BotEnv, vast: FakeVast) -> None:
+    interaction = await venv.slash("server", {"gpu": "RTX 4090"}, user=venv.fake.admin,
+                                   subcommand="offers")
+    listing = await venv.fake.wait_for(lambda: _answered(interaction))
+    text = listing.embeds[0]["description"]
+    assert "offer 101" in text and "$0." in text and "RTX 4090" in text
+    click = await venv.fake.click(listing.id, buttons(listing)["Rent 1"], user=venv.fake.admin)
+    # The confirmation shows the GPU, VRAM, price and the month's spend.
+    confirm_prompt = await venv.fake.wait_for(
+        lambda: next((m for m in [*click.followups(), click.response_message()]
+                      if m is not None and "Rent it" in buttons(m)), None))
+    fields = {f["name"]: f["value"] for f in confirm_prompt.embeds[0]["fields"]}
+    assert "RTX 4090" in fields["GPU"] and "GB" in fields["VRAM"]
+    assert "/h" in fields["Price"] and "$0.00 spent" in fields["This month"]
+    await press(venv, click, "Rent it")
+
+    async def running() -> Any:
+        servers = await venv.services.servers.list()
+        return servers[0] if servers and servers[0].status == "running" else None
+
+    server = await eventually(running, timeout=15)
+    assert server.provider == "vast" and server.gpu == "RTX 4090"
+    assert server.ssh_host == "127.0.0.1" and server.ssh_port
+    [instance] = vast.instances.values()
+    assert instance.label.startswith(f"comfyvast:{server.name}:")
+    assert str(instance.id) == server.provider_id
+    await venv.fake.wait_for(lambda: any("is running" in t for t in channel_texts(venv)))
+    async with venv.services.sessions() as session:
+        intervals = (await session.scalars(select(ServerBilling))).all()
+        actions = [(a.action, a.outcome) for a in (await session.scalars(select(AuditLog)))]
+    assert [i.state for i in intervals] == ["loading", "running"]
+    assert ("server create", "ok") in actions
+
+
+async def test_cancelled_confirmation_rents_nothing(venv: BotEnv, vast: FakeVast) -> None:
+    interaction = await venv.slash("server", {"gpu": "RTX 3090"}, user=venv.fake.admin,
+                                   subcommand="create")
+    await press(venv, interaction, "Cancel")
+    await venv.fake.wait_for(
+        lambda: any("Nothing was rented" in (m.content or "") for m in interaction.followups()))
+    assert vast.instances == {} and await venv.services.servers.list() == []
+
+
+async def test_stop_start_destroy(venv: BotEnv, vast: FakeVast) -> None:
+    await rent(venv, {"gpu": "RTX 3090", "name": "cheap"})
+    await eventually(lambda: _status(venv, "cheap", "running"), timeout=15)
+    instance_id = int((await venv.services.servers.get("cheap")).provider_id)
+
+    await venv.slash("server", {"server": "cheap"}, user=venv.fake.admin, subcommand="stop")
+    await eventually(lambda: _status(venv, "cheap", "stopped"))
+    assert vast.instances[instance_id].actual_status == "stopped"
+
+    start = await venv.slash("server", {"server": "cheap"}, user=venv.fake.admin,
+                             subcommand="start")
+    await press(venv, start, "Start it")
+    await eventually(lambda: _status(venv, "cheap", "running"), timeout=15)
+
+    destroy = await venv.slash("server", {"server": "cheap"}, user=venv.fake.admin,
+                               subcommand="destroy")
+    await press(venv, destroy, "Destroy")
+    await venv.fake.wait_for(lambda: instance_id in vast.destroyed)
+    await eventually(lambda: _status(venv, "cheap~1", "destroyed"))  # the row stays
+    async with venv.services.sessions() as session:
+        states = [b.state for b in (await session.scalars(
+            select(ServerBilling).order_by(ServerBilling.id)))]
+    assert states == ["loading", "running", "stopped", "loading", "running"]
+
+
+async def _status(env: BotEnv, name: str, status: str) -> bool:
+    servers = await env.services.servers.list(include_destroyed=True)
+    return any(s.name == name and s.status == status for s in servers)
+
+
+async def test_non_admin_cannot_rent_and_is_audited(venv: BotEnv, vast: FakeVast) -> None:
+    interaction = await venv.fake.slash("server", {"gpu": "RTX 4090"}, user=venv.fake.member,
+                                        guild_id=venv.fake.guild.id, subcommand="create",
+                                        force=True)
+    await interaction.wait_response()
+    assert "for admins" in interaction.response_message().content
+    assert vast.instances == {}
+    async with venv.services.sessions() as session:
+        rows = (await session.scalars(select(AuditLog))).all()
+    assert [(r.action, r.outcome) for r in rows] == [("server create", "refused")]
+
+
+async def test_budget_cap_refuses_with_figures(fake_discord: Any, tmp_path: Path,
+                                               vast: FakeVast) -> None:
+    env = await vast_env(fake_discord, tmp_path, vast, costs={"monthly_budget": 0.1})
+    try:
+        interaction = await env.slash("server", {"gpu": "RTX 4090"}, user=env.fake.admin,
+                                      subcommand="create")
+        message = await env.fake.wait_for(lambda: _answered(interaction))
+        assert "monthly budget" in message.content
+        assert "$0.00 spent of $0.10" in message.content and "/h" in message.content
+        assert vast.instances == {}
+    finally:
+        await env.stop()
+
+
+async def test_offer_taken_moves_to_the_next_offer(venv: BotEnv, vast: FakeVast) -> None:
+    ops = venv.services.server_ops
+    plan = await ops.plan(OfferQuery(gpu_name="RTX 4090"))
+    assert plan.offer.id == 101
+    vast.take_offer(101)
+    notes: list[str] = []
+
+    async def progress(text: str) -> None:
+        notes.append(text)
+
+    server = await ops.rent(ADMIN_ACTOR, plan, "next", progress=progress)
+    assert server.status == "running"
+    assert any("101 was taken; trying offer 102" in n for n in notes)
+    assert list(vast.rented_offers) == [102]
+
+
+async def test_idle_server_is_warned_then_stopped(venv: BotEnv, vast: FakeVast) -> None:
+    await rent(venv, {"gpu": "RTX 3090", "name": "idle"})
+    await eventually(lambda: _status(venv, "idle", "running"), timeout=15)
+    ops = venv.services.server_ops
+    await venv.slash("server", {"server": "idle", "minutes": 10}, user=venv.fake.admin,
+                     subcommand="autostop")
+    start = dt.datetime.now(dt.UTC)
+    ops.clock = lambda: start + dt.timedelta(minutes=6)
+    assert await ops.autostop_tick() == []
+    warning = await venv.fake.wait_for(lambda: next(
+        (m for m in venv.fake.channel_messages(venv.channel_id) if "idle" in m.content
+         and "Keep alive" in buttons(m)), None))
+    # A member may not keep it alive (it costs money); an admin may.
+    click = await venv.fake.click(warning.id, buttons(warning)["Keep alive"],
+                                  user=venv.fake.member)
+    await click.wait_response()
+    click = await venv.fake.click(warning.id, buttons(warning)["Keep alive"],
+                                  user=venv.fake.admin)
+    await click.wait_response()
+    assert "idle timer was reset" in venv.fake.messages[warning.id].content
+    ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(minutes=9)
+    assert await ops.autostop_tick() == []  # the keep-alive reset the timer
+    ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(minutes=11)
+    assert await ops.autostop_tick() == ["idle"]
+    assert (await venv.services.servers.get("idle")).status == "stopped"
+    await venv.fake.wait_for(lambda: any("was stopped: idle for 10 minutes" in t
+                                         for t in channel_texts(venv)))
+
+
+async def test_jobs_count_as_activity_not_idle(venv: BotEnv, vast: FakeVast) -> None:
+    from core.db.models import ComfyGeneration
+
+    await rent(venv, {"gpu": "RTX 3090", "name": "busy"})
+    await eventually(lambda: _status(venv, "busy", "running"), timeout=15)
+    server = await venv.services.servers.get("busy")
+    async with venv.services.sessions.begin() as session:
+        session.add(ComfyGeneration(server_id=server.id, user_id=1, prompt="p", status="queued"))
+    ops = venv.services.server_ops
+    ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=3)
+    assert await ops.autostop_tick() == []
+    assert (await venv.services.servers.get("busy")).status == "running"
+
+
+async def test_flaky_vast_never_rents_twice(venv: BotEnv, vast: FakeVast) -> None:
+    """With 30% of calls failing, every operation completes and no request rents twice."""
+    ops = venv.services.server_ops
+    vast.fail_ratio(0.3, seed=7)
+    names = [f"flaky-{i}" for i in range(3)]  # one per RTX 4090 offer
+    failures: list[str] = []
+    for name in names:
+        for _ in range(5):  # the service retries what is safe; a user may press again
+            try:
+                plan = await ops.plan(OfferQuery(gpu_name="RTX 4090", limit=10))
+                await ops.rent(ADMIN_ACTOR, plan, name)
+                break
+            except Exception as exc:  # noqa: BLE001 - a failed search is safe to repeat
+                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                if any(s.name == name for s in await venv.services.servers.list(
+                        include_destroyed=True)):
+                    break
+        servers = await venv.services.servers.list(include_destroyed=True)
+        assert await _status(venv, name, "running"), (failures, servers)
+    labels = [i.label for i in [*vast.instances.values(), *vast.destroyed.values()]]
+    assert len(labels) == len(set(labels)) == len(names)
+    for name in names:
+        await ops.stop(ADMIN_ACTOR, name)
+        await ops.start(ADMIN_ACTOR, name)
+        await ops.destroy(ADMIN_ACTOR, name)
+    assert len(vast.destroyed) == len(names) and vast.instances == {}
