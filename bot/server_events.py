@@ -85,6 +85,7 @@ async def server_loop(bot: ComfyVastBot, *, sync_every: float = 60.0,
                       autostop_every: float = 30.0) -> None:
     """Reconcile with the provider at start and every minute; check idle servers often."""
     ops = bot.services.server_ops
+    await ops.register_key()
     next_sync = 0.0
     loop = asyncio.get_running_loop()
     while True:

@@ -582,6 +582,21 @@ class ServerService:
 
     # ------------------------------------------------------------------ sync & autostop
 
+    async def register_key(self) -> bool:
+        """Register the bot's public key with the Vast.ai account (idempotent).
+
+        Best effort: team keys cannot hold account SSH keys, and every instance also gets
+        the key attached and installed by its onstart script.
+        """
+        if self._vast is None or self._public_key is None:
+            return False
+        try:
+            await self._retry("add ssh key", lambda: self.vast.add_ssh_key(self._public_key()))
+            return True
+        except VastError as exc:
+            log.warning("could not register the SSH key with Vast.ai: %s", exc)
+            return False
+
     async def sync(self) -> None:
         """Reconcile Vast rows with the provider (vanished, stopped outside, new price)."""
         if self._vast is None:

@@ -152,7 +152,7 @@ class SetupProfile:
         values: dict[str, str] = {}
         for name, default in self.params.items():
             raw = str(overrides.get(name, default))
-            value = PLACEHOLDER.sub(lambda m: _lookup(values, m.group(1), name), raw)
+            value = PLACEHOLDER.sub(lambda m, n=name: _lookup(values, m.group(1), n), raw)
             _check_value(name, value)
             values[name] = value
         return values
@@ -312,7 +312,8 @@ def _step_from_doc(
 ) -> SetupStep:
     name = str(raw.get("name", ""))
     if not STEP_NAME.match(name):
-        raise ValueError(f"step name {name!r} must be 1-64 letters, digits, spaces, '.', '_' or '-'")
+        raise ValueError(
+            f"step name {name!r} must be 1-64 letters, digits, spaces, '.', '_' or '-'")
     source = raw.get("from")
     if source is not None:
         if source in seen or source not in docs:

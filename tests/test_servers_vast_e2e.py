@@ -281,3 +281,46 @@ async def test_flaky_vast_never_rents_twice(venv: BotEnv, vast: FakeVast) -> Non
         await ops.start(ADMIN_ACTOR, name)
         await ops.destroy(ADMIN_ACTOR, name)
     assert len(vast.destroyed) == len(names) and vast.instances == {}
+
+
+async def test_key_registered_with_the_account_once(venv: BotEnv, vast: FakeVast) -> None:
+    public = venv.services.remote.key.public_openssh
+    await eventually(lambda: _has_key(vast, public))
+    assert await venv.services.server_ops.register_key()
+    assert [k["public_key"].split()[:2] for k in vast.ssh_keys].count(public.split()[:2]) == 1
+
+
+async def _has_key(vast: FakeVast, public: str) -> bool:
+    return any(k["public_key"].split()[:2] == public.split()[:2] for k in vast.ssh_keys)
+
+
+async def test_sync_reconciles_with_vast(venv: BotEnv, vast: FakeVast) -> None:
+    ops = venv.services.server_ops
+    for name in ("gone", "paused"):
+        plan = await ops.plan(OfferQuery(gpu_name="RTX 4090"))
+        await ops.rent(ADMIN_ACTOR, plan, name)
+    gone = int((await venv.services.servers.get("gone")).provider_id)
+    paused = int((await venv.services.servers.get("paused")).provider_id)
+    del vast.instances[gone]  # destroyed outside the bot
+    vast.interrupt(paused)  # outbid: stopped by Vast
+    await ops.sync()
+    assert await _status(venv, "gone", "destroyed")
+    assert await _status(venv, "paused", "stopped")
+    # A listing error is not "no instances": nothing changes.
+    await ops.start(ADMIN_ACTOR, "paused")
+    vast.fail_next("/instances", 500, count=20)
+    await ops.sync()
+    assert await _status(venv, "paused", "running")
+
+
+async def test_lifetime_cap_stops_the_server(fake_discord: Any, tmp_path: Path,
+                                             vast: FakeVast) -> None:
+    env = await vast_env(fake_discord, tmp_path, vast, costs={"max_hours": 2})
+    try:
+        ops = env.services.server_ops
+        await ops.rent(ADMIN_ACTOR, await ops.plan(OfferQuery(gpu_name="RTX 3090")), "capped")
+        ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=2, minutes=1)
+        assert await ops.autostop_tick() == ["capped"]
+        assert await _status(env, "capped", "stopped")
+    finally:
+        await env.stop()
