@@ -1,69 +1,106 @@
-"""Confirmation before anything that costs money or destroys data.
+"""Ask the invoker to confirm before something costly or destructive happens.
 
-Only the person who asked may answer; no answer before the timeout means no.
+``if not await confirm(interaction, "Destroy **box**?", danger=True): return``
+
+The prompt is ephemeral, has Confirm and Cancel buttons that only the invoker may press,
+and a timeout counts as "no". After the answer the buttons are removed and the prompt says
+what was chosen; the caller then continues with ``interaction.followup``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import discord
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfirmView", "confirm"]
 
 
 class ConfirmView(discord.ui.View):
-    def __init__(self, owner_id: int, *, confirm_label: str, danger: bool, timeout: float) -> None:
+    """Confirm / Cancel for one user; ``value`` is True, False, or None until answered."""
+
+    def __init__(
+        self, invoker_id: int, *, confirm_label: str = "Confirm", danger: bool = False,
+        timeout: float = 60.0, prompt_text: str | None = None,
+    ) -> None:
         super().__init__(timeout=timeout)
-        self.owner_id = owner_id
+        self.invoker_id = invoker_id
         self.value: bool | None = None
-        yes: discord.ui.Button[ConfirmView] = discord.ui.Button(
-            label=confirm_label,
-            style=discord.ButtonStyle.danger if danger else discord.ButtonStyle.success,
+        self.prompt_text = prompt_text
+        self.confirm_button.label = confirm_label
+        self.confirm_button.style = (
+            discord.ButtonStyle.danger if danger else discord.ButtonStyle.success
         )
-        no: discord.ui.Button[ConfirmView] = discord.ui.Button(
-            label="Cancel", style=discord.ButtonStyle.secondary
-        )
-        yes.callback = self._yes  # type: ignore[method-assign]
-        no.callback = self._no  # type: ignore[method-assign]
-        self.add_item(yes)
-        self.add_item(no)
+        # Set by confirm(): edits the prompt when nobody answered in time.
+        self.edit_prompt: Callable[..., Awaitable[Any]] | None = None
+
+    def _outcome(self, word: str) -> str:
+        # The prompt stays readable (what was asked) and says what was answered.
+        return f"{self.prompt_text}\n**{word}**" if self.prompt_text else f"**{word}**"
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        if interaction.user.id != self.owner_id:
-            await interaction.response.send_message(
-                "Only the person who asked can answer this.", ephemeral=True
-            )
-            return False
-        return True
+        if interaction.user.id == self.invoker_id:
+            return True
+        await interaction.response.send_message(
+            "Only the person who ran the command can answer this.", ephemeral=True)
+        return False
 
-    async def _answer(self, interaction: discord.Interaction, value: bool) -> None:
+    async def _answer(self, interaction: discord.Interaction, value: bool, word: str) -> None:
         self.value = value
-        await interaction.response.edit_message(view=None)
         self.stop()
+        await interaction.response.edit_message(content=self._outcome(word), view=None)
 
-    async def _yes(self, interaction: discord.Interaction) -> None:
-        await self._answer(interaction, True)
+    @discord.ui.button(label="Confirm", style=discord.ButtonStyle.success)
+    async def confirm_button(
+        self, interaction: discord.Interaction, button: discord.ui.Button[ConfirmView]
+    ) -> None:
+        await self._answer(interaction, True, "Confirmed.")
 
-    async def _no(self, interaction: discord.Interaction) -> None:
-        await self._answer(interaction, False)
+    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
+    async def cancel_button(
+        self, interaction: discord.Interaction, button: discord.ui.Button[ConfirmView]
+    ) -> None:
+        await self._answer(interaction, False, "Cancelled; nothing was changed.")
+
+    async def on_timeout(self) -> None:
+        self.value = False
+        if self.edit_prompt is None:
+            return
+        try:
+            await self.edit_prompt(
+                content=self._outcome("No answer in time; nothing was changed."), view=None)
+        except discord.HTTPException:
+            log.info("could not mark a timed-out confirmation prompt")
 
 
 async def confirm(
     interaction: discord.Interaction,
-    prompt: str | discord.Embed,
+    text_or_embed: str | discord.Embed,
     *,
     confirm_label: str = "Confirm",
     danger: bool = False,
     timeout: float = 60.0,
 ) -> bool:
-    """Ask privately and wait for the invoker's answer (True only for an explicit yes)."""
+    """Send an ephemeral prompt and wait for the invoker's answer; a timeout means no.
+
+    Works whether or not ``interaction`` was deferred (or already answered).
+    """
+    is_embed = isinstance(text_or_embed, discord.Embed)
     view = ConfirmView(interaction.user.id, confirm_label=confirm_label, danger=danger,
-                       timeout=timeout)
-    kwargs: dict[str, object] = {"view": view, "ephemeral": True}
-    if isinstance(prompt, discord.Embed):
-        kwargs["embed"] = prompt
-    else:
-        kwargs["content"] = prompt
+                       timeout=timeout, prompt_text=None if is_embed else str(text_or_embed))
+    kwargs: dict[str, Any] = (
+        {"embed": text_or_embed} if is_embed else {"content": text_or_embed}
+    )
     if interaction.response.is_done():
-        await interaction.followup.send(**kwargs)  # type: ignore[arg-type]
+        message = await interaction.followup.send(**kwargs, view=view, ephemeral=True,
+                                                  wait=True)
+        view.edit_prompt = message.edit
     else:
-        await interaction.response.send_message(**kwargs)  # type: ignore[arg-type]
+        await interaction.response.send_message(**kwargs, view=view, ephemeral=True)
+        view.edit_prompt = interaction.edit_original_response
     await view.wait()
     return view.value is True

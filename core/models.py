@@ -361,7 +361,7 @@ class CurlMeter:
 
     Columns: % Total % Received % Xferd AvgDload AvgUpload TimeTotal TimeSpent TimeLeft
     Current. When resuming, curl counts from the resume offset; ``offset`` adds it back.
-    ``expected_total`` is the probe's size, used when the meter shows no total.
+    ``expected_total`` is the probe's exact size, preferred over the meter's rounded total.
     """
 
     def __init__(self, offset: int = 0, expected_total: int | None = None) -> None:
@@ -380,7 +380,8 @@ class CurlMeter:
         except ValueError:
             return None
         done = self.offset + received
-        full = self.offset + total if total else self.expected_total
+        # The probe's exact size beats the meter's rounded one ("1562k").
+        full = self.expected_total or (self.offset + total if total else None)
         speed = float(current or average)
         eta = (full - done) / speed if full and speed > 0 and full >= done else None
         return CurlProgress(done, full, speed, eta)
