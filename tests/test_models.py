@@ -482,7 +482,7 @@ async def test_listing_asks_comfyui_when_it_runs(
         assert listing.names("text_encoders") == ()
         # Autocomplete answers from the cache, names that start with the text first.
         comfy.models["checkpoints"].append("new.safetensors")
-        assert await svc.names("checkpoints", "a") == ["a.safetensors"]
+        assert await svc.names("checkpoints", "z") == ["z.safetensors"]
         assert (await svc.list(server, refresh=True)).names("checkpoints")[-1] == "z.safetensors"
         assert "new.safetensors" in (await svc.list(server)).names("checkpoints")
     finally:
