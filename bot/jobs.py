@@ -274,6 +274,8 @@ async def launch_jobs(
     channel = interaction.channel
     if channel is None or not hasattr(channel, "send"):
         raise ComfyVastError("Generations can only run in a text channel.")
+    if len(requests) > 1:
+        await gen.check_limits(requests[0].actor, len(requests))
     jobs: list[JobView] = []
     links: list[str] = []
     for request in requests:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 import discord
@@ -164,12 +165,15 @@ class Generation(commands.Cog):
         names = gen.catalog.cached(folder)
         if names:
             return names
-        for server in await self.bot.services.servers.list():
-            if server.is_ready:
-                try:
-                    names.extend(await gen.catalog.models(server, folder))
-                except Exception:  # autocomplete must answer within 3 s whatever happens
-                    continue
+        ready = [s for s in await self.bot.services.servers.list() if s.is_ready]
+        # Autocomplete must answer within 3 s: ask every server at once, briefly.
+        results = await asyncio.gather(
+            *(asyncio.wait_for(gen.catalog.models(s, folder), 1.5) for s in ready),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, list):
+                names.extend(result)
         return sorted(set(names))
 
     @app_commands.command(name="progress", description="Show the state of a generation.")

@@ -320,7 +320,11 @@ class GenerationService:
         if req.kind == "upscale" and (req.image is None or not req.upscale_model):
             raise ValidationFailed("Upscaling needs an image and an upscale model.")
 
-    async def _check_rate_limits(self, actor: Actor) -> None:
+    async def check_limits(self, actor: Actor, count: int = 1) -> None:
+        """Refuse before anything starts when ``count`` more jobs would pass the limits."""
+        await self._check_rate_limits(actor, count)
+
+    async def _check_rate_limits(self, actor: Actor, count: int = 1) -> None:
         limits = self._settings.limits
         since = self._clock() - dt.timedelta(minutes=1)
         async with self._sessions() as session:
@@ -334,12 +338,17 @@ class GenerationService:
                 .where(ComfyGeneration.user_id == actor.user_id)
                 .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
             )
-        if (active or 0) >= limits.user_concurrent_jobs:
+        if (active or 0) + count > limits.user_concurrent_jobs:
+            if count > 1:
+                raise RateLimited(
+                    f"That needs {count} job slots and you have {active} job(s) in progress "
+                    f"(the limit is {limits.user_concurrent_jobs})."
+                )
             raise RateLimited(
                 f"You already have {active} job(s) in progress (the limit is "
                 f"{limits.user_concurrent_jobs}); wait for one to finish or cancel it."
             )
-        if (recent or 0) >= limits.user_jobs_per_minute:
+        if (recent or 0) + count > limits.user_jobs_per_minute:
             raise RateLimited(
                 f"You can start {limits.user_jobs_per_minute} jobs a minute; "
                 "try again in a minute.",

@@ -1149,45 +1149,49 @@ class ModelService:
                              + (f": {reason}." if reason else "."))
 
     async def _verify_and_rename(self, view: DownloadView, plan: _Plan) -> DownloadView:
-        tmp, final = shlex.quote(plan.temp_path), shlex.quote(plan.final_path)
-        hash_cmd = ""
+        """Size and (optionally) sha256 checks, then the rename, in one remote script."""
+        size_check = ""
+        if plan.bytes_total is not None:
+            size_check = (f'[ "$size" = {plan.bytes_total} ] || '
+                          f"{{ echo {_MARK}short; exit 0; }}; ")
+        hash_check = ""
         if plan.sha256:
-            hash_cmd = (
-                f"echo \"{_MARK}sha $( (sha256sum -- {tmp} 2>/dev/null || shasum -a 256 {tmp})"
-                " | cut -c1-64)\"; "
+            hash_check = (
+                'sha=$( (sha256sum -- "$tmp" 2>/dev/null || shasum -a 256 "$tmp") '
+                '| cut -c1-64); '
+                f'echo "{_MARK}sha $sha"; '
+                f'[ "$sha" = {plan.sha256} ] || '
+                f'{{ rm -f -- "$tmp"; echo {_MARK}badsha; exit 0; }}; '
             )
-        result = await self._run(
-            plan.server, f'echo "{_MARK}size $(wc -c < {tmp})"; {hash_cmd}',
-            timeout=HASH_TIMEOUT,
+        script = (
+            f"tmp={shlex.quote(plan.temp_path)}; final={shlex.quote(plan.final_path)}; "
+            f'size=$(wc -c < "$tmp") || exit 3; size=$((size + 0)); '
+            f'echo "{_MARK}size $size"; {size_check}{hash_check}'
+            # Never replace a file that appeared meanwhile (someone copied it by hand).
+            f'if [ -e "$final" ]; then echo {_MARK}exists; exit 0; fi; '
+            f'mv -- "$tmp" "$final" && echo {_MARK}moved'
         )
-        size = _marker_int(result.stdout, "size")
-        if size is None:
-            raise DownloadFailed("The downloaded file could not be read back.")
-        if plan.bytes_total is not None and size != plan.bytes_total:
+        result = await self._run(plan.server, script, timeout=HASH_TIMEOUT)
+        out = result.stdout
+        size = _marker_int(out, "size") or 0
+        digest = _marker_text(out, "sha")
+        if f"{_MARK}short" in out:
             raise DownloadFailed(
-                f"The download is incomplete ({_mb(size)} of {_mb(plan.bytes_total)}); run the "
-                "command again to resume it."
+                f"The download is incomplete ({_mb(size)} of {_mb(plan.bytes_total or 0)}); "
+                "run the command again to resume it."
             )
-        digest = None
-        if plan.sha256:
-            digest = _marker_text(result.stdout, "sha")
-            if digest != plan.sha256:
-                await self._run(plan.server, f"rm -f -- {tmp}", timeout=COMMAND_TIMEOUT,
-                                check=False)
-                raise DownloadFailed(
-                    f"The file's sha256 is {digest or 'unknown'}, not the expected "
-                    f"{plan.sha256}; it was deleted."
-                )
-        # Refuse to replace a file that appeared meanwhile (someone copied it by hand).
-        rename = (
-            f"if [ -e {final} ]; then echo {_MARK}exists; exit 0; fi; mv -- {tmp} {final}"
-        )
-        moved = await self._run(plan.server, rename, timeout=COMMAND_TIMEOUT)
-        if f"{_MARK}exists" in moved.stdout:
+        if f"{_MARK}badsha" in out:
             raise DownloadFailed(
-                f"{plan.folder}/{plan.filename} appeared on the server during the download; the "
-                "new copy was kept under a temporary name."
+                f"The file's sha256 is {digest or 'unknown'}, not the expected {plan.sha256}; "
+                "it was deleted."
             )
+        if f"{_MARK}exists" in out:
+            raise DownloadFailed(
+                f"{plan.folder}/{plan.filename} appeared on the server during the download; "
+                "the new copy was kept under a temporary name."
+            )
+        if f"{_MARK}moved" not in out:
+            raise DownloadFailed("The downloaded file could not be moved into place.")
         return replace(view, bytes_done=size, bytes_total=size, sha256=digest)
 
     # ------------------------------------------------------------------ deleting

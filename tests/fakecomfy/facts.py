@@ -91,6 +91,34 @@ _SUPPLEMENTARY_NODES: dict[str, Any] = {
         "category": "latent",
         "output_node": False,
     },
+    # The two upscale nodes, as comfy_extras/nodes_upscale_model.py defines them; the
+    # model_name combo is filled from the upscale_models folder like ckpt_name.
+    "UpscaleModelLoader": {
+        "input": {"required": {"model_name": [[], {}]}},
+        "input_order": {"required": ["model_name"]},
+        "output": ["UPSCALE_MODEL"],
+        "output_is_list": [False],
+        "output_name": ["UPSCALE_MODEL"],
+        "name": "UpscaleModelLoader",
+        "display_name": "Load Upscale Model",
+        "description": "",
+        "python_module": "comfy_extras.nodes_upscale_model",
+        "category": "loaders",
+        "output_node": False,
+    },
+    "ImageUpscaleWithModel": {
+        "input": {"required": {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}},
+        "input_order": {"required": ["upscale_model", "image"]},
+        "output": ["IMAGE"],
+        "output_is_list": [False],
+        "output_name": ["IMAGE"],
+        "name": "ImageUpscaleWithModel",
+        "display_name": "Upscale Image (using Model)",
+        "description": "",
+        "python_module": "comfy_extras.nodes_upscale_model",
+        "category": "image/upscaling",
+        "output_node": False,
+    },
 }
 
 

@@ -157,6 +157,8 @@ class FakeComfy:
         self.requests: list[RecordedRequest] = []
         self.prompts: dict[str, Prompt] = {}
         self.sent: list[SentMessage] = []
+        # prompt id -> time.monotonic() when its execution_success was sent (benchmarks).
+        self.success_at: dict[str, float] = {}
         self.failures: dict[str, tuple[str, str]] = {}
         self._faults: list[HttpFault] = []
 
@@ -393,6 +395,7 @@ class FakeComfy:
         combos = {
             ("CheckpointLoaderSimple", "ckpt_name"): self.models.get("checkpoints", []),
             ("LoraLoader", "lora_name"): self.models.get("loras", []),
+            ("UpscaleModelLoader", "model_name"): self.models.get("upscale_models", []),
             ("LoadImage", "image"): sorted(n for n in self.files["input"] if "/" not in n),
         }
         for (class_type, name), values in combos.items():
@@ -761,6 +764,7 @@ class FakeComfy:
                                    for k, v in prompt[failed].get("inputs", {}).items()},
                 "current_outputs": list(prompt)}, False)
         else:
+            self.success_at[item.prompt_id] = time.monotonic()
             await self._message(run, "execution_success", {"prompt_id": item.prompt_id}, False)
         finally:
             # The classic cache only keeps what the last prompt used.
@@ -862,6 +866,10 @@ class FakeComfy:
         if class_type == "ImageInvert":
             picture = dict(inputs["image"])
             picture["color"] = tuple(255 - c for c in picture["color"])
+            return [picture], None
+        if class_type == "ImageUpscaleWithModel":  # a 4x model, as most are
+            picture = dict(inputs["image"])
+            picture["width"], picture["height"] = picture["width"] * 4, picture["height"] * 4
             return [picture], None
         if class_type == "ImageScale":
             picture = dict(inputs["image"])
