@@ -1160,7 +1160,7 @@ class ModelService:
                 'sha=$( (sha256sum -- "$tmp" 2>/dev/null || shasum -a 256 "$tmp") '
                 '| cut -c1-64); '
                 f'echo "{_MARK}sha $sha"; '
-                f'[ "$sha" = {plan.sha256} ] || '
+                f'[ "$sha" = {shlex.quote(plan.sha256)} ] || '
                 f'{{ rm -f -- "$tmp"; echo {_MARK}badsha; exit 0; }}; '
             )
         script = (

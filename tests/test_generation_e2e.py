@@ -358,3 +358,30 @@ async def test_failover_to_a_second_server(studio: BotEnv, comfy: FakeComfy) -> 
         assert any("moved to 'gpu-2'" in str(e) for e in status.edits)
     finally:
         await backup.stop()
+
+
+async def test_progress_outlives_the_interaction_token(studio: BotEnv, comfy: FakeComfy) -> None:
+    import time
+
+    comfy.pause_sampling()
+    await generate(studio, {"prompt": "a long render", "steps": 3})
+    row = await job_row(studio)
+    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    later = time.time() + 16 * 60  # the interaction token is now expired
+    studio.fake.clock = lambda: later
+    comfy.resume_sampling()
+    row = await finished_row(studio, row.id)
+    assert row.status == "completed"
+    assert len(result_messages(studio)) == 1
+
+
+async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: FakeComfy) -> None:
+    studio.fake.rate_limit_once("PATCH", "/messages/", retry_after=0.3)
+    studio.fake.rate_limit_once("POST", f"/channels/{studio.channel_id}/messages",
+                                retry_after=0.2, skip=1)
+    await generate(studio, {"prompt": "through 429s", "steps": 4})
+    row = await finished_row(studio)
+    assert row.status == "completed"
+    statuses = [r.status for r in studio.fake.requests if r.method in ("PATCH", "POST")]
+    assert statuses.count(429) == 2
+    assert len(result_messages(studio)) == 1

@@ -40,6 +40,7 @@ from core.models import (
     redact_url,
     temp_name,
     validate_filename,
+    validate_folder,
     validate_model_path,
     validate_url,
 )
@@ -336,41 +337,60 @@ async def test_content_disposition_name_is_cleaned_into_the_folder(
     assert not (install.parent / "evil model.safetensors").exists()
 
 
-@pytest.mark.parametrize("url", [
+BAD_URLS = [
     "ftp://127.0.0.1/x.safetensors",
     "file:///etc/passwd",
     "http://example.com/x.safetensors",  # http only for allow-listed hosts
     "javascript:alert(1)",
     "https://user:pw@example.com/x.safetensors",
     "https://example.com/a b.safetensors",
-])
-async def test_bad_urls_are_refused_before_anything_runs(
-    svc: ModelService, url: str
-) -> None:
-    with pytest.raises(ValidationFailed):
-        await svc.start(DownloadRequest(ADMIN, "anything", url, "checkpoints"))
-
-
-@pytest.mark.parametrize("filename", [
+    "https:///x.safetensors",
+]
+HOSTILE_FILENAMES = [
     "../x.safetensors", "/etc/passwd", "a;rm -rf ~", "..", ".hidden.safetensors",
     "sub/x.safetensors", "x.exe", "$(id).safetensors", "-rf.safetensors", "a\\b.safetensors",
-])
-async def test_hostile_filenames_are_refused(
-    svc: ModelService, source: ModelSource, install: Path, filename: str
-) -> None:
-    before = tree(install.parent)
+    "x.safetensors\n", "",
+]
+BAD_FOLDERS = ["secrets", "../checkpoints", "checkpoints/..", "", "/etc"]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(ValidationFailed):
-        await svc.start(DownloadRequest(ADMIN, "anything", source.url("x"), "checkpoints",
-                                        filename=filename))
+        validate_url(url, ["127.0.0.1"])
+
+
+@pytest.mark.parametrize("filename", HOSTILE_FILENAMES)
+def test_hostile_filenames_are_refused(filename: str) -> None:
+    with pytest.raises(ValidationFailed):
+        validate_filename(filename)
+    with pytest.raises(ValidationFailed):
+        validate_model_path(filename)
+
+
+@pytest.mark.parametrize("folder", BAD_FOLDERS)
+def test_unknown_folders_are_refused(folder: str) -> None:
+    with pytest.raises(ValidationFailed, match="not a model folder"):
+        validate_folder(folder)
+
+
+async def test_start_refuses_bad_input_before_touching_the_server(
+    svc: ModelService, source: ModelSource, install: Path
+) -> None:
+    """The service checks every option before it asks the server or the source anything."""
+    source.files["x.safetensors"] = b"x"
+    good = source.url("x.safetensors")
+    cases = [dict(url=url) for url in BAD_URLS]
+    cases += [dict(filename=name) for name in HOSTILE_FILENAMES if name]
+    cases += [dict(folder=folder) for folder in BAD_FOLDERS]
+    cases += [dict(sha256="not-a-hash")]
+    before = tree(install.parent)
+    for case in cases:
+        fields = {"url": good, "folder": "checkpoints", **case}
+        with pytest.raises(ValidationFailed):
+            await svc.start(DownloadRequest(ADMIN, "nowhere", **fields))
     assert source.seen == []
     assert tree(install.parent) == before
-
-
-@pytest.mark.parametrize("folder", ["secrets", "../checkpoints", "checkpoints/..", ""])
-async def test_unknown_folders_are_refused(svc: ModelService, folder: str) -> None:
-    with pytest.raises(ValidationFailed, match="not a model folder"):
-        await svc.start(DownloadRequest(ADMIN, "anything", "https://example.com/x.safetensors",
-                                        folder))
 
 
 async def test_not_enough_disk_is_refused_before_downloading(

@@ -1,0 +1,170 @@
+"""The baseline for bench/relay.py: the least a relay can do, as its own process.
+
+For each job: ``POST /prompt`` (same graph as the bot's built-in template), wait on the
+server's WebSocket for ``execution_success``, ``GET /history/{id}``, ``GET /view``, then
+upload the image to Discord (``POST /channels/{id}/messages``, multipart). No database,
+no status message, no progress rendering. Run by bench/relay.py::
+
+    python -m bench.bare SPEC_JSON
+
+It prints ``queued N`` once every prompt is queued, then one line ``result {json}``
+(own CPU seconds and peak RSS, measured with getrusage) when every image was posted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from core.comfy.workflows import GenerationParams, build_workflow
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class BareRelay:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.servers: list[str] = spec["servers"]
+        self.client_id = f"bare-{uuid.uuid4().hex[:12]}"
+        self.jobs: dict[str, dict[str, Any]] = {}  # prompt id -> job
+        self.ended: dict[str, asyncio.Event] = {}  # prompt id -> "executing null" seen
+        self.done = 0
+        self.failed: list[str] = []
+        self.all_done = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            self.http = http
+            readers = []
+            for url in self.servers:
+                ws = await http.ws_connect(f"{url}/ws", params={"clientId": self.client_id},
+                                           max_msg_size=0)
+                await ws.send_json({"type": "feature_flags",
+                                    "data": {"supports_preview_metadata": True}})
+                readers.append(asyncio.create_task(self._read(url, ws)))
+            cpu_start = _cpu()
+            await self._queue_all()
+            print(f"queued {len(self.jobs)}", flush=True)
+            cpu_queued = _cpu()
+            await asyncio.wait_for(self.all_done.wait(), self.spec["timeout"])
+            cpu_end = _cpu()
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        return {
+            "delivered": self.done, "failed": self.failed,
+            "cpu_queue": cpu_queued - cpu_start, "cpu_run": cpu_end - cpu_queued,
+            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+
+    async def _queue_all(self) -> None:
+        spec = self.spec
+        channels, users = spec["channels"], spec["users"]
+        for n in range(spec["jobs"]):
+            url = self.servers[n % len(self.servers)]
+            prefix = f"bare/job-{n + 1}"
+            workflow = build_workflow(GenerationParams(
+                prompt=spec["prompts"][n % len(spec["prompts"])], model=spec["model"],
+                width=spec["size"], height=spec["size"], steps=spec["steps"],
+                seed=1000 + n, filename_prefix=prefix,
+            ))
+            prompt_id = str(uuid.uuid4())
+            self.jobs[prompt_id] = {"url": url, "prefix": prefix,
+                                    "channel": channels[n % len(channels)],
+                                    "user": users[n % len(users)]}
+            self.ended[prompt_id] = asyncio.Event()
+            async with self.http.post(f"{url}/prompt", json={
+                "prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id,
+            }) as resp:
+                resp.raise_for_status()
+                await resp.read()
+
+    async def _read(self, url: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue  # previews: a relay that only posts results ignores them
+            data = json.loads(msg.data)
+            kind, body = data.get("type"), data.get("data") or {}
+            prompt_id = body.get("prompt_id")
+            if prompt_id not in self.jobs:
+                continue
+            if kind == "execution_success":
+                task = asyncio.create_task(self._deliver(prompt_id))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif kind == "executing" and body.get("node") is None:
+                self.ended[prompt_id].set()
+            elif kind in ("execution_error", "execution_interrupted"):
+                self._count(prompt_id, ok=False)
+
+    async def _history(self, url: str, prompt_id: str) -> dict[str, Any]:
+        async with self.http.get(f"{url}/history/{prompt_id}") as resp:
+            resp.raise_for_status()
+            return (await resp.json()).get(prompt_id) or {}
+
+    async def _deliver(self, prompt_id: str) -> None:
+        job = self.jobs[prompt_id]
+        url = job["url"]
+        try:
+            entry = await self._history(url, prompt_id)
+            if not entry:  # not written yet: it is once "executing null" arrives
+                await self.ended[prompt_id].wait()
+                entry = await self._history(url, prompt_id)
+            image = next(img for out in entry["outputs"].values()
+                         for img in out.get("images", []) if img.get("type") == "output")
+            async with self.http.get(f"{url}/view", params={
+                "filename": image["filename"], "subfolder": image["subfolder"],
+                "type": image["type"],
+            }) as resp:
+                resp.raise_for_status()
+                data = await resp.read()
+            form = aiohttp.FormData()
+            form.add_field("payload_json", json.dumps({
+                "content": f"<@{job['user']}> {job['prefix']}",
+                "attachments": [{"id": 0, "filename": image["filename"]}],
+            }), content_type="application/json")
+            form.add_field("files[0]", data, filename=image["filename"],
+                           content_type="image/png")
+            api = self.spec["api_base"]
+            async with self.http.post(
+                f"{api}/channels/{job['channel']}/messages", data=form,
+                headers={"Authorization": f"Bot {self.spec['token']}"},
+            ) as resp:
+                resp.raise_for_status()
+                await resp.read()
+            self._count(prompt_id, ok=True)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            print(f"bare: delivery of {prompt_id} failed: {exc!r}", file=sys.stderr)
+            self._count(prompt_id, ok=False)
+
+    def _count(self, prompt_id: str, *, ok: bool) -> None:
+        if ok:
+            self.done += 1
+        else:
+            self.failed.append(prompt_id)
+        if self.done + len(self.failed) >= len(self.jobs) == self.spec["jobs"]:
+            self.all_done.set()
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    started = time.monotonic()
+    result = asyncio.run(BareRelay(spec).run())
+    result["wall"] = time.monotonic() - started
+    print("result " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
