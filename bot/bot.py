@@ -127,8 +127,12 @@ class ComfyVastBot(commands.Bot):
             )
 
     async def on_ready(self) -> None:
-        log.info("connected as %s (%s) to %d guilds", self.user, self.user and self.user.id,
-                 len(self.guilds))
+        log.info(
+            "connected as %s (%s) to %d guilds",
+            self.user,
+            self.user and self.user.id,
+            len(self.guilds),
+        )
 
     async def close(self) -> None:
         await self.services.generation.close()
@@ -139,5 +143,3 @@ class ComfyVastBot(commands.Bot):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await super().close()
-
-

@@ -51,8 +51,11 @@ class ConfirmView(discord.ui.View):
 
     async def _answer(self, interaction: discord.Interaction, value: bool, word: str) -> None:
         self.value = value
-        self.stop()
-        await interaction.response.edit_message(content=self._outcome(word), view=None)
+        try:
+            await interaction.response.edit_message(content=self._outcome(word), view=None)
+        finally:
+            # After the edit: the caller's next message then follows the answered prompt.
+            self.stop()
 
     @discord.ui.button(label="Confirm", style=discord.ButtonStyle.success)
     async def confirm_button(
@@ -68,6 +71,8 @@ class ConfirmView(discord.ui.View):
 
     async def on_timeout(self) -> None:
         self.value = False
+
+    async def mark_timed_out(self) -> None:
         if self.edit_prompt is None:
             return
         try:
@@ -102,5 +107,8 @@ async def confirm(
     else:
         await interaction.response.send_message(**kwargs, view=view, ephemeral=True)
         view.edit_prompt = interaction.edit_original_response
-    await view.wait()
+    if await view.wait():
+        # Done here rather than in on_timeout, which discord.py runs as a separate task:
+        # the prompt says "no answer" before the caller replies.
+        await view.mark_timed_out()
     return view.value is True

@@ -18,11 +18,17 @@ async def server_checks(settings: Settings, http: aiohttp.ClientSession) -> list
 
     results: list[CheckResult] = []
     if settings.vast.api_key is None:
-        results.append(CheckResult("vast.ai", True, "no API key configured (renting disabled)",
-                                   skipped=True))
+        results.append(
+            CheckResult("vast.ai", True, "no API key configured (renting disabled)", skipped=True)
+        )
     else:
-        client = VastClient(settings.vast.api_key, http, base_url=settings.vast.base_url,
-                            timeout=settings.vast.request_timeout, max_retries=1)
+        client = VastClient(
+            settings.vast.api_key,
+            http,
+            base_url=settings.vast.base_url,
+            timeout=settings.vast.request_timeout,
+            max_retries=1,
+        )
         try:
             balance = await client.balance()
             results.append(CheckResult("vast.ai", True, f"key valid; credit ${balance.credit:.2f}"))
@@ -41,9 +47,14 @@ async def server_checks(settings: Settings, http: aiohttp.ClientSession) -> list
                 results.append(CheckResult(name, True, f"{server.status}; not checked", True))
             elif server.comfy_url:
                 ok = await ComfyClient(server.comfy_url, http, timeout=10).check_status()
-                results.append(CheckResult(
-                    name, ok, f"ComfyUI at {server.comfy_url} "
-                    + ("answers" if ok else "does not answer")))
+                results.append(
+                    CheckResult(
+                        name,
+                        ok,
+                        f"ComfyUI at {server.comfy_url} "
+                        + ("answers" if ok else "does not answer"),
+                    )
+                )
             elif server.ssh_host:
                 results.append(await _tcp_check(name, server.ssh_host, server.ssh_port or 22))
     finally:

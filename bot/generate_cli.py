@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -33,11 +34,17 @@ def add_generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="run one generation against a ComfyUI URL")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--comfy-url", required=True, help="ComfyUI's address, e.g. http://host:8188")
-    p.add_argument("--workflow", type=Path,
-                   help="an API-format workflow file (default: the built-in txt2img)")
-    p.add_argument("--param", action="append", default=[], metavar="K=V",
-                   help="model, negative, width, height, steps, cfg, seed, sampler, scheduler, "
-                        "batch; or NODE.INPUT=VALUE for a custom workflow (repeatable)")
+    p.add_argument(
+        "--workflow", type=Path, help="an API-format workflow file (default: the built-in txt2img)"
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="model, negative, width, height, steps, cfg, seed, sampler, scheduler, "
+        "batch; or NODE.INPUT=VALUE for a custom workflow (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=Path("."), help="directory for the images")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after N seconds")
 
@@ -64,10 +71,11 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-async def build(client: ComfyClient, prompt: str, workflow_file: Path | None,
-                params: dict[str, Any]) -> dict[str, Any]:
+async def build(
+    client: ComfyClient, prompt: str, workflow_file: Path | None, params: dict[str, Any]
+) -> dict[str, Any]:
     if workflow_file is not None:
-        workflow = load_api_workflow(workflow_file.read_bytes())
+        workflow = load_api_workflow(await asyncio.to_thread(workflow_file.read_bytes))
         direct = {k: v for k, v in params.items() if "." in k}
         named = {k: v for k, v in params.items() if "." not in k}
         named["prompt"] = prompt
@@ -75,7 +83,8 @@ async def build(client: ComfyClient, prompt: str, workflow_file: Path | None,
         unknown = sorted(set(named) - set(mapping))
         if unknown:
             raise ValidationFailed(
-                f"The workflow has no '{unknown[0]}' parameter; use NODE.INPUT=VALUE.")
+                f"The workflow has no '{unknown[0]}' parameter; use NODE.INPUT=VALUE."
+            )
         workflow = apply_param_map(workflow, mapping, named)
         for key, value in direct.items():
             node, _, field = key.partition(".")
@@ -89,8 +98,17 @@ async def build(client: ComfyClient, prompt: str, workflow_file: Path | None,
         if not models:
             raise ValidationFailed("The server has no checkpoint models.")
         model = sorted(models)[0]
-    allowed = {"negative", "width", "height", "steps", "cfg", "seed", "sampler",
-               "scheduler", "batch"}
+    allowed = {
+        "negative",
+        "width",
+        "height",
+        "steps",
+        "cfg",
+        "seed",
+        "sampler",
+        "scheduler",
+        "batch",
+    }
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValidationFailed(f"Unknown parameter '{unknown[0]}'.")
@@ -102,14 +120,22 @@ def _bar(done: int, total: int, started: float, out: TextIO) -> None:
     filled = int(width * done / max(total, 1))
     rate = done / max(time.monotonic() - started, 1e-6)
     eta = (total - done) / rate if rate > 0 else 0.0
-    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-              f"{100 * done // max(total, 1):3d}% ETA {eta:4.0f}s")
+    out.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+        f"{100 * done // max(total, 1):3d}% ETA {eta:4.0f}s"
+    )
     out.flush()
 
 
 async def generate_once(
-    url: str, prompt: str, *, workflow_file: Path | None, params: dict[str, Any],
-    out_dir: Path, timeout: float, progress: TextIO = sys.stderr,
+    url: str,
+    prompt: str,
+    *,
+    workflow_file: Path | None,
+    params: dict[str, Any],
+    out_dir: Path,
+    timeout: float,
+    progress: TextIO = sys.stderr,
 ) -> list[Path]:
     """Queue one prompt, follow it with a progress bar, write the images."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10)) as http:
@@ -138,13 +164,13 @@ async def generate_once(
                     break
         finally:
             await stream.close()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
         written = []
         for image in outputs:
             if image.type != "output":
                 continue
             path = out_dir / Path(image.filename).name
-            path.write_bytes(await client.view_image(image))
+            await asyncio.to_thread(path.write_bytes, await client.view_image(image))
             written.append(path)
         seed = workflow_seed(workflow)
         if seed is not None:
@@ -155,15 +181,21 @@ async def generate_once(
 async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         paths = await generate_once(
-            args.comfy_url.rstrip("/"), args.prompt, workflow_file=args.workflow,
-            params=parse_params(args.param), out_dir=args.out, timeout=args.timeout,
+            args.comfy_url.rstrip("/"),
+            args.prompt,
+            workflow_file=args.workflow,
+            params=parse_params(args.param),
+            out_dir=args.out,
+            timeout=args.timeout,
         )
     except ComfyVastError as exc:
         print(f"\ncomfyvast: {exc}", file=sys.stderr)
         return 1
     except TimeoutError:
-        print(f"\ncomfyvast: the generation did not finish within {args.timeout:.0f} s.",
-              file=sys.stderr)
+        print(
+            f"\ncomfyvast: the generation did not finish within {args.timeout:.0f} s.",
+            file=sys.stderr,
+        )
         return 1
     except OSError as exc:
         print(f"\ncomfyvast: {exc}", file=sys.stderr)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import ui
 
-from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, progress_bar
 from bot.relay import MessageRelay
+from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, progress_bar
 from bot.tree import send_ephemeral
 from core.errors import ComfyVastError
 from core.generation import GenerationRequest, JobView
@@ -62,8 +62,9 @@ def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Em
             step = job.step or 0
             pct = int(100 * step / job.max_steps)
             eta = f" · ETA {human_duration(job.eta_seconds)}" if job.eta_seconds else ""
-            lines.append(f"`{progress_bar(step / job.max_steps)}` {step}/{job.max_steps} "
-                         f"({pct}%){eta}")
+            lines.append(
+                f"`{progress_bar(step / job.max_steps)}` {step}/{job.max_steps} ({pct}%){eta}"
+            )
     if job.status == "uploading":
         lines.append("Uploading the images…")
     if job.error:
@@ -72,8 +73,9 @@ def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Em
         lines.append(f"⚠️ {_short(job.notice, 300)}")
     if lines:
         embed.add_field(name="Progress", value="\n".join(lines), inline=False)
-    embed.set_footer(text=f"Job #{job.id} · {job.server_name or 'no server'} · "
-                          f"requested by user {job.user_id}")
+    embed.set_footer(
+        text=f"Job #{job.id} · {job.server_name or 'no server'} · requested by user {job.user_id}"
+    )
     if preview_name:
         embed.set_image(url=f"attachment://{preview_name}")
     return embed
@@ -82,7 +84,8 @@ def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Em
 def result_embed(job: JobView, image_name: str) -> discord.Embed:
     p = job.parameters
     embed = discord.Embed(
-        title=_short(job.prompt or "Upscale", 250), colour=OK_COLOUR,
+        title=_short(job.prompt or "Upscale", 250),
+        colour=OK_COLOUR,
         description=f"Negative: {_short(job.negative, 500)}" if job.negative else None,
     )
     fields = [
@@ -96,7 +99,10 @@ def result_embed(job: JobView, image_name: str) -> discord.Embed:
     if p.get("lora"):
         fields.append(("LoRA", f"{p['lora']} ({p.get('lora_strength')})"))
     if p.get("kind") == "upscale":
-        fields = [("Upscaled with", str(p.get("upscale_model"))), ("From job", f"#{p.get('parent_id')}")]
+        fields = [
+            ("Upscaled with", str(p.get("upscale_model"))),
+            ("From job", f"#{p.get('parent_id')}"),
+        ]
     for name, value in fields:
         embed.add_field(name=name, value=_short(value, 200))
     took = ""
@@ -135,8 +141,12 @@ class _JobButton:
 
     def __init__(self, job_id: int) -> None:
         super().__init__(  # type: ignore[call-arg]
-            ui.Button(label=self.label, style=self.style, emoji=self.emoji,
-                      custom_id=f"cv:{self.action}:{job_id}")
+            ui.Button(
+                label=self.label,
+                style=self.style,
+                emoji=self.emoji,
+                custom_id=f"cv:{self.action}:{job_id}",
+            )
         )
         self.job_id = job_id
 
@@ -160,7 +170,9 @@ class _JobButton:
         raise NotImplementedError
 
 
-class CancelButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:cancel:(?P<job>[0-9]+)"):
+class CancelButton(
+    _JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:cancel:(?P<job>[0-9]+)"
+):
     action = "cancel"
     label = "Cancel"
     style = discord.ButtonStyle.danger
@@ -174,11 +186,13 @@ class CancelButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:can
         await interaction.followup.send(f"Job #{job.id} is {job.status}.", ephemeral=True)
 
 
-class RerollButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:reroll:(?P<job>[0-9]+)"):
+class RerollButton(
+    _JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:reroll:(?P<job>[0-9]+)"
+):
     action = "reroll"
     label = "Re-roll"
     style = discord.ButtonStyle.primary
-    emoji = '🎲'
+    emoji = "🎲"
 
     async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
         from bot.checks import actor_of
@@ -190,11 +204,13 @@ class RerollButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:rer
         await launch_jobs(bot, interaction, [request])
 
 
-class VariationsButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:vary:(?P<job>[0-9]+)"):
+class VariationsButton(
+    _JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:vary:(?P<job>[0-9]+)"
+):
     action = "vary"
     label = "Variations"
     style = discord.ButtonStyle.secondary
-    emoji = '🔀'
+    emoji = "🔀"
 
     async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
         from bot.checks import actor_of
@@ -204,17 +220,18 @@ class VariationsButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv
         job = await gen.get(self.job_id)
         actor = actor_of(interaction)
         requests = [
-            gen.request_from(job, actor, seed=None, batch=1, kind="variation")
-            for _ in range(4)
+            gen.request_from(job, actor, seed=None, batch=1, kind="variation") for _ in range(4)
         ]
         await launch_jobs(bot, interaction, requests)
 
 
-class UpscaleButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:upscale:(?P<job>[0-9]+)"):
+class UpscaleButton(
+    _JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:upscale:(?P<job>[0-9]+)"
+):
     action = "upscale"
     label = "Upscale"
     style = discord.ButtonStyle.secondary
-    emoji = '🔍'
+    emoji = "🔍"
 
     async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
         from bot.checks import actor_of
@@ -233,15 +250,22 @@ class UpscaleButton(_JobButton, ui.DynamicItem[ui.Button[Any]], template=r"cv:up
         source = images[0]
         server = await bot.services.servers.get(server_id)
         request = GenerationRequest(
-            actor=actor_of(interaction), prompt=job.prompt, kind="upscale",
-            image=InputImage(source.filename, source.data), upscale_model=names[0],
-            server=server.name, parent_id=job.id,
+            actor=actor_of(interaction),
+            prompt=job.prompt,
+            kind="upscale",
+            image=InputImage(source.filename, source.data),
+            upscale_model=names[0],
+            server=server.name,
+            parent_id=job.id,
         )
         await launch_jobs(bot, interaction, [request])
 
 
 DYNAMIC_ITEMS: tuple[type[ui.DynamicItem[Any]], ...] = (
-    CancelButton, RerollButton, VariationsButton, UpscaleButton,
+    CancelButton,
+    RerollButton,
+    VariationsButton,
+    UpscaleButton,
 )
 
 
@@ -282,14 +306,14 @@ async def launch_jobs(
         job = await gen.submit(request)
         try:
             message = await channel.send(  # type: ignore[union-attr]
-                embed=status_embed(job), view=status_view(job.id),
+                embed=status_embed(job),
+                view=status_view(job.id),
                 allowed_mentions=discord.AllowedMentions.none(),
             )
         except discord.HTTPException as exc:
             await gen.abandon(job.id, "The status message could not be posted.")
             raise ComfyVastError(
-                "I can't post in this channel; check my Send Messages and Embed Links "
-                "permissions."
+                "I can't post in this channel; check my Send Messages and Embed Links permissions."
             ) from exc
         await gen.attach_message(job.id, message.channel.id, message.id)
         gen.start(job.id)
@@ -348,7 +372,9 @@ class DiscordJobObserver:
                 content=f"<@{job.user_id}>",
                 embed=result_embed(job, shown),
                 files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files],
-                view=result_view(job.id, upscale=upscale and job.parameters.get("kind") != "upscale"),
+                view=result_view(
+                    job.id, upscale=upscale and job.parameters.get("kind") != "upscale"
+                ),
                 allowed_mentions=discord.AllowedMentions(users=True),
                 # Discord drops a second message with the same nonce sent shortly after.
                 nonce=f"cvjob{job.id}",
@@ -360,7 +386,8 @@ class DiscordJobObserver:
         link = self._results.pop(job.id, None)
         if job.message_id is not None and job.channel_id is not None:
             await self.relay.finish(
-                job.channel_id, job.message_id,
+                job.channel_id,
+                job.message_id,
                 lambda: self._render_final(job.id, f"Finished: {link}" if link else None),
             )
         self._forget(job.id)
@@ -386,8 +413,11 @@ class DiscordJobObserver:
                 if message.author.id != self.bot.user.id:  # type: ignore[union-attr]
                     continue
                 for embed in message.embeds:
-                    if embed.footer.text and (embed.footer.text + " ").startswith(marker) \
-                            and message.attachments:
+                    if (
+                        embed.footer.text
+                        and (embed.footer.text + " ").startswith(marker)
+                        and message.attachments
+                    ):
                         return message
         except discord.HTTPException as exc:
             log.warning("could not read channel history to check delivery: %s", exc)

@@ -26,8 +26,14 @@ class KeepAliveButton(ui.DynamicItem[ui.Button[Any]], template=r"cv:keepalive:(?
     """Resets a server's idle timer; persistent, so it works after a restart."""
 
     def __init__(self, server_id: int) -> None:
-        super().__init__(ui.Button(label="Keep alive", style=discord.ButtonStyle.primary,
-                                   emoji="⏰", custom_id=f"cv:keepalive:{server_id}"))
+        super().__init__(
+            ui.Button(
+                label="Keep alive",
+                style=discord.ButtonStyle.primary,
+                emoji="⏰",
+                custom_id=f"cv:keepalive:{server_id}",
+            )
+        )
         self.server_id = server_id
 
     @classmethod
@@ -39,18 +45,20 @@ class KeepAliveButton(ui.DynamicItem[ui.Button[Any]], template=r"cv:keepalive:(?
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
         if not is_admin_member(interaction, bot.services.settings):
-            await send_ephemeral(interaction, "Only admins can keep a server running: it costs money.")
+            await send_ephemeral(
+                interaction, "Only admins can keep a server running: it costs money."
+            )
             return
         try:
-            server = await bot.services.server_ops.keep_alive(actor_of(interaction),
-                                                              self.server_id)
+            server = await bot.services.server_ops.keep_alive(actor_of(interaction), self.server_id)
         except ComfyVastError as exc:
             await send_ephemeral(interaction, str(exc))
             return
         await interaction.response.edit_message(
             content=f"Server **{server.name}** will stay up: its idle timer was reset by "
-                    f"{interaction.user.mention}.",
-            view=None, allowed_mentions=discord.AllowedMentions.none(),
+            f"{interaction.user.mention}.",
+            view=None,
+            allowed_mentions=discord.AllowedMentions.none(),
         )
 
 
@@ -62,10 +70,11 @@ class DiscordServerEvents:
         view = ui.View(timeout=None)
         view.add_item(KeepAliveButton(server.id))
         channel = self.bot.get_partial_messageable(channel_id)
+        action = self.bot.services.settings.costs.idle_action
+        verb = "destroyed" if action == "destroy" else "stopped"
         try:
             await channel.send(
-                f"Server **{server.name}** has been idle and will be "
-                f"{'destroyed' if self.bot.services.settings.costs.idle_action == 'destroy' else 'stopped'}"
+                f"Server **{server.name}** has been idle and will be {verb}"
                 f" in about {minutes_left} minute(s) to save money.",
                 view=view,
             )
@@ -81,8 +90,9 @@ class DiscordServerEvents:
             log.warning("could not post a server notice: %s", exc)
 
 
-async def server_loop(bot: ComfyVastBot, *, sync_every: float = 60.0,
-                      autostop_every: float = 30.0) -> None:
+async def server_loop(
+    bot: ComfyVastBot, *, sync_every: float = 60.0, autostop_every: float = 30.0
+) -> None:
     """Reconcile with the provider at start and every minute; check idle servers often."""
     ops = bot.services.server_ops
     await ops.register_key()

@@ -13,15 +13,27 @@ from bot.bot import ComfyVastBot
 from bot.checks import actor_of
 from bot.jobs import STATUS_WORDS, launch_jobs, status_embed
 from bot.rendering import BRAND_COLOUR, timestamp, truncate
-from core.generation import GenerationRequest, InputImage
 from core.errors import ValidationFailed
+from core.generation import GenerationRequest, InputImage
 
 SAMPLERS = Literal[
-    "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m",
-    "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "ddim", "uni_pc", "lcm",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_sde",
+    "dpmpp_3m_sde",
+    "ddim",
+    "uni_pc",
+    "lcm",
 ]
-SCHEDULERS = Literal["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform",
-                     "beta"]
+SCHEDULERS = Literal[
+    "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"
+]
 MAX_CHOICES = 25
 
 
@@ -39,10 +51,25 @@ class Generation(commands.Cog):
         self.bot = bot
 
     async def _run_generate(
-        self, interaction: discord.Interaction, *, prompt: str, negative: str | None,
-        model: str | None, width: int, height: int, steps: int, cfg: float, seed: int | None,
-        sampler: str, scheduler: str, batch: int, lora: str | None, lora_strength: float,
-        image: discord.Attachment | None, denoise: float, workflow: str | None,
+        self,
+        interaction: discord.Interaction,
+        *,
+        prompt: str,
+        negative: str | None,
+        model: str | None,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        seed: int | None,
+        sampler: str,
+        scheduler: str,
+        batch: int,
+        lora: str | None,
+        lora_strength: float,
+        image: discord.Attachment | None,
+        denoise: float,
+        workflow: str | None,
         server: str | None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -52,10 +79,24 @@ class Generation(commands.Cog):
                 raise ValidationFailed("The input image is larger than 20 MB.")
             input_image = InputImage(image.filename, await image.read())
         request = GenerationRequest(
-            actor=actor_of(interaction), prompt=prompt, negative=negative or "", model=model,
-            width=width, height=height, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
-            scheduler=scheduler, batch=batch, lora=lora, lora_strength=lora_strength,
-            image=input_image, denoise=denoise, workflow=workflow, server=server,
+            actor=actor_of(interaction),
+            prompt=prompt,
+            negative=negative or "",
+            model=model,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg,
+            seed=seed,
+            sampler=sampler,
+            scheduler=scheduler,
+            batch=batch,
+            lora=lora,
+            lora_strength=lora_strength,
+            image=input_image,
+            denoise=denoise,
+            workflow=workflow,
+            server=server,
         )
         await launch_jobs(self.bot, interaction, [request])
 
@@ -101,17 +142,37 @@ class Generation(commands.Cog):
         server: str | None = None,
     ) -> None:
         await self._run_generate(
-            interaction, prompt=prompt, negative=negative, model=model, width=width,
-            height=height, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
-            scheduler=scheduler, batch=batch, lora=lora, lora_strength=lora_strength,
-            image=image, denoise=denoise, workflow=workflow, server=server,
+            interaction,
+            prompt=prompt,
+            negative=negative,
+            model=model,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg,
+            seed=seed,
+            sampler=sampler,
+            scheduler=scheduler,
+            batch=batch,
+            lora=lora,
+            lora_strength=lora_strength,
+            image=image,
+            denoise=denoise,
+            workflow=workflow,
+            server=server,
         )
 
-    @app_commands.command(name="imagine", description="Generate images from a prompt (alias of /generate).")
+    @app_commands.command(
+        name="imagine", description="Generate images from a prompt (alias of /generate)."
+    )
     @app_commands.describe(
-        prompt="What to draw.", negative="What to avoid.", model="Checkpoint model.",
-        width="Width in pixels, a multiple of 8.", height="Height in pixels, a multiple of 8.",
-        seed="Seed (random if empty).", batch="How many images at once.",
+        prompt="What to draw.",
+        negative="What to avoid.",
+        model="Checkpoint model.",
+        width="Width in pixels, a multiple of 8.",
+        height="Height in pixels, a multiple of 8.",
+        seed="Seed (random if empty).",
+        batch="How many images at once.",
         server="Run on this server.",
     )
     async def imagine(
@@ -127,10 +188,24 @@ class Generation(commands.Cog):
         server: str | None = None,
     ) -> None:
         await self._run_generate(
-            interaction, prompt=prompt, negative=negative, model=model, width=width,
-            height=height, steps=25, cfg=7.0, seed=seed, sampler="euler", scheduler="normal",
-            batch=batch, lora=None, lora_strength=1.0, image=None, denoise=0.75,
-            workflow=None, server=server,
+            interaction,
+            prompt=prompt,
+            negative=negative,
+            model=model,
+            width=width,
+            height=height,
+            steps=25,
+            cfg=7.0,
+            seed=seed,
+            sampler="euler",
+            scheduler="normal",
+            batch=batch,
+            lora=None,
+            lora_strength=1.0,
+            image=None,
+            denoise=0.75,
+            workflow=None,
+            server=server,
         )
 
     @generate.autocomplete("model")

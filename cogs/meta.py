@@ -42,9 +42,7 @@ class Meta(commands.Cog):
             name="Queue",
             value=f"{stats.jobs_waiting} waiting, {stats.jobs_running} running",
         )
-        embed.add_field(
-            name="Uptime", value=human_duration(time.monotonic() - self.bot.started_at)
-        )
+        embed.add_field(name="Uptime", value=human_duration(time.monotonic() - self.bot.started_at))
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="help", description="List the commands you can use.")

@@ -259,15 +259,13 @@ class Models(commands.GroupCog, group_name="models",
         view = await self.bot.services.servers.get(server)
         question = (f"Delete `{folder}/{filename}` from **{view.name}**? "
                     "This cannot be undone.")
+        # The prompt itself tells a "no" (or no answer in time) apart; nothing to add then.
         if not await confirm(interaction, question, confirm_label="Delete", danger=True,
                              timeout=CONFIRM_TIMEOUT):
-            await interaction.edit_original_response(
-                content=f"Nothing was deleted: `{folder}/{filename}` stays on **{view.name}**.",
-                view=None)
             return
         removed = await self.service.delete(actor_of(interaction), view.name, folder, filename)
-        await interaction.edit_original_response(
-            content=f"Deleted `{removed}` from **{view.name}**.", view=None)
+        await interaction.followup.send(f"Deleted `{removed}` from **{view.name}**.",
+                                        ephemeral=True)
 
     # -- autocomplete
 

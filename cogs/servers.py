@@ -13,15 +13,14 @@ from discord.ext import commands
 
 from bot.bot import ComfyVastBot
 from bot.checks import AdminCog, actor_of
-from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from bot.confirm import confirm
+from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.comfy.errors import ComfyError
 from core.errors import ComfyVastError, ValidationFailed
 from core.server_service import RentPlan
-from core.vast import Offer, OfferQuery
 from core.servers import validate_comfy_url, validate_name, validate_ssh_target
 from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
-
+from core.vast import Offer, OfferQuery
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,14 @@ def offer_line(index: int, offer: Offer) -> str:
 
 def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
     o = plan.offer
-    embed = discord.Embed(title=f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?",
-                          colour=discord.Colour.orange())
+    embed = discord.Embed(
+        title=f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?", colour=discord.Colour.orange()
+    )
     embed.add_field(name="GPU", value=f"{o.num_gpus}× {o.gpu_name}")
     embed.add_field(name="VRAM", value=f"{o.gpu_ram_mb // 1024} GB per GPU")
-    embed.add_field(name="Price", value=f"${o.price_per_hour:.3f}/h "
-                                        f"(≈ ${o.price_per_hour * 24:.2f}/day)")
+    embed.add_field(
+        name="Price", value=f"${o.price_per_hour:.3f}/h (≈ ${o.price_per_hour * 24:.2f}/day)"
+    )
     budget = f" of ${plan.budget:.2f}" if plan.budget is not None else ""
     embed.add_field(name="This month", value=f"${plan.month_spend:.2f} spent{budget}")
     embed.add_field(name="Where", value=o.location or "?")
@@ -64,14 +65,15 @@ def default_name(gpu: str, taken: list[str]) -> str:
 class OffersView(discord.ui.View):
     """Rent buttons under /server offers; only the admin who searched may press them."""
 
-    def __init__(self, cog: Servers, owner_id: int, query: OfferQuery,
-                 offers: list[Offer]) -> None:
+    def __init__(self, cog: Servers, owner_id: int, query: OfferQuery, offers: list[Offer]) -> None:
         super().__init__(timeout=300)
         self.cog, self.owner_id, self.query = cog, owner_id, query
         for index, offer in enumerate(offers[:5], start=1):
             button: discord.ui.Button[OffersView] = discord.ui.Button(
-                label=f"Rent {index}", style=discord.ButtonStyle.primary,
-                custom_id=f"cv:offer:{offer.id}:{index}")
+                label=f"Rent {index}",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"cv:offer:{offer.id}:{index}",
+            )
             button.callback = self._make_callback(offer.id)  # type: ignore[method-assign]
             self.add_item(button)
 
@@ -79,10 +81,13 @@ class OffersView(discord.ui.View):
         async def callback(interaction: discord.Interaction) -> None:
             if interaction.user.id != self.owner_id:
                 await interaction.response.send_message(
-                    "Only the admin who searched can rent from this list.", ephemeral=True)
+                    "Only the admin who searched can rent from this list.", ephemeral=True
+                )
                 return
-            await self.cog.rent_flow(interaction, self.query, offer_id=offer_id, name=None,
-                                     disk=None, image=None)
+            await self.cog.rent_flow(
+                interaction, self.query, offer_id=offer_id, name=None, disk=None, image=None
+            )
+
         return callback
 
 
@@ -96,17 +101,27 @@ async def server_autocomplete(
 
 @app_commands.default_permissions(manage_guild=True)
 @app_commands.guild_only()
-class Servers(AdminCog, commands.GroupCog, group_name="server",
-              group_description="Manage the team's GPU servers."):
+class Servers(
+    AdminCog,
+    commands.GroupCog,
+    group_name="server",
+    group_description="Manage the team's GPU servers.",
+):
     def __init__(self, bot: ComfyVastBot) -> None:
         self.bot = bot
         super().__init__()
 
-    @app_commands.command(name="add-direct", description="Register a ComfyUI that is already running.")
-    @app_commands.describe(name="A short name (letters, digits, dashes).",
-                           url="ComfyUI's address, e.g. http://10.0.0.5:8188")
+    @app_commands.command(
+        name="add-direct", description="Register a ComfyUI that is already running."
+    )
+    @app_commands.describe(
+        name="A short name (letters, digits, dashes).",
+        url="ComfyUI's address, e.g. http://10.0.0.5:8188",
+    )
     async def add_direct(
-        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 32],
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, 32],
         url: app_commands.Range[str, 8, 500],
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -126,13 +141,19 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
         )
 
     @app_commands.command(name="add-ssh", description="Register a GPU host the team owns (SSH).")
-    @app_commands.describe(name="A short name (letters, digits, dashes).",
-                           host="Hostname or IP address.", port="SSH port.",
-                           user="SSH user (needs the bot's public key in authorized_keys).",
-                           comfy_port="ComfyUI's port on that host.")
+    @app_commands.describe(
+        name="A short name (letters, digits, dashes).",
+        host="Hostname or IP address.",
+        port="SSH port.",
+        user="SSH user (needs the bot's public key in authorized_keys).",
+        comfy_port="ComfyUI's port on that host.",
+    )
     async def add_ssh(
-        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 32],
-        host: app_commands.Range[str, 1, 253], port: app_commands.Range[int, 1, 65535] = 22,
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, 32],
+        host: app_commands.Range[str, 1, 253],
+        port: app_commands.Range[int, 1, 65535] = 22,
         user: app_commands.Range[str, 1, 32] = "root",
         comfy_port: app_commands.Range[int, 1, 65535] = 8188,
     ) -> None:
@@ -165,43 +186,63 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
 
     @app_commands.command(name="offers", description="Search Vast.ai GPU offers.")
     @app_commands.describe(
-        gpu="GPU model, e.g. RTX 4090.", num_gpus="GPUs per machine.",
-        max_price="Highest $/h.", min_reliability="Lowest reliability (0-1).",
-        region="Region.", sort="Order of the results.",
+        gpu="GPU model, e.g. RTX 4090.",
+        num_gpus="GPUs per machine.",
+        max_price="Highest $/h.",
+        min_reliability="Lowest reliability (0-1).",
+        region="Region.",
+        sort="Order of the results.",
     )
     async def offers(
-        self, interaction: discord.Interaction, gpu: str | None = None,
+        self,
+        interaction: discord.Interaction,
+        gpu: str | None = None,
         num_gpus: app_commands.Range[int, 1, 8] = 1,
         max_price: app_commands.Range[float, 0.01, 100.0] | None = None,
         min_reliability: app_commands.Range[float, 0.0, 1.0] | None = None,
-        region: REGIONS | None = None, sort: SORTS = "price",
+        region: REGIONS | None = None,
+        sort: SORTS = "price",
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        query = OfferQuery(gpu_name=gpu, num_gpus=num_gpus, max_price_per_hour=max_price,
-                           min_reliability=min_reliability, region=region, sort=sort, limit=10)
+        query = OfferQuery(
+            gpu_name=gpu,
+            num_gpus=num_gpus,
+            max_price_per_hour=max_price,
+            min_reliability=min_reliability,
+            region=region,
+            sort=sort,
+            limit=10,
+        )
         found = await self.bot.services.server_ops.offers(query)
         if not found:
-            await interaction.followup.send("No offer matches; relax the filters.",
-                                            ephemeral=True)
+            await interaction.followup.send("No offer matches; relax the filters.", ephemeral=True)
             return
         embed = discord.Embed(
             title="Vast.ai offers",
             description="\n".join(offer_line(i, o) for i, o in enumerate(found[:10], start=1)),
-            colour=BRAND_COLOUR)
-        embed.set_footer(text="Rent one with the buttons (a confirmation follows), "
-                              "or /server create offer_id:<id>.")
+            colour=BRAND_COLOUR,
+        )
+        embed.set_footer(
+            text="Rent one with the buttons (a confirmation follows), "
+            "or /server create offer_id:<id>."
+        )
         await interaction.followup.send(
-            embed=embed, view=OffersView(self, interaction.user.id, query, found), ephemeral=True)
+            embed=embed, view=OffersView(self, interaction.user.id, query, found), ephemeral=True
+        )
 
     @app_commands.command(name="create", description="Rent a GPU server on Vast.ai.")
     @app_commands.describe(
         gpu="Rent the cheapest offer with this GPU (or give offer_id).",
-        offer_id="Rent this exact offer (from /server offers).", name="A short name.",
-        disk="Disk in GB.", image="Docker image (default from config).",
+        offer_id="Rent this exact offer (from /server offers).",
+        name="A short name.",
+        disk="Disk in GB.",
+        image="Docker image (default from config).",
         max_price="Highest $/h when picking by GPU.",
     )
     async def create(
-        self, interaction: discord.Interaction, gpu: str | None = None,
+        self,
+        interaction: discord.Interaction,
+        gpu: str | None = None,
         offer_id: app_commands.Range[int, 1] | None = None,
         name: app_commands.Range[str, 1, 32] | None = None,
         disk: app_commands.Range[int, 10, 2000] | None = None,
@@ -210,14 +251,20 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
     ) -> None:
         if not gpu and offer_id is None:
             raise ValidationFailed("Give a GPU (e.g. RTX 4090) or an offer id.")
-        query = OfferQuery(gpu_name=gpu, max_price_per_hour=max_price,
-                           min_disk_gb=disk, limit=20)
-        await self.rent_flow(interaction, query, offer_id=offer_id, name=name, disk=disk,
-                             image=image)
+        query = OfferQuery(gpu_name=gpu, max_price_per_hour=max_price, min_disk_gb=disk, limit=20)
+        await self.rent_flow(
+            interaction, query, offer_id=offer_id, name=name, disk=disk, image=image
+        )
 
     async def rent_flow(
-        self, interaction: discord.Interaction, query: OfferQuery, *, offer_id: int | None,
-        name: str | None, disk: int | None, image: str | None,
+        self,
+        interaction: discord.Interaction,
+        query: OfferQuery,
+        *,
+        offer_id: int | None,
+        name: str | None,
+        disk: int | None,
+        image: str | None,
     ) -> None:
         """Plan, confirm (GPU, VRAM, $/h, the month's spend), then rent in the background
         with the progress in a bot-owned channel message."""
@@ -235,27 +282,36 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
         status = await channel.send(  # type: ignore[union-attr]
             f"⏳ Renting **{name}** ({plan.offer.num_gpus}× {plan.offer.gpu_name}, "
             f"${plan.offer.price_per_hour:.3f}/h) for {interaction.user.mention}…",
-            allowed_mentions=discord.AllowedMentions.none())
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
         await interaction.followup.send(f"Renting: {status.jump_url}", ephemeral=True)
         actor = actor_of(interaction)
-        self.bot.spawn(self._rent(actor, plan, name, disk, image, status),
-                       name=f"rent-{name}")
+        self.bot.spawn(self._rent(actor, plan, name, disk, image, status), name=f"rent-{name}")
 
-    async def _rent(self, actor, plan: RentPlan, name: str, disk: int | None,  # type: ignore[no-untyped-def]
-                    image: str | None, status: discord.Message) -> None:
+    async def _rent(
+        self,
+        actor,
+        plan: RentPlan,
+        name: str,
+        disk: int | None,  # type: ignore[no-untyped-def]
+        image: str | None,
+        status: discord.Message,
+    ) -> None:
         lines: list[str] = [status.content]
 
         async def progress(text: str) -> None:
             lines.append(f"• {text}")
             content = "\n".join(lines[-12:])
-            self.bot.relay.update(status.channel.id, status.id,
-                                  lambda: _content(content))
+            self.bot.relay.update(status.channel.id, status.id, lambda: _content(content))
 
         try:
             server = await self.bot.services.server_ops.rent(
-                actor, plan, name, image=image, disk_gb=disk, progress=progress)
-            lines.append(f"✅ **{server.name}** is running ({server.gpu}, "
-                         f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run.")
+                actor, plan, name, image=image, disk_gb=disk, progress=progress
+            )
+            lines.append(
+                f"✅ **{server.name}** is running ({server.gpu}, "
+                f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run."
+            )
         except ComfyVastError as exc:
             lines.append(f"❌ {exc}")
         except Exception:
@@ -270,10 +326,12 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
     async def start(self, interaction: discord.Interaction, server: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
-        await self.bot.services.server_ops.check_budget(view.price_per_hour,
-                                                        "Starting this server")
-        if not await confirm(interaction, f"Start **{view.name}** at "
-                             f"${view.price_per_hour:.3f}/h?", confirm_label="Start it"):
+        await self.bot.services.server_ops.check_budget(view.price_per_hour, "Starting this server")
+        if not await confirm(
+            interaction,
+            f"Start **{view.name}** at ${view.price_per_hour:.3f}/h?",
+            confirm_label="Start it",
+        ):
             await interaction.followup.send("Not started.", ephemeral=True)
             return
         channel = interaction.channel
@@ -299,7 +357,9 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
         view = await self.bot.services.server_ops.stop(actor_of(interaction), server)
         await interaction.followup.send(
             f"Stopped **{view.name}**. A stopped Vast.ai instance still bills its disk; "
-            "/server destroy ends that.", ephemeral=True)
+            "/server destroy ends that.",
+            ephemeral=True,
+        )
 
     @app_commands.command(name="destroy", description="Destroy a server (asks first).")
     @app_commands.describe(server="The server.")
@@ -307,25 +367,34 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
     async def destroy(self, interaction: discord.Interaction, server: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
-        what = ("This destroys the rented instance and everything on its disk."
-                if view.provider == "vast" else "The bot forgets this server; the host stays.")
-        if not await confirm(interaction, f"Destroy **{view.name}**? {what}",
-                             confirm_label="Destroy", danger=True):
+        what = (
+            "This destroys the rented instance and everything on its disk."
+            if view.provider == "vast"
+            else "The bot forgets this server; the host stays."
+        )
+        if not await confirm(
+            interaction, f"Destroy **{view.name}**? {what}", confirm_label="Destroy", danger=True
+        ):
             await interaction.followup.send("Nothing was destroyed.", ephemeral=True)
             return
         done = await self.bot.services.server_ops.destroy(actor_of(interaction), view.name)
-        await interaction.followup.send(f"Destroyed **{view.name}** (kept in the records as "
-                                        f"{done.name}).", ephemeral=True)
+        await interaction.followup.send(
+            f"Destroyed **{view.name}** (kept in the records as {done.name}).", ephemeral=True
+        )
 
     @app_commands.command(name="autostop", description="Stop a server after N idle minutes.")
     @app_commands.describe(server="The server.", minutes="Idle minutes before it stops; 0 = never.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def autostop(self, interaction: discord.Interaction, server: str,
-                       minutes: app_commands.Range[int, 0, 10080]) -> None:
-        view = await self.bot.services.server_ops.set_autostop(actor_of(interaction), server,
-                                                               minutes)
-        text = ("never stops by itself" if minutes == 0
-                else f"stops after {minutes} idle minutes")
+    async def autostop(
+        self,
+        interaction: discord.Interaction,
+        server: str,
+        minutes: app_commands.Range[int, 0, 10080],
+    ) -> None:
+        view = await self.bot.services.server_ops.set_autostop(
+            actor_of(interaction), server, minutes
+        )
+        text = "never stops by itself" if minutes == 0 else f"stops after {minutes} idle minutes"
         await interaction.response.send_message(f"**{view.name}** {text}.", ephemeral=True)
 
     @app_commands.command(name="list", description="All servers with state, GPU, price and queue.")
@@ -334,7 +403,9 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
         if not servers:
             await interaction.response.send_message(
                 "No servers yet: add one with /server add-direct, /server add-ssh or "
-                "/server create.", ephemeral=True)
+                "/server create.",
+                ephemeral=True,
+            )
             return
         jobs = await self.bot.services.servers.active_jobs()
         ops = self.bot.services.server_ops
@@ -344,7 +415,8 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
             uptime = ""
             if s.running_since and s.status == "running":
                 uptime = " · up " + human_duration(
-                    (discord.utils.utcnow() - s.running_since).total_seconds())
+                    (discord.utils.utcnow() - s.running_since).total_seconds()
+                )
             price = f" · ${s.price_per_hour:.3f}/h" if s.price_per_hour else ""
             spent = await ops.server_spend(s.id) if s.provider == "vast" else 0.0
             spend = f" · ${spent:.2f} spent" if spent else ""
@@ -352,11 +424,14 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
                 f"**{s.name}** ({s.provider}) · {s.status} · {s.gpu or 'GPU ?'}{price}{uptime}"
                 f"{spend} · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
             )
-        embed = discord.Embed(title="Servers", description=truncate("\n".join(lines), 4000),
-                              colour=BRAND_COLOUR)
+        embed = discord.Embed(
+            title="Servers", description=truncate("\n".join(lines), 4000), colour=BRAND_COLOUR
+        )
         budget = self.bot.services.settings.costs.monthly_budget
-        embed.set_footer(text=f"This month: ${month:.2f}"
-                              + (f" of a ${budget:.2f} budget" if budget is not None else ""))
+        embed.set_footer(
+            text=f"This month: ${month:.2f}"
+            + (f" of a ${budget:.2f} budget" if budget is not None else "")
+        )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="status", description="Live state of one server.")
@@ -374,14 +449,20 @@ class Servers(AdminCog, commands.GroupCog, group_name="server",
             conn = await self.bot.services.comfy.get(view)
             stats = await conn.client.system_stats()
             queue = await conn.client.get_queue()
-            devices = ", ".join(
-                f"{d.name} ({d.vram_free // 2**20} / {d.vram_total // 2**20} MiB free)"
-                for d in stats.devices) or "none reported"
-            embed.add_field(name="ComfyUI", value=f"{stats.comfyui_version}, answering",
-                            inline=False)
+            devices = (
+                ", ".join(
+                    f"{d.name} ({d.vram_free // 2**20} / {d.vram_total // 2**20} MiB free)"
+                    for d in stats.devices
+                )
+                or "none reported"
+            )
+            embed.add_field(
+                name="ComfyUI", value=f"{stats.comfyui_version}, answering", inline=False
+            )
             embed.add_field(name="Devices", value=truncate(devices, 1000), inline=False)
-            embed.add_field(name="Queue",
-                            value=f"{len(queue.running)} running, {len(queue.pending)} waiting")
+            embed.add_field(
+                name="Queue", value=f"{len(queue.running)} running, {len(queue.pending)} waiting"
+            )
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
             embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)

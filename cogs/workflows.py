@@ -14,8 +14,12 @@ from core.errors import ValidationFailed
 
 @app_commands.default_permissions(manage_guild=True)
 @app_commands.guild_only()
-class Workflows(AdminCog, commands.GroupCog, group_name="workflow",
-                group_description="Custom ComfyUI workflows."):
+class Workflows(
+    AdminCog,
+    commands.GroupCog,
+    group_name="workflow",
+    group_description="Custom ComfyUI workflows.",
+):
     def __init__(self, bot: ComfyVastBot) -> None:
         self.bot = bot
         super().__init__()
@@ -28,8 +32,11 @@ class Workflows(AdminCog, commands.GroupCog, group_name="workflow",
         server="Check the workflow against this server (default: any running one).",
     )
     async def add(
-        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 32],
-        file: discord.Attachment, params: app_commands.Range[str, 0, 1000] | None = None,
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, 32],
+        file: discord.Attachment,
+        params: app_commands.Range[str, 0, 1000] | None = None,
         server: str | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -53,8 +60,9 @@ class Workflows(AdminCog, commands.GroupCog, group_name="workflow",
             await interaction.response.send_message("No custom workflows yet.", ephemeral=True)
             return
         lines = [f"**{w.name}** · {w.nodes} nodes · {', '.join(sorted(w.params))}" for w in items]
-        embed = discord.Embed(title="Workflows", description=truncate("\n".join(lines), 4000),
-                              colour=BRAND_COLOUR)
+        embed = discord.Embed(
+            title="Workflows", description=truncate("\n".join(lines), 4000), colour=BRAND_COLOUR
+        )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="remove", description="Remove a custom workflow.")

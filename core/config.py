@@ -197,9 +197,7 @@ def resolve_config_path(cli_path: str | os.PathLike[str] | None = None) -> Path:
     return Path(env_path) if env_path else DEFAULT_CONFIG_PATH
 
 
-def load_settings(
-    config_path: str | os.PathLike[str] | None = None, **overrides: Any
-) -> Settings:
+def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Build the settings, or raise ConfigError with one sentence naming the bad key."""
     path = resolve_config_path(config_path)
     if config_path is not None and not path.exists():

@@ -31,7 +31,7 @@ import asyncssh
 from core.db.models import Provider
 from core.remote import Remote
 from core.servers import ServerRegistry, ServerView
-from core.setup import SetupService
+from core.setup import SetupService, posix_sh
 from core.ssh import HostKeyMismatch, SSHAuthError, SSHError, SSHTarget, SSHTimeout
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,9 @@ if [ -f "$dir/comfyui_version.py" ]; then
 fi
 if [ -f "$state/checkout" ]; then echo "checkout=$(head -n 1 "$state/checkout")"; fi
 for name in supervisor comfyui; do
-  if pid=$(cat "$state/$name.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
+  # kill -0 also succeeds for a zombie; /proc tells them apart.
+  if pid=$(cat "$state/$name.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null \
+      && ! grep -qs '^[0-9]* (.*) Z' "/proc/$pid/stat"; then
     echo "$name=$pid"
   fi
 done
@@ -238,7 +240,7 @@ class Diagnostics:
         user = target.username
         try:
             result = await self._remote.pool.run(
-                target, probe_script(params), timeout=PROBE_TIMEOUT, check=False)
+                target, posix_sh(probe_script(params)), timeout=PROBE_TIMEOUT, check=False)
         except HostKeyMismatch as exc:
             return Check(SSH_LOGIN, False, str(exc),
                          "If the server was reinstalled on purpose, remove it and add it "
@@ -395,8 +397,9 @@ def _gpu_from_stats(stats: Mapping[str, Any]) -> Check:
         for d in gpus
     ]
     if all(d.get("type") == "cpu" for d in gpus):
-        return Check(GPU, False, "ComfyUI runs on the CPU",
-                     "Install the NVIDIA driver or use a CUDA image, then /setup reset and run.")
+        return Check(GPU, False, "ComfyUI runs on the CPU (" + "; ".join(parts) + ")",
+                     "ComfyUI sees no GPU: check the NVIDIA driver and that PyTorch was "
+                     "installed with CUDA.")
     return Check(GPU, True, "; ".join(parts) + " (from ComfyUI)")
 
 

@@ -41,4 +41,3 @@ class EndpointResolver:
                 f"Server '{server.name}' is reached over SSH, which is not available."
             )
         return await self._tunnels.url_for(server)
-

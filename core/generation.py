@@ -26,9 +26,9 @@ from core.comfy.client import ComfyClient, OutputImage
 from core.comfy.errors import ComfyError, ComfyUnreachable, ComfyValidationError
 from core.comfy.events import (
     Disconnected,
+    Executing,
     ExecutionCached,
     ExecutionStart,
-    Executing,
     PreviewEvent,
     Progress,
     PromptDone,
@@ -252,19 +252,34 @@ class GenerationService:
                     )
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         params: dict[str, Any] = {
-            "kind": req.kind, "model": model, "width": req.width, "height": req.height,
-            "steps": req.steps, "cfg": req.cfg, "seed": seed, "sampler": req.sampler,
-            "scheduler": req.scheduler, "batch": req.batch, "lora": req.lora,
-            "lora_strength": req.lora_strength, "denoise": req.denoise if req.image else 1.0,
-            "workflow": req.workflow, "explicit_server": req.server is not None,
-            "upscale_model": req.upscale_model, "parent_id": req.parent_id,
+            "kind": req.kind,
+            "model": model,
+            "width": req.width,
+            "height": req.height,
+            "steps": req.steps,
+            "cfg": req.cfg,
+            "seed": seed,
+            "sampler": req.sampler,
+            "scheduler": req.scheduler,
+            "batch": req.batch,
+            "lora": req.lora,
+            "lora_strength": req.lora_strength,
+            "denoise": req.denoise if req.image else 1.0,
+            "workflow": req.workflow,
+            "explicit_server": req.server is not None,
+            "upscale_model": req.upscale_model,
+            "parent_id": req.parent_id,
         }
         async with self._sessions.begin() as session:
             row = ComfyGeneration(
-                server_id=server.id, workflow_id=workflow_row.id if workflow_row else None,
-                user_id=req.actor.user_id or 0, guild_id=req.actor.guild_id,
-                channel_id=req.actor.channel_id, prompt=req.prompt,
-                negative_prompt=req.negative or None, parameters=params,
+                server_id=server.id,
+                workflow_id=workflow_row.id if workflow_row else None,
+                user_id=req.actor.user_id or 0,
+                guild_id=req.actor.guild_id,
+                channel_id=req.actor.channel_id,
+                prompt=req.prompt,
+                negative_prompt=req.negative or None,
+                parameters=params,
                 status=GenerationStatus.PENDING.value,
                 # Our own prompt id, known before queueing: a restart can find the prompt.
                 comfy_prompt_id=str(uuid.uuid4()),
@@ -293,7 +308,8 @@ class GenerationService:
                 f"The negative prompt is longer than {limits.max_prompt_length} characters."
             )
         for label, value, maximum in (
-            ("Width", req.width, limits.max_width), ("Height", req.height, limits.max_height)
+            ("Width", req.width, limits.max_width),
+            ("Height", req.height, limits.max_height),
         ):
             if value % 8 or not limits.min_size <= value <= maximum:
                 raise ValidationFailed(
@@ -329,12 +345,14 @@ class GenerationService:
         since = self._clock() - dt.timedelta(minutes=1)
         async with self._sessions() as session:
             recent = await session.scalar(
-                select(func.count()).select_from(ComfyGeneration)
+                select(func.count())
+                .select_from(ComfyGeneration)
                 .where(ComfyGeneration.user_id == actor.user_id)
                 .where(ComfyGeneration.created_at >= since)
             )
             active = await session.scalar(
-                select(func.count()).select_from(ComfyGeneration)
+                select(func.count())
+                .select_from(ComfyGeneration)
                 .where(ComfyGeneration.user_id == actor.user_id)
                 .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
             )
@@ -506,16 +524,28 @@ class GenerationService:
                 elapsed = time.monotonic() - live.first_step_at
                 eta = elapsed / live.step * (live.max_steps - live.step)
         return JobView(
-            id=row.id, user_id=row.user_id, guild_id=row.guild_id, channel_id=row.channel_id,
-            message_id=row.message_id, server_id=row.server_id, server_name=server_name,
-            status=row.status, prompt=row.prompt, negative=row.negative_prompt,
+            id=row.id,
+            user_id=row.user_id,
+            guild_id=row.guild_id,
+            channel_id=row.channel_id,
+            message_id=row.message_id,
+            server_id=row.server_id,
+            server_name=server_name,
+            status=row.status,
+            prompt=row.prompt,
+            negative=row.negative_prompt,
             parameters=dict(row.parameters or {}),
             queue_position=live.queue_position if live else row.queue_position,
             current_node=live.current_node if live else row.current_node,
-            step=live.step if live else None, max_steps=live.max_steps if live else None,
-            progress=progress, eta_seconds=eta, error=row.error_message,
-            notice=live.notice if live else None, created_at=row.created_at,
-            started_at=row.started_at, completed_at=row.completed_at,
+            step=live.step if live else None,
+            max_steps=live.max_steps if live else None,
+            progress=progress,
+            eta_seconds=eta,
+            error=row.error_message,
+            notice=live.notice if live else None,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            completed_at=row.completed_at,
             image_count=len(row.image_urls or []),
         )
 
@@ -531,17 +561,27 @@ class GenerationService:
         """A new request with a finished job's settings (re-roll, variations)."""
         p = job.parameters
         req = GenerationRequest(
-            actor=actor, prompt=job.prompt, negative=job.negative or "", model=p.get("model"),
-            width=p.get("width", 1024), height=p.get("height", 1024), steps=p.get("steps", 25),
-            cfg=p.get("cfg", 7.0), sampler=p.get("sampler", "euler"),
-            scheduler=p.get("scheduler", "normal"), batch=p.get("batch", 1),
-            lora=p.get("lora"), lora_strength=p.get("lora_strength", 1.0),
-            workflow=p.get("workflow"), parent_id=job.id,
+            actor=actor,
+            prompt=job.prompt,
+            negative=job.negative or "",
+            model=p.get("model"),
+            width=p.get("width", 1024),
+            height=p.get("height", 1024),
+            steps=p.get("steps", 25),
+            cfg=p.get("cfg", 7.0),
+            sampler=p.get("sampler", "euler"),
+            scheduler=p.get("scheduler", "normal"),
+            batch=p.get("batch", 1),
+            lora=p.get("lora"),
+            lora_strength=p.get("lora_strength", 1.0),
+            workflow=p.get("workflow"),
+            parent_id=job.id,
         )
         input_path = p.get("input_path")
         if input_path and Path(input_path).exists():
             req = replace(
-                req, image=InputImage(Path(input_path).name, Path(input_path).read_bytes()),
+                req,
+                image=InputImage(Path(input_path).name, Path(input_path).read_bytes()),
                 denoise=p.get("denoise", 0.75),
             )
         return replace(req, **changes)
@@ -556,8 +596,12 @@ class GenerationService:
             refs = list(row.image_urls or []) if row else []
         conn = await self._pool.get(await self._registry.get(job.server_id))
         return [
-            ImageFile(ref["filename"], await conn.client.view(
-                ref["filename"], ref.get("subfolder", ""), ref.get("type", "output")))
+            ImageFile(
+                ref["filename"],
+                await conn.client.view(
+                    ref["filename"], ref.get("subfolder", ""), ref.get("type", "output")
+                ),
+            )
             for ref in refs
         ]
 
@@ -581,7 +625,9 @@ class GenerationService:
         """Cancel a job: dequeue it if waiting, interrupt exactly it if running."""
         job = await self.get(job_id)
         if actor.user_id != job.user_id and not actor.is_admin:
-            raise PermissionDenied("Only the person who started this job or an admin can cancel it.")
+            raise PermissionDenied(
+                "Only the person who started this job or an admin can cancel it."
+            )
         if job.finished:
             raise ValidationFailed(f"Generation #{job_id} already ended ({job.status}).")
         live = self._live.setdefault(job_id, _Live())
@@ -664,8 +710,7 @@ class GenerationService:
                     ) from None
                 moved = True
                 target = (
-                    server if failure.retry_here
-                    else await self._failover_target(job_id, server)
+                    server if failure.retry_here else await self._failover_target(job_id, server)
                 )
                 if target is None:
                     raise GenerationFailed(
@@ -694,8 +739,11 @@ class GenerationService:
         if p.get("explicit_server"):
             return None
         req = GenerationRequest(
-            actor=Actor(job.user_id), prompt=job.prompt, model=p.get("model"),
-            workflow=p.get("workflow"), kind=p.get("kind", "generate"),
+            actor=Actor(job.user_id),
+            prompt=job.prompt,
+            model=p.get("model"),
+            workflow=p.get("workflow"),
+            kind=p.get("kind", "generate"),
         )
         try:
             return await self._choose_server(req, exclude={failed.id})
@@ -758,8 +806,13 @@ class GenerationService:
             row.queue_position = position
             row.attempts = max(row.attempts, 1)
         self._live[job_id].queue_position = position
-        log.info("generation %s queued on server %s as %s (#%s)", job_id, conn.server_id,
-                 prompt_id, queued.number)
+        log.info(
+            "generation %s queued on server %s as %s (#%s)",
+            job_id,
+            conn.server_id,
+            prompt_id,
+            queued.number,
+        )
         await self._publish(job_id)
 
     async def _queue_snapshot(self, conn: ComfyConnection, *, fresh: bool = False) -> Any:
@@ -851,10 +904,12 @@ class GenerationService:
         uploaded: str | None = None
         if p.get("input_path"):
             path = Path(p["input_path"])
-            if not path.exists():
-                raise GenerationFailed("The input image of this job is gone.")
             try:
-                result = await client.upload_image(path.read_bytes(), f"comfyvast-{path.name}")
+                data = await asyncio.to_thread(path.read_bytes)
+            except OSError:
+                raise GenerationFailed("The input image of this job is gone.") from None
+            try:
+                result = await client.upload_image(data, f"comfyvast-{path.name}")
             except ComfyUnreachable as exc:
                 raise ServerFailure(str(exc)) from None
             uploaded = result.load_image_value
@@ -866,11 +921,18 @@ class GenerationService:
             values: dict[str, Any] = {}
             mapping = custom.param_map or {}
             for key, value in (
-                ("prompt", prompt), ("negative", negative), ("seed", p.get("seed")),
-                ("steps", p.get("steps")), ("cfg", p.get("cfg")), ("width", p.get("width")),
-                ("height", p.get("height")), ("model", p.get("model")),
-                ("sampler", p.get("sampler")), ("scheduler", p.get("scheduler")),
-                ("batch", p.get("batch")), ("image", uploaded),
+                ("prompt", prompt),
+                ("negative", negative),
+                ("seed", p.get("seed")),
+                ("steps", p.get("steps")),
+                ("cfg", p.get("cfg")),
+                ("width", p.get("width")),
+                ("height", p.get("height")),
+                ("model", p.get("model")),
+                ("sampler", p.get("sampler")),
+                ("scheduler", p.get("scheduler")),
+                ("batch", p.get("batch")),
+                ("image", uploaded),
             ):
                 if key in mapping and value is not None:
                     values[key] = value
@@ -879,10 +941,20 @@ class GenerationService:
             )
         loras = (LoraSpec(p["lora"], float(p.get("lora_strength", 1.0))),) if p.get("lora") else ()
         params = GenerationParams(
-            prompt=prompt, negative=negative, model=p["model"], width=p["width"],
-            height=p["height"], steps=p["steps"], cfg=p["cfg"], seed=p["seed"],
-            sampler=p["sampler"], scheduler=p["scheduler"], batch=p["batch"], loras=loras,
-            init_image=uploaded, denoise=float(p.get("denoise", 1.0)),
+            prompt=prompt,
+            negative=negative,
+            model=p["model"],
+            width=p["width"],
+            height=p["height"],
+            steps=p["steps"],
+            cfg=p["cfg"],
+            seed=p["seed"],
+            sampler=p["sampler"],
+            scheduler=p["scheduler"],
+            batch=p["batch"],
+            loras=loras,
+            init_image=uploaded,
+            denoise=float(p.get("denoise", 1.0)),
             filename_prefix=f"comfyvast/job-{job_id}",
         )
         return build_workflow(params)
@@ -900,8 +972,7 @@ class GenerationService:
             row.status = GenerationStatus.UPLOADING.value
             row.progress = 1.0
             row.image_urls = [
-                {"filename": o.filename, "subfolder": o.subfolder, "type": o.type}
-                for o in images
+                {"filename": o.filename, "subfolder": o.subfolder, "type": o.type} for o in images
             ]
         files = [
             ImageFile(o.filename.rsplit("/", 1)[-1], await conn.client.view_image(o))

@@ -69,7 +69,9 @@ async def _no_progress(_: str) -> None:
 class ServerEvents(Protocol):
     """Implemented by the Discord side: tell a channel about a server."""
 
-    async def idle_warning(self, server: ServerView, channel_id: int, minutes_left: int) -> None: ...
+    async def idle_warning(
+        self, server: ServerView, channel_id: int, minutes_left: int
+    ) -> None: ...
 
     async def notice(self, channel_id: int, text: str) -> None: ...
 
@@ -105,10 +107,10 @@ def watchdog_script(vast_base_url: str, orphan_minutes: int) -> str:
     return (
         f"touch {hb}; (while sleep 60; do "
         f"age=$(( $(date +%s) - $(stat -c %Y {hb} 2>/dev/null || date +%s) )); "
-        f"if [ \"$age\" -gt {limit} ]; then "
-        f"curl -fsS -m 30 -X PUT -H \"Authorization: Bearer $CONTAINER_API_KEY\" "
+        f'if [ "$age" -gt {limit} ]; then '
+        f'curl -fsS -m 30 -X PUT -H "Authorization: Bearer $CONTAINER_API_KEY" '
         f"-H 'Content-Type: application/json' -d '{{\"state\":\"stopped\"}}' "
-        f"{url}\"$CONTAINER_ID/\" && touch {hb}; fi; done) >/dev/null 2>&1 &"
+        f'{url}"$CONTAINER_ID/" && touch {hb}; fi; done) >/dev/null 2>&1 &'
     )
 
 
@@ -117,8 +119,7 @@ def onstart_script(public_key: str, vast_base_url: str, orphan_minutes: int) -> 
     return (
         "touch ~/.no_auto_tmux; env >> /etc/environment; mkdir -p ~/.ssh; "
         f"echo {shlex.quote(public_key.strip())} >> ~/.ssh/authorized_keys; "
-        "chmod 600 ~/.ssh/authorized_keys; "
-        + watchdog_script(vast_base_url, orphan_minutes)
+        "chmod 600 ~/.ssh/authorized_keys; " + watchdog_script(vast_base_url, orphan_minutes)
     )
 
 
@@ -257,8 +258,9 @@ class ServerService:
             current.ended_at = now
         rate = self._rate(server, state)
         if state != "destroyed":
-            session.add(ServerBilling(server_id=server.id, state=state, price_per_hour=rate,
-                                      started_at=now))
+            session.add(
+                ServerBilling(server_id=server.id, state=state, price_per_hour=rate, started_at=now)
+            )
 
     def _rate(self, server: Server, state: str) -> float:
         """$/h in a state: the full price while loading/running; a stopped Vast instance
@@ -280,8 +282,11 @@ class ServerService:
         if offer_id is not None:
             match = [o for o in offers if o.id == offer_id]
             if not match:
-                match = [o for o in await self.vast.search_offers(OfferQuery(limit=200))
-                         if o.id == offer_id]
+                match = [
+                    o
+                    for o in await self.vast.search_offers(OfferQuery(limit=200))
+                    if o.id == offer_id
+                ]
             if not match:
                 raise NotFound(f"Offer {offer_id} is not available (any more).")
             offer = match[0]
@@ -293,8 +298,14 @@ class ServerService:
         return RentPlan(offer, query, spent, self._settings.costs.monthly_budget)
 
     async def rent(
-        self, actor: Actor, plan: RentPlan, name: str, *, image: str | None = None,
-        disk_gb: int | None = None, progress: Progress = _no_progress,
+        self,
+        actor: Actor,
+        plan: RentPlan,
+        name: str,
+        *,
+        image: str | None = None,
+        disk_gb: int | None = None,
+        progress: Progress = _no_progress,
     ) -> ServerView:
         name = validate_name(name)
         await self._registry.ensure_name_free(name)
@@ -303,13 +314,21 @@ class ServerService:
         label = f"{LABEL_PREFIX}:{name}:{secrets.token_hex(4)}"
         async with self._sessions.begin() as session:
             row = Server(
-                provider=Provider.VAST.value, name=name, request_label=label,
-                status=ServerStatus.CREATING.value, gpu=plan.offer.gpu_name,
-                gpu_count=plan.offer.num_gpus, gpu_ram_mb=plan.offer.gpu_ram_mb,
-                cpu_cores=plan.offer.cpu_cores, price_per_hour=plan.offer.price_per_hour,
-                location=plan.offer.location, disk=float(disk_gb or self._settings.vast.default_disk_gb),
-                comfy_port=self._settings.comfy.default_port, ssh_user="root",
-                created_by=actor.user_id, last_channel_id=actor.channel_id,
+                provider=Provider.VAST.value,
+                name=name,
+                request_label=label,
+                status=ServerStatus.CREATING.value,
+                gpu=plan.offer.gpu_name,
+                gpu_count=plan.offer.num_gpus,
+                gpu_ram_mb=plan.offer.gpu_ram_mb,
+                cpu_cores=plan.offer.cpu_cores,
+                price_per_hour=plan.offer.price_per_hour,
+                location=plan.offer.location,
+                disk=float(disk_gb or self._settings.vast.default_disk_gb),
+                comfy_port=self._settings.comfy.default_port,
+                ssh_user="root",
+                created_by=actor.user_id,
+                last_channel_id=actor.channel_id,
             )
             session.add(row)
             await session.flush()
@@ -320,20 +339,37 @@ class ServerService:
             )
         except ComfyVastError as exc:
             await self._set(server_id, status=ServerStatus.ERROR, message=str(exc))
-            await self._audit.record(actor, "server create", outcome=OUTCOME_ERROR,
-                                     resource=name, details={"error": str(exc)})
+            await self._audit.record(
+                actor,
+                "server create",
+                outcome=OUTCOME_ERROR,
+                resource=name,
+                details={"error": str(exc)},
+            )
             raise
         async with self._sessions.begin() as session:
             row = await session.get(Server, server_id)
             assert row is not None
             row.provider_id = str(instance_id)
             row.status = ServerStatus.LOADING.value
-            row.gpu, row.gpu_count, row.price_per_hour = offer.gpu_name, offer.num_gpus, offer.price_per_hour
+            row.gpu, row.gpu_count, row.price_per_hour = (
+                offer.gpu_name,
+                offer.num_gpus,
+                offer.price_per_hour,
+            )
             row.gpu_ram_mb, row.location = offer.gpu_ram_mb, offer.location
             await self._open_interval(session, row, "loading")
-        await self._audit.record(actor, "server create", outcome=OUTCOME_OK, resource=name,
-                                 details={"offer": offer.id, "instance": instance_id,
-                                          "price_per_hour": offer.price_per_hour})
+        await self._audit.record(
+            actor,
+            "server create",
+            outcome=OUTCOME_OK,
+            resource=name,
+            details={
+                "offer": offer.id,
+                "instance": instance_id,
+                "price_per_hour": offer.price_per_hour,
+            },
+        )
         if self._public_key is not None:
             try:
                 await vast.attach_ssh_key(instance_id, self._public_key())
@@ -343,7 +379,11 @@ class ServerService:
         return await self.wait_running(server_id, progress=progress)
 
     async def _create_with_fallback(
-        self, plan: RentPlan, label: str, image: str | None, disk_gb: int | None,
+        self,
+        plan: RentPlan,
+        label: str,
+        image: str | None,
+        disk_gb: int | None,
         progress: Progress,
     ) -> tuple[int, Offer]:
         tried: set[int] = set()
@@ -382,8 +422,9 @@ class ServerService:
             except VastError as exc:
                 if not (exc.may_have_succeeded or transient(exc)):
                     raise
-                log.warning("create on offer %s failed (%s); checking label %s", offer.id,
-                            exc.status, label)
+                log.warning(
+                    "create on offer %s failed (%s); checking label %s", offer.id, exc.status, label
+                )
                 found = await self._find_by_label(label)
                 if found is not None:
                     log.info("the create had succeeded: instance %s", found.id)
@@ -409,16 +450,24 @@ class ServerService:
         public_key = self._public_key() if self._public_key else None
         onstart = (
             onstart_script(public_key, s.vast.base_url, s.costs.orphan_timeout)
-            if public_key else watchdog_script(s.vast.base_url, s.costs.orphan_timeout)
+            if public_key
+            else watchdog_script(s.vast.base_url, s.costs.orphan_timeout)
         )
         ports = [s.comfy.default_port] if s.comfy.expose_port else []
         return CreateRequest(
-            image=image or s.vast.default_image, disk_gb=float(disk_gb or s.vast.default_disk_gb),
-            onstart=onstart, label=label, env={"COMFY_PORT": str(s.comfy.default_port)},
-            ssh=True, expose_ports=tuple(ports), runtype="ssh_direc ssh_proxy",
+            image=image or s.vast.default_image,
+            disk_gb=float(disk_gb or s.vast.default_disk_gb),
+            onstart=onstart,
+            label=label,
+            env={"COMFY_PORT": str(s.comfy.default_port)},
+            ssh=True,
+            expose_ports=tuple(ports),
+            runtype="ssh_direc ssh_proxy",
         )
 
-    async def wait_running(self, server_id: int, *, progress: Progress = _no_progress) -> ServerView:
+    async def wait_running(
+        self, server_id: int, *, progress: Progress = _no_progress
+    ) -> ServerView:
         """Poll the instance until it runs, then record where to reach it."""
         async with self._sessions() as session:
             row = await session.get(Server, server_id)
@@ -429,17 +478,24 @@ class ServerService:
         while True:
             try:
                 instance = await self._retry(
-                    "show instance", lambda: self.vast.show_instance(instance_id))
+                    "show instance", lambda: self.vast.show_instance(instance_id)
+                )
             except VastNotFound:
-                await self._set(server_id, status=ServerStatus.DESTROYED,
-                                message="The instance vanished while starting.")
+                await self._set(
+                    server_id,
+                    status=ServerStatus.DESTROYED,
+                    message="The instance vanished while starting.",
+                )
                 raise ValidationFailed("The instance vanished while it was starting.") from None
             if instance.is_running and instance.ssh_endpoint:
                 break
             if instance.is_failed:
                 await self._destroy_instance(instance_id)
-                await self._set(server_id, status=ServerStatus.ERROR,
-                                message=f"The instance failed to start ({instance.status_msg}).")
+                await self._set(
+                    server_id,
+                    status=ServerStatus.ERROR,
+                    message=f"The instance failed to start ({instance.status_msg}).",
+                )
                 raise ValidationFailed(
                     f"The instance failed to start ({instance.actual_status}); it was destroyed "
                     "so it does not bill."
@@ -450,8 +506,11 @@ class ServerService:
                 last_state = state
             if asyncio.get_running_loop().time() > deadline:
                 await self._destroy_instance(instance_id)
-                await self._set(server_id, status=ServerStatus.ERROR,
-                                message="The instance did not start in time.")
+                await self._set(
+                    server_id,
+                    status=ServerStatus.ERROR,
+                    message="The instance did not start in time.",
+                )
                 raise ValidationFailed(
                     f"The instance did not start within {self.boot_timeout / 60:.0f} minutes; "
                     "it was destroyed so it does not bill."
@@ -483,7 +542,9 @@ class ServerService:
                 row.last_used_at = self.clock()
             await self._open_interval(session, row, "running")
 
-    async def _set(self, server_id: int, *, status: ServerStatus, message: str | None = None) -> None:
+    async def _set(
+        self, server_id: int, *, status: ServerStatus, message: str | None = None
+    ) -> None:
         async with self._sessions.begin() as session:
             row = await session.get(Server, server_id)
             if row is None:
@@ -495,9 +556,12 @@ class ServerService:
             # Billing follows the instance: booting bills like loading; while stopping or
             # destroying, the previous interval simply runs on until the final state.
             state = {
-                ServerStatus.RUNNING: "running", ServerStatus.LOADING: "loading",
-                ServerStatus.STARTING: "loading", ServerStatus.STOPPED: "stopped",
-                ServerStatus.DESTROYED: "destroyed", ServerStatus.ERROR: "destroyed",
+                ServerStatus.RUNNING: "running",
+                ServerStatus.LOADING: "loading",
+                ServerStatus.STARTING: "loading",
+                ServerStatus.STOPPED: "stopped",
+                ServerStatus.DESTROYED: "destroyed",
+                ServerStatus.ERROR: "destroyed",
             }.get(status)
             if state is not None:
                 await self._open_interval(session, row, state)
@@ -510,7 +574,9 @@ class ServerService:
 
     # ------------------------------------------------------------------ life cycle
 
-    async def start(self, actor: Actor, name: str, *, progress: Progress = _no_progress) -> ServerView:
+    async def start(
+        self, actor: Actor, name: str, *, progress: Progress = _no_progress
+    ) -> ServerView:
         server = await self._registry.get(name)
         self._require_vast(server, "start")
         async with self._lock(f"server:{server.id}"):
@@ -522,8 +588,9 @@ class ServerService:
             await self._set(server.id, status=ServerStatus.STARTING)
             instance_id = int(server.provider_id or 0)
             await self._retry("start", lambda: self.vast.start_instance(instance_id))
-            await self._audit.record(actor, "server start", outcome=OUTCOME_OK,
-                                     resource=server.name)
+            await self._audit.record(
+                actor, "server start", outcome=OUTCOME_OK, resource=server.name
+            )
             return await self.wait_running(server.id, progress=progress)
 
     async def stop(self, actor: Actor, name: str, *, reason: str = "stopped") -> ServerView:
@@ -536,8 +603,13 @@ class ServerService:
             instance_id = int(server.provider_id or 0)
             await self._retry("stop", lambda: self.vast.stop_instance(instance_id))
             await self._set(server.id, status=ServerStatus.STOPPED, message=reason)
-        await self._audit.record(actor, "server stop", outcome=OUTCOME_OK, resource=server.name,
-                                 details={"reason": reason})
+        await self._audit.record(
+            actor,
+            "server stop",
+            outcome=OUTCOME_OK,
+            resource=server.name,
+            details={"reason": reason},
+        )
         return await self._registry.get(server.id)
 
     async def destroy(self, actor: Actor, name: str, *, reason: str = "destroyed") -> ServerView:
@@ -555,8 +627,13 @@ class ServerService:
                 row = await session.get(Server, server.id)
                 assert row is not None
                 row.name = f"{row.name[:20]}~{row.id}"
-        await self._audit.record(actor, "server destroy", outcome=OUTCOME_OK,
-                                 resource=server.name, details={"reason": reason})
+        await self._audit.record(
+            actor,
+            "server destroy",
+            outcome=OUTCOME_OK,
+            resource=server.name,
+            details={"reason": reason},
+        )
         return await self._registry.get(server.id)
 
     async def set_autostop(self, actor: Actor, name: str, minutes: int) -> ServerView:
@@ -567,16 +644,19 @@ class ServerService:
             row = await session.get(Server, server.id)
             assert row is not None
             row.idle_timeout = minutes
-        await self._audit.record(actor, "server autostop", outcome=OUTCOME_OK,
-                                 resource=server.name, details={"minutes": minutes})
+        await self._audit.record(
+            actor,
+            "server autostop",
+            outcome=OUTCOME_OK,
+            resource=server.name,
+            details={"minutes": minutes},
+        )
         return await self._registry.get(server.id)
 
     def _require_vast(self, server: ServerView, what: str) -> None:
         if server.provider != Provider.VAST.value:
             kind = "a ComfyUI URL" if server.provider == Provider.DIRECT.value else "your own host"
-            raise ValidationFailed(
-                f"Server '{server.name}' is {kind}; the bot cannot {what} it."
-            )
+            raise ValidationFailed(f"Server '{server.name}' is {kind}; the bot cannot {what} it.")
         if server.status == ServerStatus.DESTROYED.value:
             raise ValidationFailed(f"Server '{server.name}' was destroyed.")
 
@@ -606,8 +686,11 @@ class ServerService:
                 await session.scalars(
                     select(Server)
                     .where(Server.provider == Provider.VAST.value)
-                    .where(Server.status.not_in([ServerStatus.DESTROYED.value,
-                                                 ServerStatus.CREATING.value]))
+                    .where(
+                        Server.status.not_in(
+                            [ServerStatus.DESTROYED.value, ServerStatus.CREATING.value]
+                        )
+                    )
                     .where(Server.provider_id.is_not(None))
                 )
             ).all()
@@ -622,16 +705,29 @@ class ServerService:
             instance = instances.get(instance_id)
             if instance is None:
                 log.warning("instance %s of server %s vanished", instance_id, server_id)
-                await self._set(server_id, status=ServerStatus.DESTROYED,
-                                message="The instance no longer exists on Vast.ai.")
+                await self._set(
+                    server_id,
+                    status=ServerStatus.DESTROYED,
+                    message="The instance no longer exists on Vast.ai.",
+                )
                 continue
             if instance.is_running and status != ServerStatus.RUNNING.value:
                 if status not in (ServerStatus.STOPPING.value,):
                     await self._apply_instance(server_id, instance)
-            elif instance.actual_status in ("stopped", "exited") and status == ServerStatus.RUNNING.value:
-                await self._set(server_id, status=ServerStatus.STOPPED,
-                                message="Stopped outside the bot (or outbid).")
-            elif instance.is_running and instance.dph_total and abs(instance.dph_total - price) > 1e-6:
+            elif (
+                instance.actual_status in ("stopped", "exited")
+                and status == ServerStatus.RUNNING.value
+            ):
+                await self._set(
+                    server_id,
+                    status=ServerStatus.STOPPED,
+                    message="Stopped outside the bot (or outbid).",
+                )
+            elif (
+                instance.is_running
+                and instance.dph_total
+                and abs(instance.dph_total - price) > 1e-6
+            ):
                 async with self._sessions.begin() as session:
                     row = await session.get(Server, server_id)
                     assert row is not None
@@ -646,23 +742,39 @@ class ServerService:
     async def _busy(self, server_id: int) -> bool:
         """Setup, downloads and queued or running jobs count as activity, never idle."""
         async with self._sessions() as session:
-            jobs = (await session.scalars(
-                select(ComfyGeneration.id).where(ComfyGeneration.server_id == server_id)
-                .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES)).limit(1))).first()
-            setup = (await session.scalars(
-                select(ServerExecution.id).where(ServerExecution.server_id == server_id)
-                .where(ServerExecution.status.in_(["pending", "running"])).limit(1))).first()
-            downloads = (await session.scalars(
-                select(ModelDownload.id).where(ModelDownload.server_id == server_id)
-                .where(ModelDownload.status.in_(["pending", "running"])).limit(1))).first()
+            jobs = (
+                await session.scalars(
+                    select(ComfyGeneration.id)
+                    .where(ComfyGeneration.server_id == server_id)
+                    .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
+                    .limit(1)
+                )
+            ).first()
+            setup = (
+                await session.scalars(
+                    select(ServerExecution.id)
+                    .where(ServerExecution.server_id == server_id)
+                    .where(ServerExecution.status.in_(["pending", "running"]))
+                    .limit(1)
+                )
+            ).first()
+            downloads = (
+                await session.scalars(
+                    select(ModelDownload.id)
+                    .where(ModelDownload.server_id == server_id)
+                    .where(ModelDownload.status.in_(["pending", "running"]))
+                    .limit(1)
+                )
+            ).first()
         return any(x is not None for x in (jobs, setup, downloads))
 
     async def keep_alive(self, actor: Actor, server_id: int) -> ServerView:
         await self._registry.touch(server_id)
         self._warned.pop(server_id, None)
         server = await self._registry.get(server_id)
-        await self._audit.record(actor, "server keep-alive", outcome=OUTCOME_OK,
-                                 resource=server.name)
+        await self._audit.record(
+            actor, "server keep-alive", outcome=OUTCOME_OK, resource=server.name
+        )
         return server
 
     async def autostop_tick(self) -> list[str]:
@@ -674,10 +786,15 @@ class ServerService:
         now = self.clock()
         acted: list[str] = []
         for server in await self._registry.list():
-            if server.provider != Provider.VAST.value or server.status != ServerStatus.RUNNING.value:
+            if (
+                server.provider != Provider.VAST.value
+                or server.status != ServerStatus.RUNNING.value
+            ):
                 continue
-            if costs.max_hours and server.running_since and (
-                now - server.running_since >= dt.timedelta(hours=costs.max_hours)
+            if (
+                costs.max_hours
+                and server.running_since
+                and (now - server.running_since >= dt.timedelta(hours=costs.max_hours))
             ):
                 await self._idle_action(server, f"reached the {costs.max_hours:g} h lifetime cap")
                 acted.append(server.name)

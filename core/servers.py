@@ -58,14 +58,28 @@ class ServerView:
     @classmethod
     def of(cls, row: Server) -> ServerView:
         return cls(
-            id=row.id, name=row.name, provider=row.provider, provider_id=row.provider_id,
-            status=row.status, status_message=row.status_message, gpu=row.gpu,
-            gpu_count=row.gpu_count, gpu_ram_mb=row.gpu_ram_mb,
-            price_per_hour=row.price_per_hour, location=row.location, ssh_host=row.ssh_host,
-            ssh_port=row.ssh_port, ssh_user=row.ssh_user, host_key=row.host_key,
-            comfy_url=row.comfy_url, comfy_port=row.comfy_port, idle_timeout=row.idle_timeout,
-            last_used_at=row.last_used_at, last_channel_id=row.last_channel_id,
-            running_since=row.running_since, created_at=row.created_at,
+            id=row.id,
+            name=row.name,
+            provider=row.provider,
+            provider_id=row.provider_id,
+            status=row.status,
+            status_message=row.status_message,
+            gpu=row.gpu,
+            gpu_count=row.gpu_count,
+            gpu_ram_mb=row.gpu_ram_mb,
+            price_per_hour=row.price_per_hour,
+            location=row.location,
+            ssh_host=row.ssh_host,
+            ssh_port=row.ssh_port,
+            ssh_user=row.ssh_user,
+            host_key=row.host_key,
+            comfy_url=row.comfy_url,
+            comfy_port=row.comfy_port,
+            idle_timeout=row.idle_timeout,
+            last_used_at=row.last_used_at,
+            last_channel_id=row.last_channel_id,
+            running_since=row.running_since,
+            created_at=row.created_at,
         )
 
 
@@ -83,7 +97,9 @@ def validate_comfy_url(url: str) -> str:
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed("The ComfyUI URL must start with http:// or https:// and name a host.")
+        raise ValidationFailed(
+            "The ComfyUI URL must start with http:// or https:// and name a host."
+        )
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValidationFailed("The ComfyUI URL must not carry credentials, a query or a fragment.")
     return url
@@ -166,20 +182,33 @@ class ServerRegistry:
         now = utcnow()
         async with self._sessions.begin() as session:
             row = Server(
-                provider=Provider.DIRECT.value, name=name, comfy_url=url,
-                status=ServerStatus.RUNNING.value, is_launched=True, running_since=now,
-                created_by=actor.user_id, last_used_at=now,
+                provider=Provider.DIRECT.value,
+                name=name,
+                comfy_url=url,
+                status=ServerStatus.RUNNING.value,
+                is_launched=True,
+                running_since=now,
+                created_by=actor.user_id,
+                last_used_at=now,
             )
             session.add(row)
             await session.flush()
             view = ServerView.of(row)
-        await self._audit.record(actor, "server add-direct", outcome=OUTCOME_OK, resource=name,
-                                 details={"url": url})
+        await self._audit.record(
+            actor, "server add-direct", outcome=OUTCOME_OK, resource=name, details={"url": url}
+        )
         return view
 
     async def add_ssh(
-        self, actor: Actor, name: str, host: str, port: int, user: str, host_key: str,
-        *, comfy_port: int,
+        self,
+        actor: Actor,
+        name: str,
+        host: str,
+        port: int,
+        user: str,
+        host_key: str,
+        *,
+        comfy_port: int,
     ) -> ServerView:
         """Register a host the team owns, with the host key pinned on first contact."""
         name = validate_name(name)
@@ -188,16 +217,29 @@ class ServerRegistry:
         now = utcnow()
         async with self._sessions.begin() as session:
             row = Server(
-                provider=Provider.SSH.value, name=name, ssh_host=host, ssh_port=port,
-                ssh_user=user, host_key=host_key, comfy_port=comfy_port,
-                status=ServerStatus.RUNNING.value, is_launched=True, running_since=now,
-                created_by=actor.user_id, last_used_at=now,
+                provider=Provider.SSH.value,
+                name=name,
+                ssh_host=host,
+                ssh_port=port,
+                ssh_user=user,
+                host_key=host_key,
+                comfy_port=comfy_port,
+                status=ServerStatus.RUNNING.value,
+                is_launched=True,
+                running_since=now,
+                created_by=actor.user_id,
+                last_used_at=now,
             )
             session.add(row)
             await session.flush()
             view = ServerView.of(row)
-        await self._audit.record(actor, "server add-ssh", outcome=OUTCOME_OK, resource=name,
-                                 details={"host": host, "port": port, "user": user})
+        await self._audit.record(
+            actor,
+            "server add-ssh",
+            outcome=OUTCOME_OK,
+            resource=name,
+            details={"host": host, "port": port, "user": user},
+        )
         return view
 
     async def touch(self, server_id: int, *, channel_id: int | None = None) -> None:
@@ -209,7 +251,9 @@ class ServerRegistry:
                 if channel_id is not None:
                     row.last_channel_id = channel_id
 
-    async def set_status(self, server_id: int, status: ServerStatus, message: str | None = None) -> None:
+    async def set_status(
+        self, server_id: int, status: ServerStatus, message: str | None = None
+    ) -> None:
         async with self._sessions.begin() as session:
             row = await session.get(Server, server_id)
             if row is None:

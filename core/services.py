@@ -64,8 +64,12 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     endpoints = EndpointResolver(settings)
     endpoints.attach_tunnels(remote)
     vast = (
-        VastClient(settings.vast.api_key, http, base_url=settings.vast.base_url,
-                   timeout=settings.vast.request_timeout)
+        VastClient(
+            settings.vast.api_key,
+            http,
+            base_url=settings.vast.base_url,
+            timeout=settings.vast.request_timeout,
+        )
         if settings.vast.api_key is not None
         else None
     )
@@ -73,9 +77,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         settings, sessions, servers, audit, vast, public_key=lambda: remote.key.public_openssh
     )
     server_ops.heartbeat = remote.heartbeat
-    comfy = ComfyPool(
-        http, endpoints.resolve, request_timeout=settings.comfy.request_timeout
-    )
+    comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
     return Services(
         settings=settings,
         engine=engine,

@@ -29,6 +29,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
+import secrets
 import shlex
 import time
 import tomllib
@@ -342,6 +343,37 @@ def _timeout(value: Any) -> float:
     if not 0 < seconds <= MAX_TIMEOUT:
         raise ValueError(f"timeouts must be between 0 and {MAX_TIMEOUT:g} seconds")
     return seconds
+
+
+def posix_sh(script: str) -> str:
+    """Run ``script`` with ``sh`` whatever the user's login shell is (zsh does not split
+    words, fish is not POSIX). ``exec`` keeps the pid the SSH layer reported, so a timed
+    out step is still killed with its whole process group."""
+    return "exec sh -c " + shlex.quote(script)
+
+
+def step_command(
+    profile: SetupProfile, step: SetupStep, values: Mapping[str, str], marker: str
+) -> str:
+    """The one remote command for a step: its check, then (unless the check passed) its
+    command with ``set -e``.
+
+    One SSH session per step instead of two halves the round trips. The check runs in its
+    own ``sh -e`` (``set -e`` is ignored inside an ``if`` condition), silenced and bounded
+    by ``timeout`` when the server has it; when it passes, ``marker`` is printed and
+    nothing else runs.
+    """
+    run = "set -e\n" + profile.render(step.run, values)
+    if step.check is None:
+        return posix_sh(run)
+    check = shlex.quote("set -e\n" + profile.render(step.check, values))
+    return posix_sh(
+        f"if command -v timeout >/dev/null 2>&1; then limit='timeout {CHECK_TIMEOUT:g}'; "
+        "else limit=; fi\n"
+        f"if $limit sh -c {check} </dev/null >/dev/null 2>&1; then\n"
+        f"  echo {shlex.quote(marker)}\n  exit 0\nfi\n"
+        f"unset limit\n{run}"
+    )
 
 
 # --------------------------------------------------------------------------- views
@@ -860,6 +892,9 @@ class SetupService:
         index = 0
         try:
             target = self._remote.target(run.server)
+            # Connect (and verify the pinned host key) before any step is marked started.
+            async with self._remote.pool.connection(target):
+                pass
             for index, step in enumerate(run.profile.steps, start=1):
                 await self._step(run, target, index, total, step)
             run.status = ExecutionStatus.SUCCEEDED.value
@@ -902,42 +937,52 @@ class SetupService:
     async def _step(
         self, run: _Run, target: SSHTarget, index: int, total: int, step: SetupStep
     ) -> None:
-        pool = self._remote.pool
         run.current_step, run.step_name = index, step.name
         label = f"[{index}/{total}] {step.name}"
         await self._persist(run, full=False)
         self.observer.on_update(run.execution_id)
-        if step.check is not None:
-            check = "set -e\n" + run.profile.render(step.check, run.params)
-            try:
-                result = await pool.run(target, check, timeout=min(CHECK_TIMEOUT, step.timeout),
-                                        check=False, env=run.profile.env)
-                done = result.exit_status == 0
-            except SSHTimeout:
-                done = False  # a hanging check proves nothing: do the step
-            if done:
-                run.outcomes.append(StepOutcome(index, step.name, "skipped"))
-                run.write(f"{_MARKER}{label}: skipped (already done)")
-                self.observer.on_update(run.execution_id)
-                return
-        run.write(f"{_MARKER}{label}: running (timeout {step.timeout:g} s)")
         run.tail.clear()
-        command = "set -e\n" + run.profile.render(step.run, run.params)
-        started = time.monotonic()
+        # A marker nobody's output can guess: the check passed and the command was skipped.
+        marker = f"comfyvast-step-already-done-{secrets.token_hex(8)}"
+        skipped = False
 
         def on_line(_stream: str, line: str) -> None:
+            nonlocal skipped
+            if line == marker:
+                skipped = True
+                return
+            if not started_logged:
+                start_log()
             run.output(line)
             self.observer.on_update(run.execution_id)
 
+        started_logged = False
+
+        def start_log() -> None:
+            nonlocal started_logged
+            started_logged = True
+            run.write(f"{_MARKER}{label}: running (timeout {step.timeout:g} s)")
+
+        started = time.monotonic()
         try:
-            await pool.run(target, command, timeout=step.timeout, on_line=on_line,
-                           env=run.profile.env)
+            await self._remote.pool.run(
+                target, step_command(run.profile, step, run.params, marker),
+                timeout=step.timeout, on_line=on_line, env=run.profile.env)
         except BaseException:
             seconds = time.monotonic() - started
+            if not started_logged:
+                start_log()
             run.outcomes.append(StepOutcome(index, step.name, "failed", round(seconds, 1)))
             run.write(f"{_MARKER}{label}: failed in {seconds:.1f} s")
             raise
         seconds = time.monotonic() - started
+        if skipped:
+            run.outcomes.append(StepOutcome(index, step.name, "skipped"))
+            run.write(f"{_MARKER}{label}: skipped (already done)")
+            self.observer.on_update(run.execution_id)
+            return
+        if not started_logged:
+            start_log()
         run.outcomes.append(StepOutcome(index, step.name, "done", round(seconds, 1)))
         run.write(f"{_MARKER}{label}: done in {seconds:.1f} s")
         await self._persist(run, full=True)
@@ -1023,7 +1068,7 @@ class SetupService:
         self._reserve(view)
         try:
             result = await self._remote.pool.run(
-                self._remote.target(view), "set -e\n" + prof.render(prof.reset, values),
+                self._remote.target(view), posix_sh("set -e\n" + prof.render(prof.reset, values)),
                 timeout=prof.reset_timeout, env=prof.env)
         except SSHError as exc:
             await self._audit.record(actor, "setup reset", outcome=OUTCOME_ERROR,

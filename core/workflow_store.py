@@ -26,8 +26,20 @@ from core.servers import ServerRegistry
 
 log = logging.getLogger(__name__)
 
-PARAM_NAMES = ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "model",
-               "sampler", "scheduler", "batch", "image")
+PARAM_NAMES = (
+    "prompt",
+    "negative",
+    "seed",
+    "steps",
+    "cfg",
+    "width",
+    "height",
+    "model",
+    "sampler",
+    "scheduler",
+    "batch",
+    "image",
+)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 SPEC_RE = re.compile(r"^\s*([a-z_]+)\s*=\s*([0-9A-Za-z_:-]+)\.([A-Za-z0-9_]+)\s*$")
 MAX_WORKFLOW_BYTES = 512 * 1024
@@ -53,9 +65,7 @@ def parse_param_spec(spec: str) -> ParamMap:
             )
         name, node, field = match.groups()
         if name not in PARAM_NAMES:
-            raise ValidationFailed(
-                f"Unknown parameter '{name}'; known: {', '.join(PARAM_NAMES)}."
-            )
+            raise ValidationFailed(f"Unknown parameter '{name}'; known: {', '.join(PARAM_NAMES)}.")
         out.setdefault(name, []).append((node, field))
     return out
 
@@ -73,14 +83,22 @@ def infer_param_map(workflow: dict[str, Any]) -> ParamMap:
         kind = node.get("class_type")
         inputs = node.get("inputs", {})
         if kind in ("KSampler", "KSamplerAdvanced"):
-            for field, name in (("seed", "seed"), ("noise_seed", "seed"), ("steps", "steps"),
-                                ("cfg", "cfg"), ("sampler_name", "sampler"),
-                                ("scheduler", "scheduler")):
+            for field, name in (
+                ("seed", "seed"),
+                ("noise_seed", "seed"),
+                ("steps", "steps"),
+                ("cfg", "cfg"),
+                ("sampler_name", "sampler"),
+                ("scheduler", "scheduler"),
+            ):
                 if field in inputs:
                     add(name, node_id, field)
             for field, name in (("positive", "prompt"), ("negative", "negative")):
                 link = inputs.get(field)
-                if is_link(link) and workflow.get(link[0], {}).get("class_type") == "CLIPTextEncode":
+                if (
+                    is_link(link)
+                    and workflow.get(link[0], {}).get("class_type") == "CLIPTextEncode"
+                ):
                     add(name, link[0], "text")
         elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             add("width", node_id, "width")
@@ -95,7 +113,10 @@ def infer_param_map(workflow: dict[str, Any]) -> ParamMap:
 
 class WorkflowStore:
     def __init__(
-        self, sessions: SessionFactory, audit: AuditService, registry: ServerRegistry,
+        self,
+        sessions: SessionFactory,
+        audit: AuditService,
+        registry: ServerRegistry,
         pool: ComfyPool,
     ) -> None:
         self._sessions = sessions
@@ -104,7 +125,12 @@ class WorkflowStore:
         self._pool = pool
 
     async def add(
-        self, actor: Actor, name: str, text: bytes, *, params: str | None = None,
+        self,
+        actor: Actor,
+        name: str,
+        text: bytes,
+        *,
+        params: str | None = None,
         server: str | None = None,
     ) -> WorkflowInfo:
         name = name.strip().lower()
@@ -131,15 +157,21 @@ class WorkflowStore:
             if exists is not None:
                 raise ValidationFailed(f"A workflow named '{name}' exists; remove it first.")
             row = ComfyWorkflow(
-                name=name, workflow=workflow,
+                name=name,
+                workflow=workflow,
                 param_map={k: [list(t) for t in v] for k, v in param_map.items()},
                 created_by=actor.user_id,
             )
             session.add(row)
             await session.flush()
             info = WorkflowInfo(row.id, name, len(workflow), dict(row.param_map), tuple(warnings))
-        await self._audit.record(actor, "workflow add", outcome=OUTCOME_OK, resource=name,
-                                 details={"params": sorted(param_map)})
+        await self._audit.record(
+            actor,
+            "workflow add",
+            outcome=OUTCOME_OK,
+            resource=name,
+            details={"params": sorted(param_map)},
+        )
         return info
 
     async def _validate_on_server(self, workflow: dict[str, Any], server: str | None) -> list[str]:
@@ -148,9 +180,11 @@ class WorkflowStore:
         Values that are simply not installed there (a checkpoint name) are warnings: the
         workflow may run on another server. Everything else refuses the workflow.
         """
-        candidates = [await self._registry.get(server)] if server else [
-            s for s in await self._registry.list() if s.is_ready
-        ]
+        candidates = (
+            [await self._registry.get(server)]
+            if server
+            else [s for s in await self._registry.list() if s.is_ready]
+        )
         for candidate in candidates:
             try:
                 conn = await self._pool.get(candidate)

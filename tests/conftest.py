@@ -23,8 +23,15 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("COMFYVAST_") and name != POSTGRES_ENV:
             monkeypatch.delenv(name)
-    for name in ("DISCORD_TOKEN", "VAST_AI_API_KEY", "VAST_AI_BASE_URL", "DATABASE_URL",
-                 "COMFY_DEFAULT_PORT", "COMFY_MODEL_CACHE_SIZE", "COMFY_MAX_GENERATIONS"):
+    for name in (
+        "DISCORD_TOKEN",
+        "VAST_AI_API_KEY",
+        "VAST_AI_BASE_URL",
+        "DATABASE_URL",
+        "COMFY_DEFAULT_PORT",
+        "COMFY_MODEL_CACHE_SIZE",
+        "COMFY_MAX_GENERATIONS",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("COMFYVAST_CONFIG", str(tmp_path / "absent-config.toml"))
 
@@ -92,11 +99,13 @@ class BotEnv:
     def channel_id(self) -> int:
         return int(self.fake.guild.channel_id)
 
-    async def slash(self, name: str, options: dict[str, Any] | None = None, *, user: Any = None,
-                    **kw: Any) -> Any:
+    async def slash(
+        self, name: str, options: dict[str, Any] | None = None, *, user: Any = None, **kw: Any
+    ) -> Any:
         """Run a slash command and wait until the bot has answered it."""
-        interaction = await self.fake.slash(name, options or {}, user=user or self.fake.member,
-                                            guild_id=self.fake.guild.id, **kw)
+        interaction = await self.fake.slash(
+            name, options or {}, user=user or self.fake.member, guild_id=self.fake.guild.id, **kw
+        )
         await interaction.wait_response()
         return interaction
 
@@ -165,14 +174,21 @@ async def ssh_host(request: pytest.FixtureRequest, env: BotEnv) -> AsyncIterator
     await server.close()
 
 
-async def register_ssh_server(env: BotEnv, server: Any, name: str = "box",
-                              comfy_port: int = 8188) -> Any:
+async def register_ssh_server(
+    env: BotEnv, server: Any, name: str = "box", comfy_port: int = 8188
+) -> Any:
     """Register an SSH host through /server add-ssh, as an admin would."""
     interaction = await env.slash(
         "server",
-        {"name": name, "host": server.host, "port": server.port, "user": server.username,
-         "comfy_port": comfy_port},
-        user=env.fake.admin, subcommand="add-ssh",
+        {
+            "name": name,
+            "host": server.host,
+            "port": server.port,
+            "user": server.username,
+            "comfy_port": comfy_port,
+        },
+        user=env.fake.admin,
+        subcommand="add-ssh",
     )
     message = await env.fake.wait_for(lambda: _answered(interaction))
     assert "Added server" in message.content, message.content
@@ -187,3 +203,34 @@ def _answered(interaction: Any) -> Any:
     if message is not None and not message.loading and (message.content or message.embeds):
         return message
     return None
+
+
+MODELS = {
+    "checkpoints": ["sd15.safetensors", "sdxl.safetensors"],
+    "loras": ["detail.safetensors"],
+    "upscale_models": ["4x-ultra.pth"],
+}
+
+
+@pytest.fixture
+async def comfy() -> AsyncIterator[Any]:
+    from tests.fakecomfy import FakeComfy
+
+    fake = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def add_server(env: BotEnv, name: str, url: str) -> None:
+    interaction = await env.slash(
+        "server", {"name": name, "url": url}, user=env.fake.admin, subcommand="add-direct"
+    )
+    text = (await env.fake.wait_for(lambda: _answered(interaction))).content
+    assert "Added server" in text, text
+
+
+@pytest.fixture
+async def studio(env: BotEnv, comfy: Any) -> BotEnv:
+    await add_server(env, "gpu-1", comfy.url)
+    return env

@@ -30,8 +30,9 @@ async def test_help_lists_every_command(env: BotEnv) -> None:
 
 
 async def test_non_admin_is_refused_and_audited(env: BotEnv) -> None:
-    interaction = await env.fake.slash("audit", {}, user=env.fake.member,
-                                       guild_id=env.fake.guild.id, force=True)
+    interaction = await env.fake.slash(
+        "audit", {}, user=env.fake.member, guild_id=env.fake.guild.id, force=True
+    )
     await interaction.wait_response()
     message = interaction.response_message()
     assert message.ephemeral
@@ -82,8 +83,7 @@ async def test_commands_sync_only_when_changed(fake_discord: Any, tmp_path: Path
 
 
 async def test_guild_scoped_sync_when_guild_ids_are_set(fake_discord: Any, tmp_path: Path) -> None:
-    settings = bot_settings(tmp_path, fake_discord,
-                            discord={"guild_ids": [fake_discord.guild.id]})
+    settings = bot_settings(tmp_path, fake_discord, discord={"guild_ids": [fake_discord.guild.id]})
     running = await start_bot(fake_discord, settings)
     try:
         assert "about" in fake_discord.commands[fake_discord.guild.id]

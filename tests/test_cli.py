@@ -16,10 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_without_token_exits_2_with_a_sentence(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COMFYVAST_CONFIG":
-           str(tmp_path / "none.toml"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "bot"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "COMFYVAST_CONFIG": str(tmp_path / "none.toml"),
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "No Discord bot token is set" in proc.stderr and "DISCORD_TOKEN" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -38,8 +48,9 @@ async def test_doctor_checks_each_system(tmp_path: Path, fake_discord: Any) -> N
     comfy = FakeComfy()
     await comfy.start()
     try:
-        settings = make_settings(tmp_path, discord={"token": fake_discord.token,
-                                                    "api_base_url": fake_discord.api_base})
+        settings = make_settings(
+            tmp_path, discord={"token": fake_discord.token, "api_base_url": fake_discord.api_base}
+        )
         services = await build_services(settings)
         from core.audit import Actor
 

@@ -31,7 +31,7 @@ def test_toml_sections_are_read(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         '[discord]\ntoken = "tok-from-file"\nguild_ids = [123]\n'
-        "[costs]\nmonthly_budget = 50.5\nidle_action = \"destroy\"\n",
+        '[costs]\nmonthly_budget = 50.5\nidle_action = "destroy"\n',
     )
     s = load_settings(path)
     assert s.discord.token is not None and s.discord.token.get_secret_value() == "tok-from-file"
@@ -106,4 +106,6 @@ def test_example_config_documents_and_parses_every_key() -> None:
             assert section_name in data, f"[{section_name}] missing from config.example.toml"
             text = example.read_text()
             for key in section:
-                assert f"{key} =" in text or f"# {key} =" in text, f"{section_name}.{key} undocumented"
+                assert f"{key} =" in text or f"# {key} =" in text, (
+                    f"{section_name}.{key} undocumented"
+                )

@@ -3,53 +3,30 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 from sqlalchemy import select
 
 from core.db.models import ComfyGeneration
-from tests.conftest import BotEnv, bot_settings, eventually, start_bot
+from tests.conftest import (
+    MODELS,
+    BotEnv,
+    _answered,
+    add_server,
+    bot_settings,
+    eventually,
+    start_bot,
+)
 from tests.fakecomfy import FakeComfy
 
-MODELS = {
-    "checkpoints": ["sd15.safetensors", "sdxl.safetensors"],
-    "loras": ["detail.safetensors"],
-    "upscale_models": ["4x-ultra.pth"],
-}
-
-
-@pytest.fixture
-async def comfy() -> AsyncIterator[FakeComfy]:
-    fake = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-def reply(interaction: Any) -> Any:
-    """The bot's latest answer to an interaction: a followup, or the edited original."""
-    followups = interaction.followups()
-    if followups:
-        return followups[-1]
-    message = interaction.response_message()
-    if message is not None and not message.loading and (message.content or message.embeds):
-        return message
-    return None
+# The bot's latest answer to an interaction: a followup, or the edited original.
+reply = _answered
 
 
 async def answer(env: BotEnv, interaction: Any) -> Any:
     return await env.fake.wait_for(lambda: reply(interaction))
-
-
-async def add_server(env: BotEnv, name: str, url: str) -> None:
-    interaction = await env.slash("server", {"name": name, "url": url}, user=env.fake.admin,
-                                  subcommand="add-direct")
-    text = (await answer(env, interaction)).content
-    assert "Added server" in text, text
 
 
 async def generate(env: BotEnv, options: dict[str, Any], *, user: Any = None) -> Any:
@@ -82,8 +59,11 @@ async def finished_row(env: BotEnv, job_id: int | None = None, timeout: float = 
 
 
 def result_messages(env: BotEnv) -> list[Any]:
-    return [m for m in env.fake.channel_messages(env.channel_id, include_ephemeral=False)
-            if m.attachments and m.content.startswith("<@")]
+    return [
+        m
+        for m in env.fake.channel_messages(env.channel_id, include_ephemeral=False)
+        if m.attachments and m.content.startswith("<@")
+    ]
 
 
 def status_message(env: BotEnv, job_id: int) -> Any:
@@ -95,16 +75,12 @@ def status_message(env: BotEnv, job_id: int) -> Any:
     raise AssertionError(f"no status message for job {job_id}")
 
 
-@pytest.fixture
-async def studio(env: BotEnv, comfy: FakeComfy) -> BotEnv:
-    await add_server(env, "gpu-1", comfy.url)
-    return env
-
-
 async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: FakeComfy) -> None:
     comfy.step_delay = 0.15
-    interaction = await generate(studio, {"prompt": "a lighthouse at dusk", "steps": 8,
-                                          "width": 512, "height": 512, "seed": 1234})
+    interaction = await generate(
+        studio,
+        {"prompt": "a lighthouse at dusk", "steps": 8, "width": 512, "height": 512, "seed": 1234},
+    )
     queued = reply(interaction)
     assert queued.ephemeral and "Queued #" in queued.content
     row = await finished_row(studio)
@@ -114,7 +90,9 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     titles = [e["embeds"][0]["title"] for e in status.edits if e.get("embeds")]
     assert any(t.startswith("Generating") for t in titles)
     progress_texts = " ".join(
-        f["value"] for e in status.edits for emb in e.get("embeds", [])
+        f["value"]
+        for e in status.edits
+        for emb in e.get("embeds", [])
         for f in emb.get("fields", [])
     )
     assert "/8" in progress_texts and "%" in progress_texts
@@ -131,7 +109,8 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     fields = {f["name"]: f["value"] for f in result.embeds[0]["fields"]}
     assert fields["Seed"] == "1234" and fields["Model"] == "sd15.safetensors"
     assert sorted(result.custom_ids()) == sorted(
-        [f"cv:reroll:{row.id}", f"cv:vary:{row.id}", f"cv:upscale:{row.id}"])
+        [f"cv:reroll:{row.id}", f"cv:vary:{row.id}", f"cv:upscale:{row.id}"]
+    )
     # What was queued is the built-in graph with the user's values.
     [workflow] = comfy.prompts.values()
     sampler = workflow["3"]["inputs"]
@@ -139,7 +118,9 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     assert workflow["6"]["inputs"]["text"] == "a lighthouse at dusk"
 
 
-async def test_edits_are_coalesced_to_about_one_per_second(studio: BotEnv, comfy: FakeComfy) -> None:
+async def test_edits_are_coalesced_to_about_one_per_second(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
     comfy.step_delay = 0.03  # ~33 progress events per second
     await generate(studio, {"prompt": "fast steps", "steps": 60})
     row = await finished_row(studio)
@@ -161,7 +142,9 @@ async def test_model_not_on_any_server_is_refused_privately(studio: BotEnv) -> N
     assert await job_row(studio) is None
 
 
-async def test_bad_size_is_refused_before_anything_happens(studio: BotEnv, comfy: FakeComfy) -> None:
+async def test_bad_size_is_refused_before_anything_happens(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
     interaction = await generate(studio, {"prompt": "x", "width": 500})
     assert "multiple of 8" in reply(interaction).content
     assert comfy.prompts == {}
@@ -188,7 +171,9 @@ async def test_execution_error_is_one_sentence(studio: BotEnv, comfy: FakeComfy)
     assert result_messages(studio) == []
 
 
-async def test_cancel_by_requester_but_not_by_someone_else(studio: BotEnv, comfy: FakeComfy) -> None:
+async def test_cancel_by_requester_but_not_by_someone_else(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
     comfy.pause_sampling()
     await generate(studio, {"prompt": "long one", "steps": 30})
     row = await job_row(studio)
@@ -221,7 +206,9 @@ async def test_reroll_queues_same_prompt_with_new_seed(studio: BotEnv, comfy: Fa
     assert len(result_messages(studio)) == 2
 
 
-async def test_websocket_dropped_mid_run_still_delivers_once(studio: BotEnv, comfy: FakeComfy) -> None:
+async def test_websocket_dropped_mid_run_still_delivers_once(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
     comfy.pause_sampling()
     await generate(studio, {"prompt": "resilient", "steps": 5})
     row = await job_row(studio)
@@ -233,10 +220,12 @@ async def test_websocket_dropped_mid_run_still_delivers_once(studio: BotEnv, com
     assert len(result_messages(studio)) == 1
 
 
-async def test_rate_limit_on_concurrent_jobs(fake_discord: Any, tmp_path: Path,
-                                             comfy: FakeComfy) -> None:
-    env = await start_bot(fake_discord, bot_settings(tmp_path, fake_discord,
-                                                     limits={"user_concurrent_jobs": 1}))
+async def test_rate_limit_on_concurrent_jobs(
+    fake_discord: Any, tmp_path: Path, comfy: FakeComfy
+) -> None:
+    env = await start_bot(
+        fake_discord, bot_settings(tmp_path, fake_discord, limits={"user_concurrent_jobs": 1})
+    )
     try:
         await add_server(env, "gpu-1", comfy.url)
         comfy.pause_sampling()
@@ -300,8 +289,7 @@ async def test_bot_restarted_mid_run_delivers_exactly_once(
         assert len(comfy.prompts) == 1  # resumed from history, not queued again
         # The buttons on the result work for the new process (persistent custom ids).
         [result] = result_messages(second)
-        click = await fake_discord.click(result.id, f"cv:reroll:{row.id}",
-                                         user=fake_discord.member)
+        click = await fake_discord.click(result.id, f"cv:reroll:{row.id}", user=fake_discord.member)
         await answer(second, click)
         assert (await finished_row(second, row.id + 1)).status == "completed"
     finally:
@@ -377,8 +365,9 @@ async def test_progress_outlives_the_interaction_token(studio: BotEnv, comfy: Fa
 
 async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: FakeComfy) -> None:
     studio.fake.rate_limit_once("PATCH", "/messages/", retry_after=0.3)
-    studio.fake.rate_limit_once("POST", f"/channels/{studio.channel_id}/messages",
-                                retry_after=0.2, skip=1)
+    studio.fake.rate_limit_once(
+        "POST", f"/channels/{studio.channel_id}/messages", retry_after=0.2, skip=1
+    )
     await generate(studio, {"prompt": "through 429s", "steps": 4})
     row = await finished_row(studio)
     assert row.status == "completed"

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
 
 from PIL import Image
 
 from core.comfy.workflows import GenerationParams, build_workflow
 from tests.conftest import BotEnv, _answered
 from tests.fakecomfy import FakeComfy
-from tests.test_generation_e2e import (  # noqa: F401 - fixtures
-    MODELS,
-    comfy,
-    finished_row,
-    generate,
-    job_row,
-    reply,
-    result_messages,
-    studio,
-)
+from tests.test_generation_e2e import finished_row, generate, job_row, reply, result_messages
 
 
 def png(width: int, height: int) -> bytes:
@@ -31,9 +21,11 @@ def png(width: int, height: int) -> bytes:
 
 async def test_img2img_uploads_the_attachment(studio: BotEnv, comfy: FakeComfy) -> None:
     source = png(64, 64)
-    interaction = await studio.slash("generate", {"prompt": "repaint", "image": "photo.png",
-                                                  "denoise": 0.4},
-                                     attachments={"image": ("photo.png", source, "image/png")})
+    interaction = await studio.slash(
+        "generate",
+        {"prompt": "repaint", "image": "photo.png", "denoise": 0.4},
+        attachments={"image": ("photo.png", source, "image/png")},
+    )
     await studio.fake.wait_for(lambda: _answered(interaction))
     row = await finished_row(studio)
     assert row.status == "completed", row.error_message
@@ -45,8 +37,9 @@ async def test_img2img_uploads_the_attachment(studio: BotEnv, comfy: FakeComfy) 
 
 
 async def test_lora_is_chained_into_the_graph(studio: BotEnv, comfy: FakeComfy) -> None:
-    await generate(studio, {"prompt": "detailed", "lora": "detail.safetensors",
-                            "lora_strength": 0.7})
+    await generate(
+        studio, {"prompt": "detailed", "lora": "detail.safetensors", "lora_strength": 0.7}
+    )
     row = await finished_row(studio)
     assert row.status == "completed", row.error_message
     [workflow] = comfy.prompts.values()
@@ -99,19 +92,28 @@ async def test_upscale_uses_the_servers_upscale_model(studio: BotEnv, comfy: Fak
     assert up.status == "completed", up.error_message
     sent = list(comfy.prompts.values())[-1]
     assert {n["class_type"] for n in sent.values()} == {
-        "LoadImage", "UpscaleModelLoader", "ImageUpscaleWithModel", "SaveImage"}
+        "LoadImage",
+        "UpscaleModelLoader",
+        "ImageUpscaleWithModel",
+        "SaveImage",
+    }
     assert sent["2"]["inputs"]["model_name"] == "4x-ultra.pth"
     upscaled = result_messages(studio)[-1]
     assert "Upscale" not in str(upscaled.components)  # no upscale of an upscale
 
 
 async def test_custom_workflow_add_and_generate(studio: BotEnv, comfy: FakeComfy) -> None:
-    workflow = build_workflow(GenerationParams(prompt="placeholder", model="sd15.safetensors",
-                                               steps=3, seed=1))
+    workflow = build_workflow(
+        GenerationParams(prompt="placeholder", model="sd15.safetensors", steps=3, seed=1)
+    )
     data = json.dumps(workflow).encode()
-    add = await studio.slash("workflow", {"name": "mine", "file": "wf.json"},
-                             user=studio.fake.admin, subcommand="add",
-                             attachments={"file": ("wf.json", data, "application/json")})
+    add = await studio.slash(
+        "workflow",
+        {"name": "mine", "file": "wf.json"},
+        user=studio.fake.admin,
+        subcommand="add",
+        attachments={"file": ("wf.json", data, "application/json")},
+    )
     answer = await studio.fake.wait_for(lambda: _answered(add))
     assert "Added workflow **mine**" in answer.content and "prompt→6.text" in answer.content
     await generate(studio, {"prompt": "through my workflow", "workflow": "mine", "seed": 42})
@@ -125,13 +127,17 @@ async def test_custom_workflow_add_and_generate(studio: BotEnv, comfy: FakeComfy
 
 
 async def test_workflow_with_unknown_node_is_refused(studio: BotEnv) -> None:
-    bad = {"1": {"class_type": "NoSuchNode", "inputs": {"text": "x"}},
-           "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "p", "clip": ["1", 0]}}}
-    add = await studio.slash("workflow", {"name": "bad", "file": "bad.json",
-                                          "params": "prompt=2.text"},
-                             user=studio.fake.admin, subcommand="add",
-                             attachments={"file": ("bad.json", json.dumps(bad).encode(),
-                                                   "application/json")})
+    bad = {
+        "1": {"class_type": "NoSuchNode", "inputs": {"text": "x"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "p", "clip": ["1", 0]}},
+    }
+    add = await studio.slash(
+        "workflow",
+        {"name": "bad", "file": "bad.json", "params": "prompt=2.text"},
+        user=studio.fake.admin,
+        subcommand="add",
+        attachments={"file": ("bad.json", json.dumps(bad).encode(), "application/json")},
+    )
     answer = await studio.fake.wait_for(lambda: _answered(add))
     assert "would reject" in answer.content and "NoSuchNode" in answer.content
     assert await studio.services.workflows.names() == []
@@ -140,11 +146,13 @@ async def test_workflow_with_unknown_node_is_refused(studio: BotEnv) -> None:
 async def test_model_autocomplete_filters_past_25(studio: BotEnv, comfy: FakeComfy) -> None:
     comfy.models["checkpoints"] = [f"model-{i:03d}.safetensors" for i in range(60)]
     studio.services.generation.catalog.invalidate(1)
-    choices = await studio.fake.autocomplete("generate", {"prompt": "x", "model": "model-04"},
-                                             "model", user=studio.fake.member)
+    choices = await studio.fake.autocomplete(
+        "generate", {"prompt": "x", "model": "model-04"}, "model", user=studio.fake.member
+    )
     assert [c["value"] for c in choices] == [f"model-04{i}.safetensors" for i in range(10)]
-    choices = await studio.fake.autocomplete("generate", {"prompt": "x", "model": ""},
-                                             "model", user=studio.fake.member)
+    choices = await studio.fake.autocomplete(
+        "generate", {"prompt": "x", "model": ""}, "model", user=studio.fake.member
+    )
     assert len(choices) == 25
 
 

@@ -36,7 +36,8 @@ async def test_every_command_and_option_is_described(tree: app_commands.CommandT
         assert command.description and command.description != "…", command.qualified_name
         for param in command.parameters:
             assert param.description and param.description != "…", (
-                f"/{command.qualified_name} option {param.name} has no description")
+                f"/{command.qualified_name} option {param.name} has no description"
+            )
 
 
 async def test_command_names_are_unique(tree: app_commands.CommandTree) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import BotEnv, _answered, register_ssh_server
+from tests.conftest import MODELS, BotEnv, _answered, register_ssh_server
 from tests.fakecomfy import FakeComfy
-from tests.test_generation_e2e import MODELS, finished_row, result_messages
+from tests.test_generation_e2e import finished_row, result_messages
 
 
 async def test_add_ssh_pins_the_host_key(env: BotEnv, ssh_host: Any) -> None:
@@ -24,9 +24,10 @@ async def test_add_ssh_with_unknown_key_shows_the_public_key(env: BotEnv) -> Non
     await server.start()
     try:
         interaction = await env.slash(
-            "server", {"name": "nope", "host": server.host, "port": server.port,
-                       "user": server.username},
-            user=env.fake.admin, subcommand="add-ssh",
+            "server",
+            {"name": "nope", "host": server.host, "port": server.port, "user": server.username},
+            user=env.fake.admin,
+            subcommand="add-ssh",
         )
         message = await env.fake.wait_for(lambda: _answered(interaction))
         assert message.ephemeral

@@ -35,18 +35,29 @@ def loopback_offers() -> list[dict[str, Any]]:
 @pytest.fixture
 async def vast() -> AsyncIterator[FakeVast]:
     # Real time drives the instance life cycle (loading -> running in 0.15 s).
-    fake = FakeVast(offers=loopback_offers(), clock=time.time, provision_seconds=0.05,
-                    boot_seconds=0.1, restart_seconds=0.1, timeout_hang=1.5)
+    fake = FakeVast(
+        offers=loopback_offers(),
+        clock=time.time,
+        provision_seconds=0.05,
+        boot_seconds=0.1,
+        restart_seconds=0.1,
+        timeout_hang=1.5,
+    )
     await fake.start()
     yield fake
     await fake.stop()
 
 
 async def vast_env(fake_discord: Any, tmp_path: Path, vast: FakeVast, **sections: Any) -> BotEnv:
-    env = await start_bot(fake_discord, bot_settings(
-        tmp_path, fake_discord,
-        vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 1},
-        **sections))
+    env = await start_bot(
+        fake_discord,
+        bot_settings(
+            tmp_path,
+            fake_discord,
+            vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 1},
+            **sections,
+        ),
+    )
     ops = env.services.server_ops
     ops.poll_interval = 0.05
     ops.heartbeat = None  # the fake instances have no SSH server behind them
@@ -68,23 +79,24 @@ async def venv(fake_discord: Any, tmp_path: Path, vast: FakeVast) -> AsyncIterat
 
 
 def buttons(message: Any) -> dict[str, str]:
-    return {c.get("label"): c["custom_id"] for c in iter_components(message.components)
-            if c.get("type") == 2 and "custom_id" in c}
+    return {
+        c.get("label"): c["custom_id"]
+        for c in iter_components(message.components)
+        if c.get("type") == 2 and "custom_id" in c
+    }
 
 
 async def press(env: BotEnv, interaction: Any, label: str, *, user: Any = None) -> Any:
     """Click the button called ``label`` on the bot's latest prompt for ``interaction``."""
 
     def prompt() -> Any:
-        for message in reversed([*interaction.followups(),
-                                 interaction.response_message()]):
+        for message in reversed([*interaction.followups(), interaction.response_message()]):
             if message is not None and label in buttons(message):
                 return message
         return None
 
     message = await env.fake.wait_for(prompt)
-    return await env.fake.click(message.id, buttons(message)[label],
-                                user=user or env.fake.admin)
+    return await env.fake.click(message.id, buttons(message)[label], user=user or env.fake.admin)
 
 
 def channel_texts(env: BotEnv) -> list[str]:
@@ -98,16 +110,24 @@ async def rent(env: BotEnv, options: dict[str, Any]) -> Any:
 
 
 async def test_offers_then_rent_then_running(venv: BotEnv, vast: FakeVast) -> None:
-    interaction = await venv.slash("server", {"gpu": "RTX 4090"}, user=venv.fake.admin,
-                                   subcommand="offers")
+    interaction = await venv.slash(
+        "server", {"gpu": "RTX 4090"}, user=venv.fake.admin, subcommand="offers"
+    )
     listing = await venv.fake.wait_for(lambda: _answered(interaction))
     text = listing.embeds[0]["description"]
     assert "offer 101" in text and "$0." in text and "RTX 4090" in text
     click = await venv.fake.click(listing.id, buttons(listing)["Rent 1"], user=venv.fake.admin)
     # The confirmation shows the GPU, VRAM, price and the month's spend.
     confirm_prompt = await venv.fake.wait_for(
-        lambda: next((m for m in [*click.followups(), click.response_message()]
-                      if m is not None and "Rent it" in buttons(m)), None))
+        lambda: next(
+            (
+                m
+                for m in [*click.followups(), click.response_message()]
+                if m is not None and "Rent it" in buttons(m)
+            ),
+            None,
+        )
+    )
     fields = {f["name"]: f["value"] for f in confirm_prompt.embeds[0]["fields"]}
     assert "RTX 4090" in fields["GPU"] and "GB" in fields["VRAM"]
     assert "/h" in fields["Price"] and "$0.00 spent" in fields["This month"]
@@ -132,11 +152,13 @@ async def test_offers_then_rent_then_running(venv: BotEnv, vast: FakeVast) -> No
 
 
 async def test_cancelled_confirmation_rents_nothing(venv: BotEnv, vast: FakeVast) -> None:
-    interaction = await venv.slash("server", {"gpu": "RTX 3090"}, user=venv.fake.admin,
-                                   subcommand="create")
+    interaction = await venv.slash(
+        "server", {"gpu": "RTX 3090"}, user=venv.fake.admin, subcommand="create"
+    )
     await press(venv, interaction, "Cancel")
     await venv.fake.wait_for(
-        lambda: any("Nothing was rented" in (m.content or "") for m in interaction.followups()))
+        lambda: any("Nothing was rented" in (m.content or "") for m in interaction.followups())
+    )
     assert vast.instances == {} and await venv.services.servers.list() == []
 
 
@@ -149,19 +171,23 @@ async def test_stop_start_destroy(venv: BotEnv, vast: FakeVast) -> None:
     await eventually(lambda: _status(venv, "cheap", "stopped"))
     assert vast.instances[instance_id].actual_status == "stopped"
 
-    start = await venv.slash("server", {"server": "cheap"}, user=venv.fake.admin,
-                             subcommand="start")
+    start = await venv.slash(
+        "server", {"server": "cheap"}, user=venv.fake.admin, subcommand="start"
+    )
     await press(venv, start, "Start it")
     await eventually(lambda: _status(venv, "cheap", "running"), timeout=15)
 
-    destroy = await venv.slash("server", {"server": "cheap"}, user=venv.fake.admin,
-                               subcommand="destroy")
+    destroy = await venv.slash(
+        "server", {"server": "cheap"}, user=venv.fake.admin, subcommand="destroy"
+    )
     await press(venv, destroy, "Destroy")
     await venv.fake.wait_for(lambda: instance_id in vast.destroyed)
     await eventually(lambda: _status(venv, "cheap~1", "destroyed"))  # the row stays
     async with venv.services.sessions() as session:
-        states = [b.state for b in (await session.scalars(
-            select(ServerBilling).order_by(ServerBilling.id)))]
+        states = [
+            b.state
+            for b in (await session.scalars(select(ServerBilling).order_by(ServerBilling.id)))
+        ]
     assert states == ["loading", "running", "stopped", "loading", "running"]
 
 
@@ -171,9 +197,14 @@ async def _status(env: BotEnv, name: str, status: str) -> bool:
 
 
 async def test_non_admin_cannot_rent_and_is_audited(venv: BotEnv, vast: FakeVast) -> None:
-    interaction = await venv.fake.slash("server", {"gpu": "RTX 4090"}, user=venv.fake.member,
-                                        guild_id=venv.fake.guild.id, subcommand="create",
-                                        force=True)
+    interaction = await venv.fake.slash(
+        "server",
+        {"gpu": "RTX 4090"},
+        user=venv.fake.member,
+        guild_id=venv.fake.guild.id,
+        subcommand="create",
+        force=True,
+    )
     await interaction.wait_response()
     assert "for admins" in interaction.response_message().content
     assert vast.instances == {}
@@ -182,12 +213,14 @@ async def test_non_admin_cannot_rent_and_is_audited(venv: BotEnv, vast: FakeVast
     assert [(r.action, r.outcome) for r in rows] == [("server create", "refused")]
 
 
-async def test_budget_cap_refuses_with_figures(fake_discord: Any, tmp_path: Path,
-                                               vast: FakeVast) -> None:
+async def test_budget_cap_refuses_with_figures(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
     env = await vast_env(fake_discord, tmp_path, vast, costs={"monthly_budget": 0.1})
     try:
-        interaction = await env.slash("server", {"gpu": "RTX 4090"}, user=env.fake.admin,
-                                      subcommand="create")
+        interaction = await env.slash(
+            "server", {"gpu": "RTX 4090"}, user=env.fake.admin, subcommand="create"
+        )
         message = await env.fake.wait_for(lambda: _answered(interaction))
         assert "monthly budget" in message.content
         assert "$0.00 spent of $0.10" in message.content and "/h" in message.content
@@ -216,20 +249,26 @@ async def test_idle_server_is_warned_then_stopped(venv: BotEnv, vast: FakeVast) 
     await rent(venv, {"gpu": "RTX 3090", "name": "idle"})
     await eventually(lambda: _status(venv, "idle", "running"), timeout=15)
     ops = venv.services.server_ops
-    await venv.slash("server", {"server": "idle", "minutes": 10}, user=venv.fake.admin,
-                     subcommand="autostop")
+    await venv.slash(
+        "server", {"server": "idle", "minutes": 10}, user=venv.fake.admin, subcommand="autostop"
+    )
     start = dt.datetime.now(dt.UTC)
     ops.clock = lambda: start + dt.timedelta(minutes=6)
     assert await ops.autostop_tick() == []
-    warning = await venv.fake.wait_for(lambda: next(
-        (m for m in venv.fake.channel_messages(venv.channel_id) if "idle" in m.content
-         and "Keep alive" in buttons(m)), None))
+    warning = await venv.fake.wait_for(
+        lambda: next(
+            (
+                m
+                for m in venv.fake.channel_messages(venv.channel_id)
+                if "idle" in m.content and "Keep alive" in buttons(m)
+            ),
+            None,
+        )
+    )
     # A member may not keep it alive (it costs money); an admin may.
-    click = await venv.fake.click(warning.id, buttons(warning)["Keep alive"],
-                                  user=venv.fake.member)
+    click = await venv.fake.click(warning.id, buttons(warning)["Keep alive"], user=venv.fake.member)
     await click.wait_response()
-    click = await venv.fake.click(warning.id, buttons(warning)["Keep alive"],
-                                  user=venv.fake.admin)
+    click = await venv.fake.click(warning.id, buttons(warning)["Keep alive"], user=venv.fake.admin)
     await click.wait_response()
     assert "idle timer was reset" in venv.fake.messages[warning.id].content
     ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(minutes=9)
@@ -237,8 +276,9 @@ async def test_idle_server_is_warned_then_stopped(venv: BotEnv, vast: FakeVast) 
     ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(minutes=11)
     assert await ops.autostop_tick() == ["idle"]
     assert (await venv.services.servers.get("idle")).status == "stopped"
-    await venv.fake.wait_for(lambda: any("was stopped: idle for 10 minutes" in t
-                                         for t in channel_texts(venv)))
+    await venv.fake.wait_for(
+        lambda: any("was stopped: idle for 10 minutes" in t for t in channel_texts(venv))
+    )
 
 
 async def test_jobs_count_as_activity_not_idle(venv: BotEnv, vast: FakeVast) -> None:
@@ -269,8 +309,9 @@ async def test_flaky_vast_never_rents_twice(venv: BotEnv, vast: FakeVast) -> Non
                 break
             except Exception as exc:  # noqa: BLE001 - a failed search is safe to repeat
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")
-                if any(s.name == name for s in await venv.services.servers.list(
-                        include_destroyed=True)):
+                if any(
+                    s.name == name for s in await venv.services.servers.list(include_destroyed=True)
+                ):
                     break
         servers = await venv.services.servers.list(include_destroyed=True)
         assert await _status(venv, name, "running"), (failures, servers)
@@ -313,8 +354,9 @@ async def test_sync_reconciles_with_vast(venv: BotEnv, vast: FakeVast) -> None:
     assert await _status(venv, "paused", "running")
 
 
-async def test_lifetime_cap_stops_the_server(fake_discord: Any, tmp_path: Path,
-                                             vast: FakeVast) -> None:
+async def test_lifetime_cap_stops_the_server(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
     env = await vast_env(fake_discord, tmp_path, vast, costs={"max_hours": 2})
     try:
         ops = env.services.server_ops

@@ -32,8 +32,15 @@ from core.db.models import (
 from core.overview import overview
 
 EXPECTED_TABLES = {
-    "servers", "setup_scripts", "server_executions", "comfy_workflows", "comfy_generations",
-    "model_downloads", "audit_log", "server_billing", "bot_state",
+    "servers",
+    "setup_scripts",
+    "server_executions",
+    "comfy_workflows",
+    "comfy_generations",
+    "model_downloads",
+    "audit_log",
+    "server_billing",
+    "bot_state",
 }
 
 
@@ -79,25 +86,49 @@ async def test_migration_matches_the_models(db_url: str) -> None:
 async def test_rows_round_trip_with_aware_timestamps_and_json(sessions: SessionFactory) -> None:
     when = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
     async with sessions.begin() as s:
-        server = Server(provider="vast", provider_id="4242", name="gpu-1", gpu="RTX 4090",
-                        gpu_count=1, price_per_hour=0.45, status="running", last_used_at=when)
+        server = Server(
+            provider="vast",
+            provider_id="4242",
+            name="gpu-1",
+            gpu="RTX 4090",
+            gpu_count=1,
+            price_per_hour=0.45,
+            status="running",
+            last_used_at=when,
+        )
         s.add(server)
         await s.flush()
         script = SetupScript(name="default", steps=[{"name": "clone", "run": "git clone"}])
-        wf = ComfyWorkflow(name="wf", workflow={"3": {"class_type": "KSampler"}},
-                           param_map={"seed": [["3", "seed"]]})
+        wf = ComfyWorkflow(
+            name="wf",
+            workflow={"3": {"class_type": "KSampler"}},
+            param_map={"seed": [["3", "seed"]]},
+        )
         s.add_all([script, wf])
         await s.flush()
-        s.add_all([
-            ServerExecution(server_id=server.id, script_id=script.id, total_steps=3),
-            ComfyGeneration(server_id=server.id, workflow_id=wf.id, user_id=2**62 + 7,
-                            prompt="a cat", parameters={"steps": 20, "seed": 2**40},
-                            image_urls=["a.png", "b.png"]),
-            ModelDownload(server_id=server.id, url="https://x/y.safetensors",
-                          folder="checkpoints", filename="y.safetensors", bytes_total=2**35),
-            ServerBilling(server_id=server.id, state="running", price_per_hour=0.45,
-                          started_at=when),
-        ])
+        s.add_all(
+            [
+                ServerExecution(server_id=server.id, script_id=script.id, total_steps=3),
+                ComfyGeneration(
+                    server_id=server.id,
+                    workflow_id=wf.id,
+                    user_id=2**62 + 7,
+                    prompt="a cat",
+                    parameters={"steps": 20, "seed": 2**40},
+                    image_urls=["a.png", "b.png"],
+                ),
+                ModelDownload(
+                    server_id=server.id,
+                    url="https://x/y.safetensors",
+                    folder="checkpoints",
+                    filename="y.safetensors",
+                    bytes_total=2**35,
+                ),
+                ServerBilling(
+                    server_id=server.id, state="running", price_per_hour=0.45, started_at=when
+                ),
+            ]
+        )
     async with sessions() as s:
         server = (await s.scalars(select(Server).where(Server.name == "gpu-1"))).one()
         assert server.last_used_at == when and server.last_used_at.tzinfo is not None
@@ -127,17 +158,23 @@ async def test_naive_datetimes_are_refused(sessions: SessionFactory) -> None:
 async def test_audit_service_records_and_lists(sessions: SessionFactory) -> None:
     audit = AuditService(sessions)
     actor = Actor(user_id=11, guild_id=22, channel_id=33)
-    await audit.record(actor, "server create", outcome=OUTCOME_OK, resource="gpu-1",
-                       details={"offer": 5})
+    await audit.record(
+        actor, "server create", outcome=OUTCOME_OK, resource="gpu-1", details={"offer": 5}
+    )
     await audit.record(actor, "audit", outcome=OUTCOME_REFUSED)
     entries = await audit.recent(10)
     assert [(e.action, e.outcome) for e in entries] == [
-        ("audit", OUTCOME_REFUSED), ("server create", OUTCOME_OK)
+        ("audit", OUTCOME_REFUSED),
+        ("server create", OUTCOME_OK),
     ]
     async with sessions() as s:
         row = (await s.scalars(select(AuditLog).where(AuditLog.resource == "gpu-1"))).one()
-        assert (row.user_id, row.guild_id, row.channel_id, row.details) == (11, 22, 33,
-                                                                            {"offer": 5})
+        assert (row.user_id, row.guild_id, row.channel_id, row.details) == (
+            11,
+            22,
+            33,
+            {"offer": 5},
+        )
 
 
 async def test_state_store_upserts(sessions: SessionFactory) -> None:
@@ -150,11 +187,13 @@ async def test_state_store_upserts(sessions: SessionFactory) -> None:
 
 async def test_overview_counts_servers_and_jobs(sessions: SessionFactory) -> None:
     async with sessions.begin() as s:
-        s.add_all([
-            Server(provider="direct", name="a", status="running"),
-            Server(provider="vast", name="b", status="stopped"),
-            Server(provider="vast", name="c", status="destroyed"),
-        ])
+        s.add_all(
+            [
+                Server(provider="direct", name="a", status="running"),
+                Server(provider="vast", name="b", status="stopped"),
+                Server(provider="vast", name="c", status="destroyed"),
+            ]
+        )
         for status in ("pending", "queued", "running", "completed", "failed"):
             s.add(ComfyGeneration(user_id=1, prompt="p", status=status))
     stats = await overview(sessions)

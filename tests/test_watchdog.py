@@ -19,8 +19,13 @@ async def run_watchdog(tmp_path: Path, heartbeat_age_s: int, orphan_minutes: int
     seen: list[dict] = []
 
     async def handler(request: web.Request) -> web.Response:
-        seen.append({"path": request.path, "auth": request.headers.get("Authorization"),
-                     "body": await request.json()})
+        seen.append(
+            {
+                "path": request.path,
+                "auth": request.headers.get("Authorization"),
+                "body": await request.json(),
+            }
+        )
         return web.json_response({"success": True})
 
     app = web.Application()
@@ -49,8 +54,11 @@ async def run_watchdog(tmp_path: Path, heartbeat_age_s: int, orphan_minutes: int
 async def test_stale_heartbeat_stops_the_instance(tmp_path: Path) -> None:
     seen = await run_watchdog(tmp_path, heartbeat_age_s=2 * 3600, orphan_minutes=60)
     assert seen, "the watchdog did not call the API"
-    assert seen[0] == {"path": "/api/v0/instances/4242/", "auth": "Bearer instance-key-123",
-                       "body": {"state": "stopped"}}
+    assert seen[0] == {
+        "path": "/api/v0/instances/4242/",
+        "auth": "Bearer instance-key-123",
+        "body": {"state": "stopped"},
+    }
 
 
 async def test_fresh_heartbeat_does_nothing(tmp_path: Path) -> None:

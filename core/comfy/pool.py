@@ -62,7 +62,10 @@ class ComfyPool:
                 base_url, self._http, timeout=self._timeout, client_id=self.client_id
             )
             stream = ComfyEventStream(
-                base_url, self._http, self.client_id, client=client,
+                base_url,
+                self._http,
+                self.client_id,
+                client=client,
                 connect_timeout=self._connect_timeout,
             )
             # Don't block on the first connect: a server that is down is detected by the
