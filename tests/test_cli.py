@@ -65,3 +65,41 @@ async def test_doctor_checks_each_system(tmp_path: Path, fake_discord: Any) -> N
         assert results["vast.ai"].skipped
     finally:
         await comfy.stop()
+
+
+async def test_bot_process_runs_against_the_fake_and_stops_on_sigterm(
+    tmp_path: Path, fake_discord: Any
+) -> None:
+    """The bot as a black box: `python -m bot` with the endpoints from its config."""
+    import asyncio
+    import os
+    import signal
+
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        f'[discord]\ntoken = "{fake_discord.token}"\n'
+        f'api_base_url = "{fake_discord.api_base}"\ngateway_url = "{fake_discord.gateway_url}"\n'
+        "guild_ready_timeout = 0.05\n"
+        f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/bot.db"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(config), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await fake_discord.wait_for(lambda: fake_discord.identifies, timeout=30)
+        await fake_discord.wait_for(lambda: fake_discord.sync_count == 1, timeout=10)
+        interaction = await fake_discord.slash("about", {}, user=fake_discord.member)
+        await interaction.wait_response(timeout=10)
+        assert interaction.response_message().embeds[0]["title"] == "comfyvast"
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    log = err.decode()
+    assert "shutting down" in log and "stopped" in log
+    assert fake_discord.token not in log  # the token never reaches the logs
