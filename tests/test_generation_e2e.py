@@ -98,6 +98,16 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     assert "/8" in progress_texts and "%" in progress_texts
     assert status.embeds[0]["title"].startswith("Done")
     assert status.custom_ids() == []  # no Cancel button once finished
+    assert status.attachments == []  # the preview is gone from the final state
+    # Previews were shown while it ran: downscaled JPEGs attached to the status message.
+    previews = [
+        files["files[0]"][2]
+        for files in (r.files for r in studio.fake.calls("PATCH", f"/messages/{status.id}"))
+        if files.get("files[0]", ("",))[0] == "preview.jpg"
+    ]
+    assert previews, "no preview was shown"
+    thumb = Image.open(io.BytesIO(previews[-1]))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 320
     # The result: the user mentioned, the exact PNG ComfyUI produced, seed in the embed.
     [result] = result_messages(studio)
     assert result.content == f"<@{studio.fake.member.id}>"
