@@ -21,7 +21,13 @@ from core.services import Services
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.meta", "cogs.servers", "cogs.generation", "cogs.workflows")
+EXTENSIONS = (
+    "cogs.meta",
+    "cogs.servers",
+    "cogs.generation",
+    "cogs.workflows",
+    "cogs.setup",
+)
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
 DEFAULT_GATEWAY = "wss://gateway.discord.gg"

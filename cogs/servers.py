@@ -14,6 +14,7 @@ from discord.ext import commands
 from bot.bot import ComfyVastBot
 from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
+from bot.diagnose_render import diagnosis_embed
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.comfy.errors import ComfyError
 from core.errors import ComfyVastError, ValidationFailed
@@ -396,6 +397,17 @@ class Servers(
         )
         text = "never stops by itself" if minutes == 0 else f"stops after {minutes} idle minutes"
         await interaction.response.send_message(f"**{view.name}** {text}.", ephemeral=True)
+
+    @app_commands.command(
+        name="diagnose",
+        description="Check reachability, SSH, the ComfyUI port and service, the install, GPU.",
+    )
+    @app_commands.describe(server="The server.")
+    @app_commands.autocomplete(server=server_autocomplete)
+    async def diagnose(self, interaction: discord.Interaction, server: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        report = await self.bot.services.diagnostics.diagnose(server)
+        await interaction.followup.send(embed=diagnosis_embed(report), ephemeral=True)
 
     @app_commands.command(name="list", description="All servers with state, GPU, price and queue.")
     async def list_servers(self, interaction: discord.Interaction) -> None:

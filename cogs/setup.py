@@ -104,10 +104,14 @@ def log_file(view: ExecutionView, text: str, limit: int = DEFAULT_UPLOAD_LIMIT) 
 class DiscordSetupObserver:
     """Renders a service's runs into their status messages through the relay."""
 
-    def __init__(self, bot: ComfyVastBot, relay: MessageRelay, service: SetupService) -> None:
+    def __init__(self, bot: ComfyVastBot, service: SetupService) -> None:
         self.bot = bot
-        self.relay = relay
         self.service = service
+
+    @property
+    def relay(self) -> MessageRelay:
+        # Looked up when used: the relay is made in setup_hook, cogs may load without it.
+        return self.bot.relay  # type: ignore[no-any-return]
 
     def on_update(self, execution_id: int) -> None:
         view = self.service.snapshot(execution_id)
@@ -142,7 +146,7 @@ class DiscordSetupObserver:
 
 def _service(interaction: discord.Interaction) -> SetupService:
     bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
-    return bot.services.setup  # type: ignore[attr-defined,no-any-return]
+    return bot.services.setup
 
 
 async def profile_autocomplete(
@@ -183,11 +187,11 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
 
     @property
     def service(self) -> SetupService:
-        return self.bot.services.setup  # type: ignore[attr-defined,no-any-return]
+        return self.bot.services.setup
 
     def attach(self, service: SetupService) -> None:
         """Render ``service``'s runs into their status messages."""
-        service.observer = DiscordSetupObserver(self.bot, self.bot.relay, service)
+        service.observer = DiscordSetupObserver(self.bot, service)
 
     async def cog_load(self) -> None:
         self.attach(self.service)

@@ -33,7 +33,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import SecretStr
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, Actor, AuditService
 from core.comfy.errors import ComfyNotFound
@@ -127,6 +127,7 @@ LISTING_API_TIMEOUT = 10.0
 # Autocomplete must answer within Discord's 3 s, so a cold cache gets this long at most.
 NAMES_REFRESH_TIMEOUT = 2.0
 PROGRESS_DB_INTERVAL = 5.0
+TOUCH_INTERVAL = 60.0
 # curl gives up on a transfer slower than this many bytes/s for this many seconds.
 STALL_BYTES_PER_SECOND = 1024
 STALL_SECONDS = 120
@@ -321,6 +322,14 @@ def _curl_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def curl_config(url: str, headers: Iterable[str]) -> str:
+    """The secret part of curl's arguments, fed to ``curl -K -`` on stdin: the URL (it may
+    carry a signed query) and the token headers never become part of any argv."""
+    lines = [f"url = {_curl_quote(url)}"]
+    lines += [f"header = {_curl_quote(h)}" for h in headers]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -501,10 +510,7 @@ class _Plan:
         return posixpath.join(self.directory, temp_name(self.filename))
 
     def curl_config(self) -> str:
-        """The secret part of curl's arguments, read from stdin (``-K -``)."""
-        lines = [f"url = {_curl_quote(self.url)}"]
-        lines += [f"header = {_curl_quote(h)}" for h in self.headers]
-        return "\n".join(lines) + "\n"
+        return curl_config(self.url, self.headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,7 +530,8 @@ class _Probe:
 # --------------------------------------------------------------------------- the service
 
 
-InstallDir = str | Callable[[ServerView], str]
+# A fixed path, or a function of the server (sync or async), e.g. from SetupService.
+InstallDir = str | Callable[[ServerView], str | Awaitable[str]]
 
 
 class ModelService:
@@ -577,12 +584,21 @@ class ModelService:
 
     # ------------------------------------------------------------------ helpers
 
-    def install_dir(self, server: ServerView) -> str:
-        value = self._install_dir(server) if callable(self._install_dir) else self._install_dir
+    async def install_dir(self, server: ServerView) -> str:
+        """Where ComfyUI lives on ``server`` (a fixed path, or asked per server)."""
+        value: str | Awaitable[str] = (
+            self._install_dir(server) if callable(self._install_dir) else self._install_dir
+        )
+        if inspect.isawaitable(value):
+            value = await value
+        if not value.startswith("/") or ".." in value.split("/"):
+            raise ValidationFailed(
+                f"The ComfyUI directory for '{server.name}' must be an absolute path."
+            )
         return value.rstrip("/") or "/"
 
-    def models_dir(self, server: ServerView) -> str:
-        return posixpath.join(self.install_dir(server), "models")
+    async def models_dir(self, server: ServerView) -> str:
+        return posixpath.join(await self.install_dir(server), "models")
 
     def _target(self, server: ServerView) -> SSHTarget:
         if server.provider == Provider.DIRECT.value or not server.ssh_host:
@@ -598,7 +614,11 @@ class ModelService:
             self._on_change(server_id)
 
     def auth_headers(self, url: str) -> list[str]:
-        """Authorization headers for ``url``'s host from the configured tokens."""
+        """Authorization headers for ``url``'s host from the configured tokens.
+
+        curl sends a custom Authorization header only to the host it was given for, not
+        to the hosts a redirect leads to (CDNs with signed URLs), unless --location-trusted.
+        """
         host = urlsplit(url).hostname or ""
         for domain, token in self.token_hosts.items():
             if _host_matches(host, [domain]):
@@ -694,7 +714,7 @@ class ModelService:
         return dict(pairs)
 
     async def _fetch_ssh(self, server: ServerView) -> dict[str, tuple[str, ...]]:
-        root = self.models_dir(server)
+        root = await self.models_dir(server)
         folders = " ".join(shlex.quote(f) for f in MODEL_FOLDERS)
         # find -L follows symlinked model folders (a common way to share them); hidden
         # entries (our partial downloads, .cache) are pruned.
@@ -760,7 +780,7 @@ class ModelService:
             raise ValidationFailed(
                 f"Server '{server.name}' is {server.status}; start it before downloading."
             )
-        directory = posixpath.join(self.models_dir(server), folder)
+        directory = posixpath.join(await self.models_dir(server), folder)
         headers = self.auth_headers(url)
         proto = "=https" if urlsplit(url).scheme.lower() == "https" else "=http,https"
 
@@ -786,12 +806,21 @@ class ModelService:
                 partial_bytes=pre.partial_bytes, headers=headers, proto=proto,
             )
             view = await self._insert(request.actor, plan)
-            ids = await observer.on_started(view)
-            if ids is not None:
-                view = await self._set_message(view, *ids)
+            try:
+                ids = await observer.on_started(view)
+                if ids is not None:
+                    view = await self._set_message(view, *ids)
+            except BaseException:
+                # No status message, no download: the row must not stay "pending".
+                await self._save(replace(view, status="failed", completed_at=utcnow(),
+                                         error="The status message could not be posted."))
+                self._live.pop(view.id, None)
+                raise
         except BaseException:
             self._busy.discard(key)
             raise
+        # Activity keeps the idle autostop away while the server downloads.
+        await self._registry.touch(server.id, channel_id=request.actor.channel_id)
         log.info("download %d: %s -> %s:%s (%s bytes)", view.id, redact_url(url),
                  server.name, plan.final_path, probe.size)
         task = asyncio.create_task(
@@ -851,16 +880,6 @@ class ModelService:
             )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
-    async def history(self, *, limit: int = 10) -> list[DownloadView]:
-        async with self._sessions() as session:
-            rows = (
-                await session.scalars(
-                    select(ModelDownload).order_by(ModelDownload.id.desc()).limit(limit)
-                )
-            ).all()
-        names = {s.id: s.name for s in await self._registry.list(include_destroyed=True)}
-        return [_view_of(r, names.get(r.server_id, "?")) for r in rows]
-
     async def close(self) -> None:
         """Stop running downloads (their remote curl is killed; partial files stay)."""
         tasks = list(self._tasks.values())
@@ -880,10 +899,7 @@ class ModelService:
         A range GET rather than HEAD because signed CDN URLs (Hugging Face, Civitai) are
         often signed for GET only. --max-filesize stops a source that ignores the range.
         """
-        config = _Plan(
-            server=server, target=target, url=url, folder="", filename="", directory="",
-            sha256=None, bytes_total=None, partial_bytes=0, headers=headers,
-        ).curl_config()
+        config = curl_config(url, headers)
         script = (
             f"command -v curl >/dev/null 2>&1 || {{ echo {_MARK}nocurl; exit 0; }}; "
             f"curl -K - -sS -L --max-redirs 10 --proto {shlex.quote(proto)} "
@@ -932,7 +948,7 @@ class ModelService:
         out = result.stdout
         if f"{_MARK}nomodels" in out:
             raise NotFound(
-                f"ComfyUI is not installed at {self.install_dir(server)} on '{server.name}' "
+                f"ComfyUI is not installed at {posixpath.dirname(models)} on '{server.name}' "
                 "(no models directory); install it with /setup run."
             )
         free: int | None
@@ -1039,22 +1055,22 @@ class ModelService:
         log.info("download %d %s: %s/%s on %s%s", view.id, view.status, plan.folder,
                  plan.filename, plan.server.name, f" ({view.error})" if view.error else "")
 
-        async def report() -> None:
-            await self._save(view)
-            await self._audit.record(
-                actor, "models download", resource=f"{plan.server.name}/{plan.folder}/"
-                f"{plan.filename}", outcome=OUTCOME_OK if view.status == "completed" else
-                OUTCOME_ERROR, details={"url": view.url, "bytes": view.bytes_done,
-                                        **({"error": view.error} if view.error else {})},
-            )
-            await self._safe(observer.on_finished, view)
-
         if shielded:
             # We are being cancelled: record the end anyway, but do not wait for Discord.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._save(view))
             return
-        await report()
+        await self._save(view)
+        await self._registry.touch(plan.server.id)
+        outcome = OUTCOME_OK if view.status == "completed" else OUTCOME_ERROR
+        details: dict[str, object] = {"url": view.url, "bytes": view.bytes_done}
+        if view.error:
+            details["error"] = view.error
+        await self._audit.record(
+            actor, "models download", outcome=outcome,
+            resource=f"{plan.server.name}/{plan.folder}/{plan.filename}", details=details,
+        )
+        await self._safe(observer.on_finished, view)
 
     async def _safe(self, callback: Callable[[DownloadView], Awaitable[None]],
                     view: DownloadView) -> None:
@@ -1088,10 +1104,10 @@ class ModelService:
     ) -> CommandResult:
         meter = CurlMeter(offset=plan.partial_bytes if resume else 0,
                           expected_total=plan.bytes_total)
-        last_db = time.monotonic()
+        last_db = last_touch = time.monotonic()
 
         async def on_line(stream: str, line: str) -> None:
-            nonlocal last_db
+            nonlocal last_db, last_touch
             if stream != "stderr":
                 return
             progress = meter.feed(line)
@@ -1108,6 +1124,10 @@ class ModelService:
             if time.monotonic() - last_db >= PROGRESS_DB_INTERVAL:
                 last_db = time.monotonic()
                 await self._save(updated)
+            if time.monotonic() - last_touch >= TOUCH_INTERVAL:
+                # A long download is activity: idle autostop must not stop the server.
+                last_touch = time.monotonic()
+                await self._registry.touch(plan.server.id)
 
         args = [
             "curl", "-K", "-", "--fail", "--location", "--max-redirs", "10",
@@ -1201,9 +1221,10 @@ class ModelService:
         folder = validate_folder(folder)
         name = validate_model_path(filename)
         view = await self._registry.get(server)
+        self._target(view)  # a direct server has no files we can reach
         if (view.id, folder, name) in self._busy:
             raise ResourceBusy(f"{name} is being downloaded right now; wait for it to finish.")
-        path = posixpath.join(self.models_dir(view), folder, name)
+        path = posixpath.join(await self.models_dir(view), folder, name)
         script = (
             f"p={shlex.quote(path)}; "
             f'if [ -f "$p" ] || [ -L "$p" ]; then rm -f -- "$p" && echo {_MARK}deleted; '

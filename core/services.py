@@ -12,11 +12,13 @@ from core.botstate import StateStore
 from core.comfy.pool import ComfyPool
 from core.config import Settings
 from core.db.engine import SessionFactory, create_engine, create_session_factory, migrate
+from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
 from core.remote import Remote
 from core.server_service import ServerService
 from core.servers import ServerRegistry
+from core.setup import SetupService
 from core.vast import VastClient
 from core.workflow_store import WorkflowStore
 
@@ -37,10 +39,13 @@ class Services:
     remote: Remote
     vast: VastClient | None
     server_ops: ServerService
+    setup: SetupService
+    diagnostics: Diagnostics
 
     async def close(self) -> None:
         await self.generation.close()
         await self.comfy.close()
+        await self.setup.close()
         await self.remote.close()
         await self.http.close()
         await self.engine.dispose()
@@ -78,6 +83,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     )
     server_ops.heartbeat = remote.heartbeat
     comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
+    setup = SetupService(settings, sessions, servers, remote, audit)
     return Services(
         settings=settings,
         engine=engine,
@@ -93,4 +99,6 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         remote=remote,
         vast=vast,
         server_ops=server_ops,
+        setup=setup,
+        diagnostics=Diagnostics(servers, remote, setup, http),
     )

@@ -929,7 +929,9 @@ class SetupService:
                 text += f"\n{exc.stderr_tail}"
             return text
         if isinstance(exc, SSHTimeout):
-            return f"{step} did not finish within {exc.timeout:g} seconds and was stopped."
+            text = f"{step} did not finish within {exc.timeout:g} seconds and was stopped."
+            last = list(run.tail)[-5:]
+            return text + ("\nLast lines of its output:\n" + "\n".join(last) if last else "")
         if isinstance(exc, ComfyVastError):
             return f"{step} failed: {exc}"
         return f"{step} failed with an unexpected error; it has been logged."
@@ -988,15 +990,20 @@ class SetupService:
         await self._persist(run, full=True)
 
     async def _tick(self, run: _Run) -> None:
-        """Persist the tail and refresh elapsed time while a long step is quiet or noisy."""
+        """Persist the tail when output arrived, and refresh the elapsed time of a quiet
+        step now and then (every fifth tick) without spending Discord's edit budget."""
+        ticks = 0
         while True:
             await asyncio.sleep(self.tick)
+            ticks += 1
             if run.dirty:
                 try:
                     await self._persist(run, full=False)
                 except Exception:
                     log.exception("could not store the progress of setup #%d", run.execution_id)
-            self.observer.on_update(run.execution_id)
+                self.observer.on_update(run.execution_id)
+            elif ticks % 5 == 0:
+                self.observer.on_update(run.execution_id)
 
     async def _persist(self, run: _Run, *, full: bool) -> None:
         run.dirty = False
@@ -1017,26 +1024,30 @@ class SetupService:
         run.completed_at = utcnow()
         try:
             await self._persist(run, full=True)
+        except BaseException:
+            self._runs.pop(run.execution_id, None)
+            raise
         finally:
+            # Released even when the row could not be written: the lock is in memory.
             self._active.pop(run.server.id, None)
         view = self._view_of_run(run)
         log.info("setup #%d of %s %s in %.1f s", run.execution_id, run.server.name,
                  run.status, view.elapsed())
-        with contextlib.suppress(Exception):
+        try:
             await self._registry.touch(run.server.id)
-        if notify:
-            await self._audit.record(
-                run.actor, "setup run",
-                outcome=OUTCOME_OK if view.succeeded else OUTCOME_ERROR,
-                resource=run.server.name,
-                details={"execution": run.execution_id, "profile": run.profile.name,
-                         "version": run.profile.version, "error": run.error},
-            )
-            try:
+            if notify:
+                await self._audit.record(
+                    run.actor, "setup run",
+                    outcome=OUTCOME_OK if view.succeeded else OUTCOME_ERROR,
+                    resource=run.server.name,
+                    details={"execution": run.execution_id, "profile": run.profile.name,
+                             "version": run.profile.version, "error": run.error},
+                )
                 await self.observer.on_finished(view, run.text())
-            except Exception:
-                log.exception("rendering the end of setup #%d failed", run.execution_id)
-        self._runs.pop(run.execution_id, None)
+        except Exception:
+            log.exception("reporting the end of setup #%d failed", run.execution_id)
+        finally:
+            self._runs.pop(run.execution_id, None)
         return view
 
     # ------------------------------------------------------------------ reset

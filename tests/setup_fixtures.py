@@ -2,7 +2,8 @@
 in-process and OpenSSH sshd), a server row for it, and a SetupService that knows the test
 profile and installs into the test's temporary directory.
 
-Import the fixtures you use into the test module (``from tests.setup_fixtures import ...``).
+Import the fixtures you use into the test module: ``bed_fixture`` provides ``bed`` and needs
+``setup_ssh_fixture`` (``setup_ssh``) imported too.
 """
 
 from __future__ import annotations
@@ -116,16 +117,20 @@ async def start_ssh_server(kind: str, public_key: str) -> Any:
     return server
 
 
-@pytest.fixture(params=["asyncssh", "openssh"])
-async def setup_ssh(request: pytest.FixtureRequest, services: Services) -> AsyncIterator[Any]:
+@pytest.fixture(name="setup_ssh", params=["asyncssh", "openssh"])
+async def setup_ssh_fixture(
+    request: pytest.FixtureRequest, services: Services
+) -> AsyncIterator[Any]:
     """A real SSH server on loopback accepting the services' key (both kinds)."""
     server = await start_ssh_server(request.param, services.remote.key.public_openssh)
     yield server
     await server.close()
 
 
-@pytest.fixture
-async def bed(services: Services, setup_ssh: Any, tmp_path: Path) -> AsyncIterator[SetupBed]:
+@pytest.fixture(name="bed")
+async def bed_fixture(
+    services: Services, setup_ssh: Any, tmp_path: Path
+) -> AsyncIterator[SetupBed]:
     install_dir = tmp_path / "srv" / "ComfyUI"
     port = free_port()
     server = await services.servers.add_ssh(

@@ -26,10 +26,10 @@ from tests.setup_fixtures import (  # noqa: F401  (fixtures)
     TEST_PROFILES,
     SetupBed,
     alive,
-    bed,
+    bed_fixture,
     comfy_answers,
     make_setup_service,
-    setup_ssh,
+    setup_ssh_fixture,
     stop_supervisor,
     wait_until,
 )
@@ -118,21 +118,40 @@ async def test_dropped_connection_mid_step_then_rerun_resumes(bed: SetupBed) -> 
 
 
 async def test_a_second_setup_on_the_same_server_is_refused(bed: SetupBed) -> None:
-    first = await bed.setup.begin(ADMIN, "box", "test", params={"slow_seconds": "1"})
+    first = await bed.setup.begin(ADMIN, "box", "test", params={"slow_seconds": "0.5"})
     task = bed.setup.start(first.id)
     with pytest.raises(ResourceBusy, match="busy on box"):
         await bed.setup.begin(ADMIN, "box", "test")
     with pytest.raises(ResourceBusy):
         await bed.setup.reset(ADMIN, "box", "test")
-    # The running row is what makes autostop see the server as busy.
-    await wait_until(lambda: bed.setup.snapshot(first.id) is not None
-                     and bed.setup.snapshot(first.id).status == "running")  # type: ignore[union-attr]
-    assert (await row(bed.services, first.id)).status == "running"
+    # The pending/running row is what makes autostop see the server as busy.
+    assert (await row(bed.services, first.id)).status in ("pending", "running")
     assert await bed.services.server_ops._busy(bed.server.id)
     assert (await asyncio.wait_for(task, 15)).succeeded
     assert not await bed.services.server_ops._busy(bed.server.id)
-    again = await bed.setup.run(ADMIN, "box", "test")
-    assert again.succeeded
+    again = await bed.setup.begin(ADMIN, "box", "test")  # the lock was released
+    await bed.setup.abandon(again.id, "not needed")
+    assert (await row(bed.services, again.id)).status == "failed"
+
+
+async def test_a_step_past_its_timeout_is_stopped_and_fails(
+    bed: SetupBed, tmp_path: Path
+) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "hang.toml").write_text(
+        '[params]\ninstall_dir = "/tmp/unused/dir"\npidfile = "x"\n'
+        '[[steps]]\nname = "hang"\ntimeout = 1\n'
+        'run = "echo $$ > {{pidfile}}; echo about to hang; sleep 30"\n')
+    pidfile = tmp_path / "hang.pid"
+    service = SetupService(bed.services.settings, bed.services.sessions, bed.services.servers,
+                           bed.services.remote, bed.services.audit,
+                           profile_dirs=(DEFAULT_PROFILE_DIR, profiles))
+    view = await service.run(ADMIN, "box", "hang", params={"pidfile": str(pidfile)})
+    assert view.status == "failed"
+    assert view.error == ("Step 1/1 (hang) did not finish within 1 seconds and was stopped."
+                          "\nLast lines of its output:\nabout to hang")
+    await wait_until(lambda: not alive(int(pidfile.read_text())))  # the remote side too
 
 
 async def test_a_changed_host_key_is_refused(bed: SetupBed) -> None:
@@ -192,7 +211,9 @@ async def test_runs_left_running_by_a_dead_bot_are_failed_on_start(bed: SetupBed
     stored = await row(bed.services, stale_id)
     assert stored.status == "failed" and stored.error_log == RESTART_ERROR
     assert not await bed.services.server_ops._busy(bed.server.id)
-    assert (await restarted.run(ADMIN, "box", "test")).succeeded
+    # Nothing holds the server any more: a new run may begin (and would resume).
+    fresh = await restarted.begin(ADMIN, "box", "test")
+    await restarted.abandon(fresh.id, "not needed")
 
 
 async def test_setup_needs_ssh_and_a_known_profile(bed: SetupBed) -> None:

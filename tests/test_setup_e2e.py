@@ -79,7 +79,7 @@ async def test_setup_run_shows_progress_fails_then_resumes_with_logs(
     [log] = failed.attachments
     assert log.filename == "setup-1.log"
     assert b"flaky: something went wrong on purpose" in log.data
-    assert len(failed.edits) >= 1  # edited as it went, not only posted and finished
+    assert len(failed.edits) >= 1  # posted first, then edited (progress, final state)
 
     second = await setup_command(env, "run", {"server": "box", "profile": "test"})
     await env.fake.wait_for(lambda: _answered(second))
@@ -137,3 +137,22 @@ async def test_unanswered_reset_changes_nothing(env: BotEnv, studio: dict[str, A
     prompt = interaction.response_message()
     assert "No answer in time" in prompt.content and buttons(prompt) == {}
     assert install_dir.exists()
+
+
+async def test_server_diagnose_through_discord(env: BotEnv, studio: dict[str, Any]) -> None:
+    group = env.bot.tree.get_command("server")
+    if getattr(group, "get_command", lambda _: None)("diagnose") is None:
+        pytest.skip("/server diagnose is not wired into cogs/servers.py yet")
+    service: SetupService = studio["service"]
+    from core.audit import Actor
+
+    await service.run(Actor(user_id=1), "box", "test")  # fails once (flaky)
+    assert (await service.run(Actor(user_id=1), "box", "test")).succeeded
+    interaction = await env.slash("server", {"server": "box"}, user=env.fake.admin,
+                                  subcommand="diagnose")
+    message = await env.fake.wait_for(lambda: _answered(interaction), timeout=15)
+    assert message.ephemeral
+    embed = message.embeds[0]
+    assert embed["title"] == "box: all checks passed"
+    names = [f["name"] for f in embed["fields"]]
+    assert names[:3] == ["✅ Reachability", "✅ SSH login", "✅ ComfyUI port"]

@@ -1,0 +1,630 @@
+"""Relay benchmark (not a test): many concurrent generations through the real bot.
+
+This process hosts one fake Discord and N fake ComfyUI servers (tests/fakediscord,
+tests/fakecomfy) on 127.0.0.1. Two relays run the same workload against them, one after
+the other:
+
+1. the bare client (``python -m bench.bare``): WS -> /history -> /view -> upload;
+2. the real bot (``python -m bot`` with a generated config.toml and a temp SQLite DB),
+   driven like users would: ``/server add-direct`` for each server, then ``/generate``
+   from several users in several channels.
+
+Sampling is paused on every server while jobs are submitted, so all of them are in flight
+at once when it resumes. Measured:
+
+* bot CPU (utime+stime from /proc/<pid>/stat) while the jobs run, per progress event the
+  servers sent (``progress`` messages + binary previews) and as a % of one core;
+* bot peak RSS (VmHWM from /proc/<pid>/status);
+* edits per status message per second: the most PATCHes of one message in any 1-s window;
+* delivery latency: when the fake Discord received the result upload minus when the fake
+  ComfyUI sent ``execution_success`` for that prompt, p50/p99 for both relays and the
+  ratio bot/bare.
+
+Run from the repository root::
+
+    python -m bench.relay            # 500 jobs, 20 servers
+    python -m bench.relay --quick    # 40 jobs, 4 servers
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.fakecomfy import FakeComfy
+from tests.fakediscord import MANAGE_GUILD, FakeDiscord
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "sd15.safetensors"
+PROMPTS = [
+    "a lighthouse at dusk, oil painting",
+    "a red fox in fresh snow, telephoto",
+    "isometric cyberpunk alley, neon, rain",
+    "a bowl of ramen, studio lighting",
+    "ancient library with floating books",
+]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MESSAGES_PATH = re.compile(r"^/channels/(\d+)/messages$")
+MESSAGE_PATH = re.compile(r"^/channels/(\d+)/messages/(\d+)$")
+FOOTER_JOB = re.compile(r"^Job #(\d+) ")
+BARE_PREFIX = re.compile(r"(bare/job-\d+)")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The most events inside any half-open window [t, t + window)."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while times[start] <= t - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+# --------------------------------------------------------------------------- the rig
+
+
+@dataclass
+class Phase:
+    name: str
+    jobs: int = 0
+    delivered: int = 0
+    latencies: list[float] = field(default_factory=list)
+    events: int = 0
+    cpu_submit: float = 0.0
+    cpu_run: float = 0.0
+    run_wall: float = 0.0
+    peak_rss_kb: int = 0
+    max_edits_per_s: int = 0
+    edit_gaps: list[float] = field(default_factory=list)
+    # Bot only: execution_success -> its duplicate check (GET channel history) arrives,
+    # and that check -> the result upload arrives.
+    to_lookup: list[float] = field(default_factory=list)
+    lookup_to_upload: list[float] = field(default_factory=list)
+    edits: int = 0
+    finals: int = 0
+    http_errors: int = 0
+    notes: list[str] = field(default_factory=list)
+    per_server: list[int] = field(default_factory=list)
+    comfy_wall: float = 0.0  # resume -> last execution_success of the phase
+
+
+class Rig:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.discord = FakeDiscord()
+        self.comfys = [
+            FakeComfy(models={"checkpoints": [MODEL]}, step_delay=args.step_delay,
+                      previews=True)
+            for _ in range(args.servers)
+        ]
+        self.bot: asyncio.subprocess.Process | None = None
+        self.bare: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        fake = self.discord
+        await fake.start()
+        self.guild = fake.add_guild("Bench Guild")
+        admin_role = fake.add_role(self.guild.id, "Admin", permissions=MANAGE_GUILD)
+        self.admin = fake.add_user("admin", guild_id=self.guild.id, roles=[admin_role])
+        self.channels = [self.guild.channel_id] + [
+            fake.add_channel(self.guild.id, f"studio-{i}") for i in range(1, self.args.channels)
+        ]
+        self.users = [fake.add_user(f"artist{i}", guild_id=self.guild.id)
+                      for i in range(self.args.users)]
+        for comfy in self.comfys:
+            await comfy.start()
+
+    async def stop(self) -> None:
+        for proc in (self.bare, self.bot):
+            await stop_process(proc)
+        for comfy in self.comfys:
+            with contextlib.suppress(Exception):
+                await comfy.stop()
+        with contextlib.suppress(Exception):
+            await self.discord.stop()
+
+    # -- shared helpers ------------------------------------------------------------------
+
+    def pause(self) -> None:
+        for comfy in self.comfys:
+            comfy.pause_sampling()
+
+    def resume(self) -> None:
+        for comfy in self.comfys:
+            comfy.resume_sampling()
+
+    def sent_marks(self) -> list[int]:
+        return [len(c.sent) for c in self.comfys]
+
+    def events_since(self, marks: list[int]) -> int:
+        return sum(1 for comfy, mark in zip(self.comfys, marks, strict=True)
+                   for m in comfy.sent[mark:] if m.type in ("progress", "binary"))
+
+    def prefixes(self) -> dict[str, tuple[FakeComfy, str]]:
+        """SaveImage filename_prefix -> (server, prompt id), from what the servers got."""
+        found: dict[str, tuple[FakeComfy, str]] = {}
+        for comfy in self.comfys:
+            for prompt_id, workflow in comfy.prompts.items():
+                for node in workflow.values():
+                    if node.get("class_type") == "SaveImage":
+                        found[str(node["inputs"]["filename_prefix"])] = (comfy, prompt_id)
+        return found
+
+    def results(self, start: int) -> list[Any]:
+        """Result uploads since request ``start``: content starts "<@", with files."""
+        out = []
+        for rec in self.discord.requests[start:]:
+            if rec.method == "POST" and rec.files and MESSAGES_PATH.match(rec.path):
+                payload = rec.json if isinstance(rec.json, dict) else {}
+                if str(payload.get("content") or "").startswith("<@"):
+                    out.append(rec)
+        return out
+
+    def latencies(self, results: list[Any], prefix_of: Any) -> list[float]:
+        table = self.prefixes()
+        values = []
+        for rec in results:
+            prefix = prefix_of(rec)
+            if prefix is None or prefix not in table:
+                continue
+            comfy, prompt_id = table[prefix]
+            sent = comfy.success_at.get(prompt_id)
+            if sent is not None:
+                values.append(rec.time - sent)
+        return values
+
+    async def wait_results(self, start: int, count: int, deadline: float) -> list[Any]:
+        while True:
+            found = self.results(start)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.05)
+
+    # -- the bare client -----------------------------------------------------------------
+
+    async def run_bare(self, deadline: float) -> Phase:
+        args = self.args
+        phase = Phase("bare", jobs=args.jobs)
+        spec = {
+            "servers": [c.url for c in self.comfys], "api_base": self.discord.api_base,
+            "token": self.discord.token, "channels": self.channels,
+            "users": [u.id for u in self.users], "jobs": args.jobs, "steps": args.steps,
+            "size": args.size, "model": MODEL, "prompts": PROMPTS,
+            "timeout": max(10.0, deadline - time.monotonic()),
+        }
+        self.pause()
+        req_mark = len(self.discord.requests)
+        self.bare = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.bare", json.dumps(spec), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, env=child_env(),
+        )
+        assert self.bare.stdout is not None
+        line = await asyncio.wait_for(self.bare.stdout.readline(), deadline - time.monotonic())
+        if not line.startswith(b"queued"):
+            raise RuntimeError(f"bare client failed to queue: {line!r}")
+        marks = self.sent_marks()
+        started = time.monotonic()
+        self.resume()
+        results = await self.wait_results(req_mark, args.jobs, deadline)
+        phase.run_wall = (max(r.time for r in results) if results else time.monotonic()) - started
+        phase.events = self.events_since(marks)
+        self.spread(phase, "bare/", started)
+        line = await asyncio.wait_for(self.bare.stdout.readline(),
+                                      max(1.0, deadline - time.monotonic()))
+        await self.bare.wait()
+        self.bare = None
+        report = json.loads(line.decode().removeprefix("result ")) if line.startswith(
+            b"result ") else {}
+        phase.cpu_submit = report.get("cpu_queue", float("nan"))
+        phase.cpu_run = report.get("cpu_run", float("nan"))
+        phase.peak_rss_kb = report.get("peak_rss_kb", 0)
+        phase.delivered = len(results)
+
+        def prefix_of(rec: Any) -> str | None:
+            match = BARE_PREFIX.search(str(rec.json.get("content")))
+            return match.group(1) if match else None
+
+        phase.latencies = self.latencies(results, prefix_of)
+        phase.http_errors = sum(1 for r in self.discord.requests[req_mark:]
+                                if r.status is not None and r.status >= 400)
+        return phase
+
+    # -- the bot -------------------------------------------------------------------------
+
+    def write_config(self) -> Path:
+        fake, data = self.discord, self.workdir / "data"
+        config = self.workdir / "config.toml"
+        config.write_text(f"""\
+data_dir = {json.dumps(str(data))}
+log_level = "INFO"
+
+[discord]
+token = {json.dumps(fake.token)}
+api_base_url = {json.dumps(fake.api_base)}
+gateway_url = {json.dumps(fake.gateway_url)}
+guild_ready_timeout = 0.05
+
+[comfy]
+max_generations = {self.args.jobs + 10}
+
+[database]
+url = {json.dumps(f"sqlite+aiosqlite:///{self.workdir}/bench.db")}
+
+[limits]
+user_jobs_per_minute = {self.args.jobs + 10}
+user_concurrent_jobs = {self.args.jobs + 10}
+""")
+        return config
+
+    async def start_bot(self, deadline: float) -> None:
+        config = self.write_config()
+        log = (self.workdir / "bot.log").open("wb")
+        self.bot = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "--config", str(config), cwd=ROOT,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, env=child_env(),
+        )
+        fake = self.discord
+        while not ("generate" in fake.commands.get(None, {}) and fake.identifies):
+            if self.bot.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bot did not come up; see {self.workdir}/bot.log")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # READY and GUILD_CREATE processed
+
+    async def slash_all(self, calls: list[tuple[str, dict[str, Any], dict[str, Any]]],
+                        rate: float, deadline: float) -> list[Any]:
+        """Inject slash commands at ``rate`` per second; wait until each was answered."""
+        interactions = []
+        started = time.monotonic()
+        for i, (name, options, kw) in enumerate(calls):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            interactions.append(await self.discord.slash(name, options, guild_id=self.guild.id,
+                                                         **kw))
+        while True:
+            pending = [itx for itx in interactions if not answered(itx)]
+            if not pending:
+                return interactions
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(pending)} commands were never answered")
+            await asyncio.sleep(0.05)
+
+    async def run_bot(self, deadline: float) -> Phase:
+        args = self.args
+        phase = Phase("bot", jobs=args.jobs)
+        await self.start_bot(deadline)
+        assert self.bot is not None
+        pid = self.bot.pid
+        adds = [("server", {"name": f"gpu-{i + 1:02d}", "url": c.url},
+                 {"user": self.admin, "subcommand": "add-direct"})
+                for i, c in enumerate(self.comfys)]
+        for itx in await self.slash_all(adds, 20.0, deadline):
+            if "Added server" not in answered(itx):
+                raise RuntimeError(f"/server add-direct failed: {answered(itx)}")
+        self.pause()
+        req_mark = len(self.discord.requests)
+        cpu0, t0 = proc_cpu(pid), time.monotonic()
+        gens = [("generate",
+                 {"prompt": PROMPTS[n % len(PROMPTS)], "width": args.size, "height": args.size,
+                  "steps": args.steps, "seed": 1000 + n},
+                 {"user": self.users[n % len(self.users)],
+                  "channel_id": self.channels[n % len(self.channels)]})
+                for n in range(args.jobs)]
+        interactions = await self.slash_all(gens, args.inject_rate, deadline)
+        refused = [answered(i) for i in interactions if "Queued #" not in answered(i)]
+        if refused:
+            phase.notes.append(f"{len(refused)} /generate refused, e.g. {refused[0]!r}")
+        marks = self.sent_marks()
+        cpu1, t1 = proc_cpu(pid), time.monotonic()
+        phase.cpu_submit = cpu1 - cpu0
+        phase.notes.append(f"submitting took {t1 - t0:.1f} s wall")
+        profiler = await self.start_profiler(pid)
+        self.resume()
+        results = await self.wait_results(req_mark, args.jobs - len(refused), deadline)
+        cpu2 = proc_cpu(pid)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            await asyncio.wait_for(profiler.wait(), 30)
+        end = max(r.time for r in results) if results else time.monotonic()
+        phase.run_wall = end - t1
+        phase.cpu_run = cpu2 - cpu1
+        phase.events = self.events_since(marks)
+        phase.delivered = len(results)
+        self.spread(phase, "comfyvast/", t1)
+
+        def prefix_of(rec: Any) -> str | None:
+            for embed in rec.json.get("embeds") or []:
+                match = FOOTER_JOB.match(str((embed.get("footer") or {}).get("text", "")))
+                if match:
+                    return f"comfyvast/job-{match.group(1)}"
+            return None
+
+        phase.latencies = self.latencies(results, prefix_of)
+        self.split_delivery(phase, req_mark, results, prefix_of)
+        # Let the coalesced final edits land (they queue behind the per-channel budget).
+        drain_until = min(deadline, time.monotonic() + args.drain)
+        while time.monotonic() < drain_until:
+            phase.finals = self.final_states(req_mark)
+            if phase.finals >= phase.delivered:
+                break
+            await asyncio.sleep(0.25)
+        phase.notes.append(f"final status edits landed {time.monotonic() - end:.1f} s "
+                           "after the last result")
+        phase.peak_rss_kb = proc_status_kb(pid, "VmHWM")
+        edits: dict[str, list[float]] = {}
+        for rec in self.discord.requests[req_mark:]:
+            match = MESSAGE_PATH.match(rec.path)
+            if rec.method == "PATCH" and match:
+                edits.setdefault(match.group(2), []).append(rec.time)
+        phase.edits = sum(len(v) for v in edits.values())
+        phase.max_edits_per_s = max((max_in_window(v) for v in edits.values()), default=0)
+        phase.edit_gaps = [b - a for v in edits.values() for a, b in zip(v, v[1:], strict=False)]
+        phase.http_errors = sum(1 for r in self.discord.requests[req_mark:]
+                                if r.status is not None and r.status >= 400)
+        return phase
+
+    def spread(self, phase: Phase, prefix: str, started: float) -> None:
+        """Jobs per server, and when the servers finished the phase's last prompt."""
+        last = started
+        for comfy in self.comfys:
+            mine = [pid for pid, wf in comfy.prompts.items() if any(
+                str(n.get("inputs", {}).get("filename_prefix", "")).startswith(prefix)
+                for n in wf.values())]
+            phase.per_server.append(len(mine))
+            last = max([last] + [comfy.success_at.get(p, started) for p in mine])
+        phase.comfy_wall = last - started
+
+    def split_delivery(self, phase: Phase, req_mark: int, results: list[Any],
+                       prefix_of: Any) -> None:
+        """Where the bot's delivery time goes, as seen from the fakes."""
+        status_of: dict[str, str] = {}  # status message id -> job prefix
+        lookups: dict[str, float] = {}  # status message id -> history GET time
+        for rec in self.discord.requests[req_mark:]:
+            if rec.method == "POST" and MESSAGES_PATH.match(rec.path) and isinstance(
+                    rec.json, dict) and isinstance(rec.response, dict):
+                match = re.search(r"cv:cancel:(\d+)", json.dumps(rec.json.get("components")))
+                if match:
+                    status_of[str(rec.response.get("id"))] = f"comfyvast/job-{match.group(1)}"
+            elif rec.method == "GET" and MESSAGES_PATH.match(rec.path) and "after" in rec.query:
+                lookups.setdefault(rec.query["after"], rec.time)
+        lookup_of = {status_of[mid]: t for mid, t in lookups.items() if mid in status_of}
+        table = self.prefixes()
+        for rec in results:
+            prefix = prefix_of(rec)
+            if prefix not in lookup_of or prefix not in table:
+                continue
+            comfy, prompt_id = table[prefix]
+            sent = comfy.success_at.get(prompt_id)
+            if sent is not None:
+                phase.to_lookup.append(lookup_of[prefix] - sent)
+                phase.lookup_to_upload.append(rec.time - lookup_of[prefix])
+
+    async def start_profiler(self, pid: int) -> asyncio.subprocess.Process | None:
+        if not self.args.profile:
+            return None
+        py_spy = os.environ.get("PY_SPY") or shutil.which("py-spy") or "py-spy"
+        return await asyncio.create_subprocess_exec(
+            py_spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+            "--threads", "--output", self.args.profile, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    def final_states(self, req_mark: int) -> int:
+        done = 0
+        for msg in self.discord.messages.values():
+            if msg.embeds and str(msg.embeds[0].get("title", "")).startswith("Done ·"):
+                done += 1
+        return done
+
+
+def answered(itx: Any) -> str:
+    """The text of the bot's latest answer to an interaction ("" while none)."""
+    followups = itx.followups()
+    if followups:
+        return followups[-1].content or "(embed)"
+    message = itx.response_message()
+    if message is not None and not message.loading and (message.content or message.embeds):
+        return message.content or "(embed)"
+    return ""
+
+
+def child_env() -> dict[str, str]:
+    """The environment without anything that would configure the bot from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYVAST_")}
+    for name in ("DISCORD_TOKEN", "VAST_AI_API_KEY", "VAST_AI_BASE_URL", "DATABASE_URL",
+                 "COMFY_DEFAULT_PORT", "COMFY_MODEL_CACHE_SIZE", "COMFY_MAX_GENERATIONS"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+async def stop_process(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 15)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def report(args: argparse.Namespace, bare: Phase, bot: Phase) -> str:
+    b50, b99 = percentile(bot.latencies, 50), percentile(bot.latencies, 99)
+    r50, r99 = percentile(bare.latencies, 50), percentile(bare.latencies, 99)
+    cpu_pct = 100 * bot.cpu_run / bot.run_wall if bot.run_wall else float("nan")
+    bare_pct = 100 * bare.cpu_run / bare.run_wall if bare.run_wall else float("nan")
+    per_event = 1e6 * bot.cpu_run / bot.events if bot.events else float("nan")
+    bare_event = 1e6 * bare.cpu_run / bare.events if bare.events else float("nan")
+    rows = [
+        ("jobs (delivered bot / bare)", f"{args.jobs} ({bot.delivered} / {bare.delivered})"),
+        ("servers / channels / users", f"{args.servers} / {args.channels} / {args.users}"),
+        ("steps x step delay, size", f"{args.steps} x {args.step_delay * 1000:.0f} ms, "
+                                     f"{args.size}x{args.size}"),
+        ("progress events (bot run)", f"{bot.events}"),
+        ("run wall time bot / bare", f"{bot.run_wall:.1f} s / {bare.run_wall:.1f} s"),
+        ("servers busy (resume -> last success) bot / bare",
+         f"{bot.comfy_wall:.1f} s / {bare.comfy_wall:.1f} s"),
+        ("jobs per server min-max bot / bare",
+         f"{min(bot.per_server, default=0)}-{max(bot.per_server, default=0)} / "
+         f"{min(bare.per_server, default=0)}-{max(bare.per_server, default=0)}"),
+        ("bot CPU while running", f"{bot.cpu_run:.2f} s"),
+        ("bot CPU per progress event", f"{per_event:.0f} us (bare: {bare_event:.0f} us)"),
+        ("bot CPU, % of one core", f"{cpu_pct:.1f} % (bare: {bare_pct:.1f} %)"),
+        ("bot CPU to submit", f"{bot.cpu_submit:.2f} s = "
+                              f"{1000 * bot.cpu_submit / max(1, args.jobs):.1f} ms/job"),
+        ("bot peak RSS", f"{bot.peak_rss_kb / 1024:.0f} MB (bare: "
+                         f"{bare.peak_rss_kb / 1024:.0f} MB)"),
+        ("status edits, max per message per s", f"{bot.max_edits_per_s} "
+                                                f"({bot.edits} edits in all)"),
+        ("gap between edits of a message, min / p1",
+         f"{fmt_ms(min(bot.edit_gaps, default=float('nan')))} / "
+         f"{fmt_ms(percentile(bot.edit_gaps, 1))}"),
+        ("final states landed", f"{bot.finals} / {bot.delivered}"),
+        ("delivery p50 bot / bare", f"{fmt_ms(b50)} / {fmt_ms(r50)}"),
+        ("delivery p99 bot / bare", f"{fmt_ms(b99)} / {fmt_ms(r99)}"),
+        ("bot: done -> history check -> upload p50",
+         f"{fmt_ms(percentile(bot.to_lookup, 50))} + "
+         f"{fmt_ms(percentile(bot.lookup_to_upload, 50))}"),
+        ("ratio p50 / p99", f"{b50 / r50:.2f}x / {b99 / r99:.2f}x"),
+        ("HTTP errors at the fake Discord", f"bot {bot.http_errors}, bare {bare.http_errors}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    targets = [
+        ("delivery p50 within 1.05x of bare", b50 <= 1.05 * r50),
+        ("delivery p99 within 1.05x of bare", b99 <= 1.05 * r99),
+        ("bot CPU < 25 % of one core", cpu_pct < 25),
+        ("bot peak RSS < 250 MB", bot.peak_rss_kb < 250 * 1024),
+        ("edits of a message >= 0.9 s apart (1 s interval, scheduling slack)",
+         min(bot.edit_gaps, default=1.0) >= 0.9),
+    ]
+    lines.append("")
+    lines += [f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in targets]
+    for phase in (bare, bot):
+        lines += [f"note ({phase.name}): {n}" for n in phase.notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace) -> tuple[Phase, Phase]:
+    deadline = time.monotonic() + args.deadline
+    with tempfile.TemporaryDirectory(prefix="comfyvast-bench-") as tmp:
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        rig = Rig(args, workdir)
+        try:
+            await rig.start()
+            print(f"bare client: {args.jobs} jobs on {args.servers} servers...", flush=True)
+            bare = await rig.run_bare(deadline)
+            print(f"bot: {args.jobs} jobs on {args.servers} servers...", flush=True)
+            bot = await rig.run_bot(deadline)
+        finally:
+            await rig.stop()
+    return bare, bot
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--channels", type=int, default=10)
+    parser.add_argument("--users", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--step-delay", type=float, default=0.05,
+                        help="seconds per sampler step (default 0.05: 20 it/s)")
+    parser.add_argument("--size", type=int, default=512, help="image width and height")
+    parser.add_argument("--inject-rate", type=float, default=100.0,
+                        help="/generate commands per second while submitting")
+    parser.add_argument("--drain", type=float, default=60.0,
+                        help="seconds to wait for final status edits after the last result")
+    parser.add_argument("--deadline", type=float, default=600.0,
+                        help="overall time limit in seconds")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 40 jobs, 4 servers")
+    parser.add_argument("--keep", metavar="DIR", help="keep config, DB and bot.log in DIR")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="sample the bot with py-spy while the jobs run (collapsed stacks "
+                             "to PATH; py-spy from $PY_SPY or PATH); skews the CPU figures")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.jobs, args.servers, args.channels, args.users = 40, 4, 4, 8
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bare, bot = asyncio.run(run(args))
+    print()
+    print(report(args, bare, bot))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args),
+            "bot": {k: v for k, v in vars(bot).items() if k not in (
+                "latencies", "edit_gaps", "to_lookup", "lookup_to_upload")},
+            "bare": {k: v for k, v in vars(bare).items() if k != "latencies"},
+            "latency_bot": {"p50": percentile(bot.latencies, 50),
+                            "p99": percentile(bot.latencies, 99)},
+            "latency_bare": {"p50": percentile(bare.latencies, 50),
+                             "p99": percentile(bare.latencies, 99)},
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
