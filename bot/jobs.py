@@ -346,7 +346,7 @@ class DiscordJobObserver:
 
     async def _render_status(self, job_id: int) -> dict[str, Any]:
         # Built when the edit is really sent: always the newest state and preview.
-        job = await self.bot.services.generation.get(job_id)
+        job = await self.bot.services.generation.snapshot(job_id)
         kwargs: dict[str, Any] = {"view": status_view(job.id)}
         preview = self._previews.get(job_id)
         name = None
@@ -359,11 +359,13 @@ class DiscordJobObserver:
         kwargs["embed"] = status_embed(job, preview_name=name)
         return kwargs
 
-    async def deliver(self, job: JobView, images: list[ImageFile]) -> None:
+    async def deliver(
+        self, job: JobView, images: list[ImageFile], *, check_existing: bool = False
+    ) -> None:
         if job.channel_id is None:
             return
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-        existing = await self._find_delivery(channel, job)
+        existing = await self._find_delivery(channel, job) if check_existing else None
         if existing is None:
             limit = self._upload_limit(job.guild_id)
             files, shown = await asyncio.to_thread(prepare_upload, images, limit)

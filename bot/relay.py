@@ -138,8 +138,10 @@ class MessageRelay:
                     continue
                 slot.builder = None
                 bucket.take()
-                slot.last_edit = self._clock()
                 await self._send(slot, builder, final)
+                # Measured from the end of the edit: building and sending can take a
+                # while under load, and the next edit must still wait a full interval.
+                slot.last_edit = self._clock()
                 if final and slot.builder is None:
                     self._finished[slot.message_id] = None
                     if len(self._finished) > 10_000:

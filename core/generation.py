@@ -137,7 +137,11 @@ class JobObserver(Protocol):
 
     async def on_update(self, job: JobView, preview: bytes | None) -> None: ...
 
-    async def deliver(self, job: JobView, images: list[ImageFile]) -> None: ...
+    async def deliver(
+        self, job: JobView, images: list[ImageFile], *, check_existing: bool = False
+    ) -> None:
+        """Post the result; with ``check_existing`` (a delivery interrupted by a restart)
+        first look for a result message already posted."""
 
     async def on_finished(self, job: JobView) -> None: ...
 
@@ -146,7 +150,9 @@ class _NullObserver:
     async def on_update(self, job: JobView, preview: bytes | None) -> None:
         return None
 
-    async def deliver(self, job: JobView, images: list[ImageFile]) -> None:
+    async def deliver(
+        self, job: JobView, images: list[ImageFile], *, check_existing: bool = False
+    ) -> None:
         return None
 
     async def on_finished(self, job: JobView) -> None:
@@ -230,6 +236,10 @@ class GenerationService:
         self.observer: JobObserver = _NullObserver()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._live: dict[int, _Live] = {}
+        self._views: dict[int, JobView] = {}  # row snapshots of running jobs
+        # Jobs chosen for a server but not inserted yet, so concurrent submissions spread.
+        self._reserved: dict[int, int] = {}
+        self._choose_lock = asyncio.Lock()
         self._queue_cache: dict[int, tuple[float, Any]] = {}
         self._inputs_dir = settings.data_dir / "inputs"
 
@@ -241,6 +251,14 @@ class GenerationService:
         await self._check_rate_limits(req.actor)
         workflow_row = await self._custom_workflow(req.workflow) if req.workflow else None
         server = await self._choose_server(req, exclude=set())
+        try:
+            return await self._record(req, server, workflow_row)
+        finally:
+            self._release(server.id)
+
+    async def _record(
+        self, req: GenerationRequest, server: ServerView, workflow_row: ComfyWorkflow | None
+    ) -> JobView:
         model = req.model
         if workflow_row is None and req.kind != "upscale":
             model = await self._resolve_model(server, req.model)
@@ -388,18 +406,13 @@ class GenerationService:
         """Explicit server if given; else a ready one with the model and fewest jobs."""
         wanted_model = model or req.model
         cap = self._settings.comfy.max_generations
-        busy = await self._registry.active_jobs()
         if req.server:
             server = await self._registry.get(req.server)
             if not server.is_ready:
                 raise ValidationFailed(
                     f"Server '{server.name}' is {server.status}; it must be running."
                 )
-            if busy.get(server.id, 0) >= cap:
-                raise ResourceBusy(
-                    f"Server '{server.name}' already has {cap} jobs queued; try again shortly."
-                )
-            return server
+            return await self._reserve([server], cap, explicit=True)
         candidates = [s for s in await self._registry.list() if s.is_ready and s.id not in exclude]
         if not candidates:
             raise ValidationFailed(
@@ -407,9 +420,7 @@ class GenerationService:
                 "/server add-ssh or /server create."
             )
         usable: list[ServerView] = []
-        for server in sorted(candidates, key=lambda s: (busy.get(s.id, 0), s.id)):
-            if busy.get(server.id, 0) >= cap:
-                continue
+        for server in candidates:
             if wanted_model and req.kind != "upscale" and not req.workflow:
                 try:
                     if wanted_model not in await self.catalog.models(server, "checkpoints"):
@@ -418,11 +429,39 @@ class GenerationService:
                     log.warning("server %s unusable: %s", server.name, exc)
                     continue
             usable.append(server)
-        if usable:
-            return usable[0]
-        if wanted_model and all(busy.get(s.id, 0) < cap for s in candidates):
+        if not usable and wanted_model:
             raise ValidationFailed(f"No running server has the model '{wanted_model}'.")
-        raise ResourceBusy("Every server is busy; try again in a moment.")
+        return await self._reserve(usable, cap)
+
+    async def _reserve(
+        self, usable: list[ServerView], cap: int, *, explicit: bool = False
+    ) -> ServerView:
+        """Pick the least loaded server and hold a slot on it until the row is written.
+
+        Counting and reserving happen under one lock: concurrent submissions must not all
+        see the same least-busy server before any of their rows exists.
+        """
+        async with self._choose_lock:
+            busy = await self._registry.active_jobs()
+            load = {s.id: busy.get(s.id, 0) + self._reserved.get(s.id, 0) for s in usable}
+            free = [s for s in usable if load[s.id] < cap]
+            if not free:
+                if explicit:
+                    raise ResourceBusy(
+                        f"Server '{usable[0].name}' already has {cap} jobs queued; "
+                        "try again shortly."
+                    )
+                raise ResourceBusy("Every server is busy; try again in a moment.")
+            chosen = min(free, key=lambda s: (load[s.id], s.id))
+            self._reserved[chosen.id] = self._reserved.get(chosen.id, 0) + 1
+        return chosen
+
+    def _release(self, server_id: int) -> None:
+        left = self._reserved.get(server_id, 0) - 1
+        if left > 0:
+            self._reserved[server_id] = left
+        else:
+            self._reserved.pop(server_id, None)
 
     async def _resolve_model(self, server: ServerView, model: str | None) -> str:
         try:
@@ -464,6 +503,7 @@ class GenerationService:
         if self._tasks.get(job_id) is task:
             del self._tasks[job_id]
         self._live.pop(job_id, None)
+        self._views.pop(job_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("generation %s crashed", job_id, exc_info=task.exception())
 
@@ -514,15 +554,43 @@ class GenerationService:
                 server_name = server.name if server else None
             return self._view(row, server_name)
 
-    def _view(self, row: ComfyGeneration, server_name: str | None) -> JobView:
-        live = self._live.get(row.id)
-        progress = row.progress
-        eta = None
-        if live is not None and live.step is not None and live.max_steps:
+    async def snapshot(self, job_id: int) -> JobView:
+        """The job as shown while it runs: the row as last read plus live progress.
+
+        Progress and previews arrive many times a second per job; reading the database
+        for each would dominate the bot's CPU, so the row is re-read only on transitions.
+        """
+        base = self._views.get(job_id)
+        if base is None:
+            return await self._refresh_view(job_id)
+        return self._overlay(base)
+
+    async def _refresh_view(self, job_id: int) -> JobView:
+        view = await self.get(job_id)
+        if job_id in self._live:
+            self._views[job_id] = view
+        return view
+
+    def _overlay(self, view: JobView) -> JobView:
+        live = self._live.get(view.id)
+        if live is None:
+            return view
+        progress, eta = view.progress, None
+        if live.step is not None and live.max_steps:
             progress = live.step / live.max_steps
             if live.first_step_at is not None and live.step > 0:
                 elapsed = time.monotonic() - live.first_step_at
                 eta = elapsed / live.step * (live.max_steps - live.step)
+        return replace(
+            view, queue_position=live.queue_position, current_node=live.current_node,
+            step=live.step, max_steps=live.max_steps, progress=progress, eta_seconds=eta,
+            notice=live.notice,
+        )
+
+    def _view(self, row: ComfyGeneration, server_name: str | None) -> JobView:
+        return self._overlay(self._base_view(row, server_name))
+
+    def _base_view(self, row: ComfyGeneration, server_name: str | None) -> JobView:
         return JobView(
             id=row.id,
             user_id=row.user_id,
@@ -535,14 +603,10 @@ class GenerationService:
             prompt=row.prompt,
             negative=row.negative_prompt,
             parameters=dict(row.parameters or {}),
-            queue_position=live.queue_position if live else row.queue_position,
-            current_node=live.current_node if live else row.current_node,
-            step=live.step if live else None,
-            max_steps=live.max_steps if live else None,
-            progress=progress,
-            eta_seconds=eta,
+            queue_position=row.queue_position,
+            current_node=row.current_node,
+            progress=row.progress,
             error=row.error_message,
-            notice=live.notice if live else None,
             created_at=row.created_at,
             started_at=row.started_at,
             completed_at=row.completed_at,
@@ -694,7 +758,10 @@ class GenerationService:
                     conn = await self._pool.get(server)
                     result = await conn.client.get_prompt_result(row.comfy_prompt_id or "")
                     if result is not None and result.status == "success":
-                        await self._deliver(job_id, conn, list(result.outputs))
+                        # It may have been posted already: the observer checks first.
+                        await self._deliver(
+                            job_id, conn, list(result.outputs), check_existing=True
+                        )
                         return
             if server_id is None:
                 raise GenerationFailed("The server of this job was removed.")
@@ -731,7 +798,7 @@ class GenerationService:
                     row.status = GenerationStatus.PENDING.value
                     row.comfy_prompt_id = str(uuid.uuid4())
                     row.attempts += 1
-                await self._publish(job_id)
+                await self._publish(job_id, changed=True)
 
     async def _failover_target(self, job_id: int, failed: ServerView) -> ServerView | None:
         job = await self.get(job_id)
@@ -746,9 +813,11 @@ class GenerationService:
             kind=p.get("kind", "generate"),
         )
         try:
-            return await self._choose_server(req, exclude={failed.id})
+            target = await self._choose_server(req, exclude={failed.id})
         except ComfyVastError:
             return None
+        self._release(target.id)  # the row moves to it right away
+        return target
 
     async def _execute(self, job_id: int, server: ServerView, live: _Live) -> None:
         try:
@@ -813,7 +882,7 @@ class GenerationService:
             prompt_id,
             queued.number,
         )
-        await self._publish(job_id)
+        await self._publish(job_id, changed=True)
 
     async def _queue_snapshot(self, conn: ComfyConnection, *, fresh: bool = False) -> Any:
         """ComfyUI's queue, shared by all jobs on a server for a couple of seconds."""
@@ -851,9 +920,24 @@ class GenerationService:
                 if live.queue_position is not None:
                     await self._refresh_position(job_id, conn, prompt_id, live)
                 continue
-            if isinstance(event, PromptDone):
-                return event
-            await self._on_event(job_id, event, workflow, live)
+            # Take everything already waiting: only the newest progress and preview
+            # matter, and the end of the prompt must not wait behind stale frames.
+            batch = [event, *sub.drain()]
+            done = next((e for e in batch if isinstance(e, PromptDone)), None)
+            if done is not None:
+                return done
+            last_progress = max(
+                (i for i, e in enumerate(batch) if isinstance(e, Progress)), default=-1
+            )
+            last_preview = max(
+                (i for i, e in enumerate(batch) if isinstance(e, PreviewEvent)), default=-1
+            )
+            for index, item in enumerate(batch):
+                if isinstance(item, Progress) and index != last_progress:
+                    continue
+                if isinstance(item, PreviewEvent) and index != last_preview:
+                    continue
+                await self._on_event(job_id, item, workflow, live)
 
     async def _refresh_position(
         self, job_id: int, conn: ComfyConnection, prompt_id: str, live: _Live
@@ -960,7 +1044,8 @@ class GenerationService:
         return build_workflow(params)
 
     async def _deliver(
-        self, job_id: int, conn: ComfyConnection, outputs: list[OutputImage]
+        self, job_id: int, conn: ComfyConnection, outputs: list[OutputImage],
+        *, check_existing: bool = False,
     ) -> None:
         images = [o for o in outputs if o.type == "output"] or outputs
         if not images:
@@ -982,7 +1067,7 @@ class GenerationService:
         if live is not None:
             live.current_node = None
             live.step = live.max_steps
-        await self.observer.deliver(await self.get(job_id), files)
+        await self.observer.deliver(await self.get(job_id), files, check_existing=check_existing)
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             assert row is not None
@@ -1013,7 +1098,7 @@ class GenerationService:
             row.queue_position = None
             if started and row.started_at is None:
                 row.started_at = self._clock()
-        await self._publish(job_id)
+        await self._publish(job_id, changed=True)
 
     async def _save_progress(self, job_id: int, progress: float, live: _Live) -> None:
         async with self._sessions.begin() as session:
@@ -1036,9 +1121,13 @@ class GenerationService:
         except Exception:
             log.exception("could not show the end of generation %s", job_id)
 
-    async def _publish(self, job_id: int, preview: bytes | None = None) -> None:
+    async def _publish(
+        self, job_id: int, preview: bytes | None = None, *, changed: bool = False
+    ) -> None:
+        """Tell the observer; ``changed`` when the row changed (re-read it)."""
         try:
-            await self.observer.on_update(await self.get(job_id), preview)
+            view = await self._refresh_view(job_id) if changed else await self.snapshot(job_id)
+            await self.observer.on_update(view, preview)
         except Exception:
             log.exception("progress update for generation %s failed", job_id)
 

@@ -411,6 +411,23 @@ class EventSubscription:
             self._ended = True
         return item  # type: ignore[no-any-return]
 
+    def drain(self) -> list[ComfyEvent]:
+        """The events already waiting, without blocking (so a slow reader can skip stale
+        progress and previews instead of replaying them one by one)."""
+        items: list[ComfyEvent] = []
+        while not self._ended:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is _CLOSED:
+                self._queue.put_nowait(item)  # let the next get() see the end
+                break
+            items.append(item)
+            if isinstance(item, PromptDone) and self.prompt_id is not None:
+                self._ended = True
+        return items
+
     async def wait_done(self, timeout: float | None = None) -> PromptDone:
         """Skip to this prompt's :class:`PromptDone`."""
         deadline = None if timeout is None else time.monotonic() + timeout
