@@ -21,7 +21,7 @@ from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration,
 from bot.tree import send_ephemeral
 from core.errors import ComfyVastError
 from core.generation import GenerationRequest, JobView
-from core.images import ImageFile, fit_for_upload, make_grid, thumbnail
+from core.images import UPLOAD_MARGIN, ImageFile, fit_for_upload, make_grid, thumbnail
 
 if TYPE_CHECKING:
     from bot.bot import ComfyVastBot
@@ -368,8 +368,11 @@ class DiscordJobObserver:
         existing = await self._find_delivery(channel, job) if check_existing else None
         if existing is None:
             limit = self._upload_limit(job.guild_id)
-            files, shown = await asyncio.to_thread(prepare_upload, images, limit)
-            upscale = bool(await self.bot.services.generation.upscale_models(job.server_id))
+            if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
+                files, shown = images, images[0].filename  # nothing to re-encode
+            else:
+                files, shown = await asyncio.to_thread(prepare_upload, images, limit)
+            upscale = self.bot.services.generation.has_upscale_model(job.server_id)
             existing = await channel.send(
                 content=f"<@{job.user_id}>",
                 embed=result_embed(job, shown),

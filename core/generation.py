@@ -184,6 +184,7 @@ class _Live:
     notice: str | None = None
     last_db_write: float = 0.0
     cancel_requested: bool = False
+    resumed: bool = False
 
 
 class ModelCatalog:
@@ -203,6 +204,11 @@ class ModelCatalog:
         names = sorted(await conn.client.list_models(folder))
         self._cache[key] = (time.monotonic(), names)
         return names
+
+    def peek(self, server_id: int, folder: str) -> list[str] | None:
+        """The cached names, even if stale; None when never listed."""
+        hit = self._cache.get((server_id, folder))
+        return hit[1] if hit else None
 
     def cached(self, folder: str) -> list[str]:
         """Every name seen in ``folder`` on any server (for autocomplete, no I/O)."""
@@ -240,6 +246,7 @@ class GenerationService:
         # Jobs chosen for a server but not inserted yet, so concurrent submissions spread.
         self._reserved: dict[int, int] = {}
         self._choose_lock = asyncio.Lock()
+        self._prefetches: set[asyncio.Task[None]] = set()
         self._queue_cache: dict[int, tuple[float, Any]] = {}
         self._inputs_dir = settings.data_dir / "inputs"
 
@@ -491,11 +498,14 @@ class GenerationService:
             if row is not None:
                 row.channel_id, row.message_id = channel_id, message_id
 
-    def start(self, job_id: int) -> None:
-        """Run the job in a tracked background task (queue, follow, deliver)."""
+    def start(self, job_id: int, *, resumed: bool = False) -> None:
+        """Run the job in a tracked background task (queue, follow, deliver).
+
+        ``resumed``: a previous process may have posted the result already.
+        """
         if job_id in self._tasks and not self._tasks[job_id].done():
             return
-        task = asyncio.create_task(self._run(job_id), name=f"generation-{job_id}")
+        task = asyncio.create_task(self._run(job_id, resumed), name=f"generation-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda t, j=job_id: self._task_done(j, t))
 
@@ -526,7 +536,7 @@ class GenerationService:
             )
         for job_id in ids:
             log.info("resuming generation %s", job_id)
-            self.start(job_id)
+            self.start(job_id, resumed=True)
         return ids
 
     async def abandon(self, job_id: int, reason: str) -> None:
@@ -669,6 +679,24 @@ class GenerationService:
             for ref in refs
         ]
 
+    def _prefetch(self, server: ServerView, folder: str) -> None:
+        if self.catalog.peek(server.id, folder) is not None:
+            return
+
+        async def fetch() -> None:
+            try:
+                await self.catalog.models(server, folder)
+            except ComfyVastError as exc:
+                log.info("listing %s on %s failed: %s", folder, server.name, exc)
+
+        task = asyncio.create_task(fetch(), name=f"prefetch-{server.id}-{folder}")
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
+
+    def has_upscale_model(self, server_id: int | None) -> bool:
+        """From the cache only (no I/O): does this server have an upscale model?"""
+        return server_id is not None and bool(self.catalog.peek(server_id, "upscale_models"))
+
     async def upscale_models(self, server_id: int | None = None) -> dict[int, list[str]]:
         """Upscale models per ready server (only servers that have some)."""
         found: dict[int, list[str]] = {}
@@ -726,9 +754,9 @@ class GenerationService:
 
     # ------------------------------------------------------------------ running
 
-    async def _run(self, job_id: int) -> None:
+    async def _run(self, job_id: int, resumed: bool = False) -> None:
         try:
-            await self._drive(job_id)
+            await self._drive(job_id, resumed)
         except asyncio.CancelledError:
             raise
         except GenerationFailed as exc:
@@ -741,8 +769,9 @@ class GenerationService:
                 job_id, GenerationStatus.FAILED, "Something went wrong; it has been logged."
             )
 
-    async def _drive(self, job_id: int) -> None:
+    async def _drive(self, job_id: int, resumed: bool = False) -> None:
         live = self._live.setdefault(job_id, _Live())
+        live.resumed = resumed
         moved = False
         while True:
             async with self._sessions() as session:
@@ -829,6 +858,8 @@ class GenerationService:
             assert row is not None
             prompt_id = row.comfy_prompt_id or str(uuid.uuid4())
             status = GenerationStatus(row.status)
+        # Warm the cache the result's Upscale button is decided from, off the critical path.
+        self._prefetch(server, "upscale_models")
         # Subscribe before queueing, so no message about the prompt can be missed.
         sub = conn.stream.subscribe(prompt_id)
         try:
@@ -843,7 +874,7 @@ class GenerationService:
             sub.close()
         if done.status == "success":
             outputs = list(done.outputs) or await conn.client.get_prompt_outputs(prompt_id)
-            await self._deliver(job_id, conn, outputs)
+            await self._deliver(job_id, conn, outputs, check_existing=live.resumed)
         elif done.status == "interrupted" or live.cancel_requested:
             await self._finish(job_id, GenerationStatus.CANCELLED, None)
         elif done.status == "lost":
@@ -1067,7 +1098,9 @@ class GenerationService:
         if live is not None:
             live.current_node = None
             live.step = live.max_steps
-        await self.observer.deliver(await self.get(job_id), files, check_existing=check_existing)
+        await self.observer.deliver(
+            await self._refresh_view(job_id), files, check_existing=check_existing
+        )
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             assert row is not None
