@@ -27,6 +27,7 @@ EXTENSIONS = (
     "cogs.generation",
     "cogs.workflows",
     "cogs.setup",
+    "cogs.models",
 )
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
@@ -72,6 +73,7 @@ class ComfyVastBot(commands.Bot):
         for ext in self._extensions:
             await self.load_extension(ext)
         await self.sync_commands_if_changed()
+        await self.services.models.recover()
         self.spawn(self._resume_jobs(), name="resume-generations")
         self.spawn(server_loop(self), name="server-maintenance")
 

@@ -24,8 +24,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-NO_TOKEN = (  # noqa: S105 - a help sentence, not a credential
-    "No Discord bot token is set: put it in config.toml under [discord] as "
+NO_TOKEN = (
+    "No Discord bot token is set: put it in config.toml under [discord] as "  # noqa: S105
     'token = "..." or set the DISCORD_TOKEN environment variable.'
 )
 

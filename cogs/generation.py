@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal
 
 import discord
@@ -213,13 +212,13 @@ class Generation(commands.Cog):
     async def _model_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        return _matching(await self._models("checkpoints"), current)
+        return _matching(await self._models("checkpoints", current), current)
 
     @generate.autocomplete("lora")
     async def _lora_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        return _matching(await self._models("loras"), current)
+        return _matching(await self._models("loras", current), current)
 
     @generate.autocomplete("server")
     @imagine.autocomplete("server")
@@ -234,22 +233,9 @@ class Generation(commands.Cog):
     ) -> list[app_commands.Choice[str]]:
         return _matching(await self.bot.services.workflows.names(), current)
 
-    async def _models(self, folder: str) -> list[str]:
-        """Names across running servers; cached, and refreshed in the background."""
-        gen = self.bot.services.generation
-        names = gen.catalog.cached(folder)
-        if names:
-            return names
-        ready = [s for s in await self.bot.services.servers.list() if s.is_ready]
-        # Autocomplete must answer within 3 s: ask every server at once, briefly.
-        results = await asyncio.gather(
-            *(asyncio.wait_for(gen.catalog.models(s, folder), 1.5) for s in ready),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, list):
-                names.extend(result)
-        return sorted(set(names))
+    async def _models(self, folder: str, current: str = "") -> list[str]:
+        """Names across running servers, from the model cache (filled within ~2 s)."""
+        return await self.bot.services.models.names(folder, current)
 
     @app_commands.command(name="progress", description="Show the state of a generation.")
     @app_commands.describe(generation="The job number (from the status message).")

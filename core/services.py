@@ -15,9 +15,10 @@ from core.db.engine import SessionFactory, create_engine, create_session_factory
 from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
+from core.models import DEFAULT_INSTALL_DIR, ModelService
 from core.remote import Remote
 from core.server_service import ServerService
-from core.servers import ServerRegistry
+from core.servers import ServerRegistry, ServerView
 from core.setup import SetupService
 from core.vast import VastClient
 from core.workflow_store import WorkflowStore
@@ -41,11 +42,13 @@ class Services:
     server_ops: ServerService
     setup: SetupService
     diagnostics: Diagnostics
+    models: ModelService
 
     async def close(self) -> None:
         await self.generation.close()
         await self.comfy.close()
         await self.setup.close()
+        await self.models.close()
         await self.remote.close()
         await self.http.close()
         await self.engine.dispose()
@@ -84,6 +87,16 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     server_ops.heartbeat = remote.heartbeat
     comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
     setup = SetupService(settings, sessions, servers, remote, audit)
+    generation = GenerationService(settings, sessions, servers, comfy)
+
+    async def install_dir(server: ServerView) -> str:
+        installation = await setup.installation(server)
+        return str(installation.params.get("install_dir", DEFAULT_INSTALL_DIR))
+
+    models = ModelService(
+        settings, sessions, servers, comfy, remote.pool, remote.target, audit,
+        on_change=generation.catalog.invalidate, install_dir=install_dir,
+    )
     return Services(
         settings=settings,
         engine=engine,
@@ -94,11 +107,12 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         servers=servers,
         endpoints=endpoints,
         comfy=comfy,
-        generation=GenerationService(settings, sessions, servers, comfy),
+        generation=generation,
         workflows=WorkflowStore(sessions, audit, servers, comfy),
         remote=remote,
         vast=vast,
         server_ops=server_ops,
         setup=setup,
         diagnostics=Diagnostics(servers, remote, setup, http),
+        models=models,
     )
