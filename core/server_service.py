@@ -741,32 +741,20 @@ class ServerService:
 
     async def _busy(self, server_id: int) -> bool:
         """Setup, downloads and queued or running jobs count as activity, never idle."""
+        active = (
+            (ComfyGeneration.id, ComfyGeneration.server_id,
+             ComfyGeneration.status.in_(ACTIVE_JOB_STATES)),
+            (ServerExecution.id, ServerExecution.server_id,
+             ServerExecution.status.in_(["pending", "running"])),
+            (ModelDownload.id, ModelDownload.server_id,
+             ModelDownload.status.in_(["pending", "running"])),
+        )
         async with self._sessions() as session:
-            jobs = (
-                await session.scalars(
-                    select(ComfyGeneration.id)
-                    .where(ComfyGeneration.server_id == server_id)
-                    .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
-                    .limit(1)
-                )
-            ).first()
-            setup = (
-                await session.scalars(
-                    select(ServerExecution.id)
-                    .where(ServerExecution.server_id == server_id)
-                    .where(ServerExecution.status.in_(["pending", "running"]))
-                    .limit(1)
-                )
-            ).first()
-            downloads = (
-                await session.scalars(
-                    select(ModelDownload.id)
-                    .where(ModelDownload.server_id == server_id)
-                    .where(ModelDownload.status.in_(["pending", "running"]))
-                    .limit(1)
-                )
-            ).first()
-        return any(x is not None for x in (jobs, setup, downloads))
+            for row_id, server_col, is_active in active:
+                stmt = select(row_id).where(server_col == server_id).where(is_active).limit(1)
+                if (await session.scalars(stmt)).first() is not None:
+                    return True
+        return False
 
     async def keep_alive(self, actor: Actor, server_id: int) -> ServerView:
         await self._registry.touch(server_id)
