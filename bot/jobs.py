@@ -393,12 +393,12 @@ class DiscordJobObserver:
             await self.relay.finish(
                 job.channel_id,
                 job.message_id,
-                lambda: self._render_final(job.id, f"Finished: {link}" if link else None),
+                lambda: self._render_final(job, f"Finished: {link}" if link else None),
             )
         self._forget(job.id)
 
-    async def _render_final(self, job_id: int, link: str | None) -> dict[str, Any]:
-        job = await self.bot.services.generation.get(job_id)
+    async def _render_final(self, job: JobView, link: str | None) -> dict[str, Any]:
+        # The final view comes with the event: no database read for the last edit.
         embed = status_embed(job)
         if link:
             embed.add_field(name="Result", value=link, inline=False)

@@ -37,7 +37,7 @@ from core.comfy.pool import ComfyConnection, ComfyPool
 from core.comfy.workflows import GenerationParams, LoraSpec, apply_param_map, build_workflow
 from core.config import Settings
 from core.db.engine import SessionFactory
-from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, utcnow
+from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, Server, utcnow
 from core.errors import (
     ComfyVastError,
     NotFound,
@@ -558,8 +558,6 @@ class GenerationService:
                 raise NotFound(f"There is no generation #{job_id}.")
             server_name = None
             if row.server_id is not None:
-                from core.db.models import Server
-
                 server = await session.get(Server, row.server_id)
                 server_name = server.name if server else None
             return self._view(row, server_name)
@@ -580,6 +578,19 @@ class GenerationService:
         if job_id in self._live:
             self._views[job_id] = view
         return view
+
+    def _remember(self, row: ComfyGeneration) -> JobView:
+        """A view of a row just written in the caller's session; kept for running jobs.
+
+        Saves a second database read on every transition: the server name (which never
+        changes under a job, except on failover, which re-reads) comes from the cache.
+        """
+        cached = self._views.get(row.id)
+        name = cached.server_name if cached and cached.server_id == row.server_id else None
+        view = self._base_view(row, name)
+        if row.id in self._live and name is not None:
+            self._views[row.id] = view
+        return self._overlay(view)
 
     def _overlay(self, view: JobView) -> JobView:
         live = self._live.get(view.id)
@@ -1101,16 +1112,21 @@ class GenerationService:
         await self.observer.deliver(
             await self._refresh_view(job_id), files, check_existing=check_existing
         )
+        now = self._clock()
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             assert row is not None
             row.status = GenerationStatus.COMPLETED.value
-            row.completed_at = row.delivered_at = self._clock()
-            server_id = row.server_id
-        if server_id is not None:
-            await self._registry.touch(server_id)
+            row.completed_at = row.delivered_at = now
+            if row.server_id is not None:
+                # A finished job is activity: idle autostop counts from here.
+                server = await session.get(Server, row.server_id)
+                if server is not None:
+                    server.last_used_at = now
+            await session.flush()
+            final = self._base_view(row, server.name if row.server_id and server else None)
         try:
-            await self.observer.on_finished(await self.get(job_id))
+            await self.observer.on_finished(final)
         except Exception:
             log.exception("could not show the end of generation %s", job_id)
 
@@ -1131,7 +1147,14 @@ class GenerationService:
             row.queue_position = None
             if started and row.started_at is None:
                 row.started_at = self._clock()
-        await self._publish(job_id, changed=True)
+            await session.flush()
+            view = self._remember(row)
+        if view.server_name is None:  # nothing cached yet: read it properly once
+            view = await self._refresh_view(job_id)
+        try:
+            await self.observer.on_update(view, None)
+        except Exception:
+            log.exception("progress update for generation %s failed", job_id)
 
     async def _save_progress(self, job_id: int, progress: float, live: _Live) -> None:
         async with self._sessions.begin() as session:
@@ -1149,8 +1172,11 @@ class GenerationService:
             row.error_message = error
             row.completed_at = self._clock()
             row.queue_position = None
+            await session.flush()
+            server = await session.get(Server, row.server_id) if row.server_id else None
+            final = self._overlay(self._base_view(row, server.name if server else None))
         try:
-            await self.observer.on_finished(await self.get(job_id))
+            await self.observer.on_finished(final)
         except Exception:
             log.exception("could not show the end of generation %s", job_id)
 
