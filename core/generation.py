@@ -185,6 +185,17 @@ class _Live:
     last_db_write: float = 0.0
     cancel_requested: bool = False
     resumed: bool = False
+    started: bool = False  # ComfyUI began executing it (no more queue positions)
+
+
+@dataclass(frozen=True, slots=True)
+class _JobSpec:
+    """What the workflow of a job is built from, read once per attempt."""
+
+    parameters: dict[str, Any]
+    prompt: str
+    negative: str
+    custom: tuple[dict[str, Any], dict[str, Any]] | None  # (workflow, param map)
 
 
 class ModelCatalog:
@@ -869,12 +880,17 @@ class GenerationService:
             assert row is not None
             prompt_id = row.comfy_prompt_id or str(uuid.uuid4())
             status = GenerationStatus(row.status)
+            custom = await session.get(ComfyWorkflow, row.workflow_id) if row.workflow_id else None
+            spec = _JobSpec(
+                dict(row.parameters or {}), row.prompt, row.negative_prompt or "",
+                (custom.workflow, custom.param_map or {}) if custom is not None else None,
+            )
         # Warm the cache the result's Upscale button is decided from, off the critical path.
         self._prefetch(server, "upscale_models")
         # Subscribe before queueing, so no message about the prompt can be missed.
         sub = conn.stream.subscribe(prompt_id)
         try:
-            workflow = await self._workflow_for(job_id, conn.client)
+            workflow = await self._workflow_for(job_id, conn.client, spec)
             if status == GenerationStatus.PENDING:
                 await self._queue(job_id, conn, prompt_id, workflow)
             else:
@@ -906,17 +922,20 @@ class GenerationService:
             raise ServerFailure(str(exc)) from None
         position = None
         try:
-            queue = await self._queue_snapshot(conn, fresh=True)
+            # Shared and at most a couple of seconds old: the follow loop refreshes it.
+            queue = await self._queue_snapshot(conn)
             position = queue.position(prompt_id)
         except ComfyError:
             pass
+        self._live[job_id].queue_position = position
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             assert row is not None
             row.status = GenerationStatus.QUEUED.value
             row.queue_position = position
             row.attempts = max(row.attempts, 1)
-        self._live[job_id].queue_position = position
+            await session.flush()
+            view = self._remember(row)
         log.info(
             "generation %s queued on server %s as %s (#%s)",
             job_id,
@@ -924,7 +943,7 @@ class GenerationService:
             prompt_id,
             queued.number,
         )
-        await self._publish(job_id, changed=True)
+        await self._emit(view)
 
     async def _queue_snapshot(self, conn: ComfyConnection, *, fresh: bool = False) -> Any:
         """ComfyUI's queue, shared by all jobs on a server for a couple of seconds."""
@@ -959,7 +978,7 @@ class GenerationService:
             else:
                 down_since = None
             if event is None:
-                if live.queue_position is not None:
+                if not live.started:
                     await self._refresh_position(job_id, conn, prompt_id, live)
                 continue
             # Take everything already waiting: only the newest progress and preview
@@ -996,6 +1015,8 @@ class GenerationService:
     async def _on_event(
         self, job_id: int, event: Any, workflow: dict[str, Any], live: _Live
     ) -> None:
+        if isinstance(event, ExecutionStart | Executing | Progress):
+            live.started = True
         if isinstance(event, ExecutionStart):
             live.queue_position = None
             await self._set_status(job_id, GenerationStatus.RUNNING, started=True)
@@ -1020,13 +1041,10 @@ class GenerationService:
         elif isinstance(event, ExecutionCached | Disconnected):
             return
 
-    async def _workflow_for(self, job_id: int, client: ComfyClient) -> dict[str, Any]:
-        async with self._sessions() as session:
-            row = await session.get(ComfyGeneration, job_id)
-            assert row is not None
-            p = dict(row.parameters or {})
-            prompt, negative = row.prompt, row.negative_prompt or ""
-            custom = await session.get(ComfyWorkflow, row.workflow_id) if row.workflow_id else None
+    async def _workflow_for(
+        self, job_id: int, client: ComfyClient, spec: _JobSpec
+    ) -> dict[str, Any]:
+        p, prompt, negative = spec.parameters, spec.prompt, spec.negative
         uploaded: str | None = None
         if p.get("input_path"):
             path = Path(p["input_path"])
@@ -1043,9 +1061,9 @@ class GenerationService:
             if uploaded is None:
                 raise GenerationFailed("Nothing to upscale.")
             return upscale_workflow(uploaded, p["upscale_model"], job_id)
-        if custom is not None:
+        if spec.custom is not None:
+            custom_workflow, mapping = spec.custom
             values: dict[str, Any] = {}
-            mapping = custom.param_map or {}
             for key, value in (
                 ("prompt", prompt),
                 ("negative", negative),
@@ -1063,7 +1081,7 @@ class GenerationService:
                 if key in mapping and value is not None:
                     values[key] = value
             return apply_param_map(
-                custom.workflow, {k: [tuple(t) for t in v] for k, v in mapping.items()}, values
+                custom_workflow, {k: [tuple(t) for t in v] for k, v in mapping.items()}, values
             )
         loras = (LoraSpec(p["lora"], float(p.get("lora_strength", 1.0))),) if p.get("lora") else ()
         params = GenerationParams(
@@ -1101,6 +1119,8 @@ class GenerationService:
             row.image_urls = [
                 {"filename": o.filename, "subfolder": o.subfolder, "type": o.type} for o in images
             ]
+            await session.flush()
+            uploading = self._remember(row)
         files = [
             ImageFile(o.filename.rsplit("/", 1)[-1], await conn.client.view_image(o))
             for o in images
@@ -1109,9 +1129,9 @@ class GenerationService:
         if live is not None:
             live.current_node = None
             live.step = live.max_steps
-        await self.observer.deliver(
-            await self._refresh_view(job_id), files, check_existing=check_existing
-        )
+        if uploading.server_name is None and uploading.server_id is not None:
+            uploading = await self._refresh_view(job_id)
+        await self.observer.deliver(uploading, files, check_existing=check_existing)
         now = self._clock()
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
@@ -1149,12 +1169,7 @@ class GenerationService:
                 row.started_at = self._clock()
             await session.flush()
             view = self._remember(row)
-        if view.server_name is None:  # nothing cached yet: read it properly once
-            view = await self._refresh_view(job_id)
-        try:
-            await self.observer.on_update(view, None)
-        except Exception:
-            log.exception("progress update for generation %s failed", job_id)
+        await self._emit(view)
 
     async def _save_progress(self, job_id: int, progress: float, live: _Live) -> None:
         async with self._sessions.begin() as session:
@@ -1179,6 +1194,15 @@ class GenerationService:
             await self.observer.on_finished(final)
         except Exception:
             log.exception("could not show the end of generation %s", job_id)
+
+    async def _emit(self, view: JobView) -> None:
+        """Tell the observer about a transition whose row the caller just wrote."""
+        if view.server_name is None and view.server_id is not None:
+            view = await self._refresh_view(view.id)  # nothing cached yet: read it once
+        try:
+            await self.observer.on_update(view, None)
+        except Exception:
+            log.exception("progress update for generation %s failed", view.id)
 
     async def _publish(
         self, job_id: int, preview: bytes | None = None, *, changed: bool = False
