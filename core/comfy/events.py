@@ -403,7 +403,12 @@ class EventSubscription:
         """The next event; raises StopAsyncIteration once the subscription ended."""
         if self._ended:
             raise StopAsyncIteration
-        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if timeout is None:
+            item = await self._queue.get()
+        else:
+            # asyncio.timeout, not wait_for: no extra task per event (this is the hot path).
+            async with asyncio.timeout(timeout):
+                item = await self._queue.get()
         if item is _CLOSED:
             self._ended = True
             raise StopAsyncIteration
