@@ -325,9 +325,15 @@ class GenerationService:
             if req.image is not None:
                 params = {**params, "input_path": self._save_input(row.id, req.image)}
                 row.parameters = params
-            job_id = row.id
-        await self._registry.touch(server.id, channel_id=req.actor.channel_id)
-        return await self.get(job_id)
+            # A new job is activity on its server (idle autostop counts from here), in the
+            # same transaction as the row.
+            server_row = await session.get(Server, server.id)
+            if server_row is not None:
+                server_row.last_used_at = self._clock()
+                if req.actor.channel_id is not None:
+                    server_row.last_channel_id = req.actor.channel_id
+            await session.flush()
+            return self._base_view(row, server.name)
 
     def _validate(self, req: GenerationRequest) -> None:
         limits = self._settings.limits
@@ -959,6 +965,7 @@ class GenerationService:
     ) -> PromptDone:
         deadline = time.monotonic() + self._settings.comfy.job_timeout
         down_since: float | None = None
+        next_position_check = 0.0
         prompt_id = sub.prompt_id
         while True:
             left = deadline - time.monotonic()
@@ -978,8 +985,11 @@ class GenerationService:
             else:
                 down_since = None
             if event is None:
-                if not live.started:
+                if not live.started and time.monotonic() >= next_position_check:
                     await self._refresh_position(job_id, conn, prompt_id, live)
+                    # Far back in the line, the position changes slowly: look less often.
+                    far = (live.queue_position or 0) > 5
+                    next_position_check = time.monotonic() + (8.0 if far else 0.0)
                 continue
             # Take everything already waiting: only the newest progress and preview
             # matter, and the end of the prompt must not wait behind stale frames.
