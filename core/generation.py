@@ -186,6 +186,7 @@ class _Live:
     cancel_requested: bool = False
     resumed: bool = False
     started: bool = False  # ComfyUI began executing it (no more queue positions)
+    started_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,10 +620,14 @@ class GenerationService:
             if live.first_step_at is not None and live.step > 0:
                 elapsed = time.monotonic() - live.first_step_at
                 eta = elapsed / live.step * (live.max_steps - live.step)
+        status, started_at = view.status, view.started_at
+        if live.started_at is not None and status in ("pending", "queued"):
+            status = GenerationStatus.RUNNING.value
+        started_at = started_at or live.started_at
         return replace(
-            view, queue_position=live.queue_position, current_node=live.current_node,
-            step=live.step, max_steps=live.max_steps, progress=progress, eta_seconds=eta,
-            notice=live.notice,
+            view, status=status, started_at=started_at, queue_position=live.queue_position,
+            current_node=live.current_node, step=live.step, max_steps=live.max_steps,
+            progress=progress, eta_seconds=eta, notice=live.notice,
         )
 
     def _view(self, row: ComfyGeneration, server_name: str | None) -> JobView:
@@ -973,7 +978,10 @@ class GenerationService:
                 await self._try_interrupt(conn, prompt_id)
                 raise GenerationFailed("The job took too long and was stopped.")
             try:
-                event = await sub.get(timeout=min(left, 2.0))
+                # Jobs far back in a queue wake rarely; running ones often enough to notice
+                # a dead server within failover_after.
+                far = not live.started and (live.queue_position or 0) > 5
+                event = await sub.get(timeout=min(left, 8.0 if far else 2.0))
             except TimeoutError:
                 event = None
             except StopAsyncIteration:
@@ -1028,8 +1036,11 @@ class GenerationService:
         if isinstance(event, ExecutionStart | Executing | Progress):
             live.started = True
         if isinstance(event, ExecutionStart):
+            # Shown at once from memory; the row learns it with the next write (progress,
+            # uploading or the end): a restart resumes queued and running jobs alike.
             live.queue_position = None
-            await self._set_status(job_id, GenerationStatus.RUNNING, started=True)
+            live.started_at = live.started_at or self._clock()
+            await self._publish(job_id)
         elif isinstance(event, Executing) and event.node is not None:
             live.queue_position = None
             node = workflow.get(event.node, {})
@@ -1124,6 +1135,7 @@ class GenerationService:
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             assert row is not None
+            self._apply_start(row, self._live.get(job_id))
             row.status = GenerationStatus.UPLOADING.value
             row.progress = 1.0
             row.image_urls = [
@@ -1166,20 +1178,16 @@ class GenerationService:
         except ComfyError:
             pass
 
-    async def _set_status(
-        self, job_id: int, status: GenerationStatus, *, started: bool = False
-    ) -> None:
-        async with self._sessions.begin() as session:
-            row = await session.get(ComfyGeneration, job_id)
-            if row is None:
-                return
-            row.status = status.value
+    @staticmethod
+    def _apply_start(row: ComfyGeneration, live: _Live | None) -> None:
+        """Write the start that was kept in memory (see _on_event)."""
+        if live is None or live.started_at is None:
+            return
+        if row.status in (GenerationStatus.PENDING.value, GenerationStatus.QUEUED.value):
+            row.status = GenerationStatus.RUNNING.value
             row.queue_position = None
-            if started and row.started_at is None:
-                row.started_at = self._clock()
-            await session.flush()
-            view = self._remember(row)
-        await self._emit(view)
+        if row.started_at is None:
+            row.started_at = live.started_at
 
     async def _save_progress(self, job_id: int, progress: float, live: _Live) -> None:
         async with self._sessions.begin() as session:
@@ -1187,12 +1195,14 @@ class GenerationService:
             if row is not None:
                 row.progress = progress
                 row.current_node = live.current_node
+                self._apply_start(row, live)
 
     async def _finish(self, job_id: int, status: GenerationStatus, error: str | None) -> None:
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             if row is None or GenerationStatus(row.status).finished:
                 return
+            self._apply_start(row, self._live.get(job_id))
             row.status = status.value
             row.error_message = error
             row.completed_at = self._clock()
