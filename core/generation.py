@@ -1132,21 +1132,26 @@ class GenerationService:
         if not images:
             await self._finish(job_id, GenerationStatus.FAILED, "ComfyUI finished without images.")
             return
-        async with self._sessions.begin() as session:
-            row = await session.get(ComfyGeneration, job_id)
-            assert row is not None
-            self._apply_start(row, self._live.get(job_id))
-            row.status = GenerationStatus.UPLOADING.value
-            row.progress = 1.0
-            row.image_urls = [
-                {"filename": o.filename, "subfolder": o.subfolder, "type": o.type} for o in images
-            ]
-            await session.flush()
-            uploading = self._remember(row)
-        files = [
-            ImageFile(o.filename.rsplit("/", 1)[-1], await conn.client.view_image(o))
-            for o in images
-        ]
+
+        async def mark_uploading() -> JobView:
+            async with self._sessions.begin() as session:
+                row = await session.get(ComfyGeneration, job_id)
+                assert row is not None
+                self._apply_start(row, self._live.get(job_id))
+                row.status = GenerationStatus.UPLOADING.value
+                row.progress = 1.0
+                row.image_urls = [
+                    {"filename": o.filename, "subfolder": o.subfolder, "type": o.type}
+                    for o in images
+                ]
+                await session.flush()
+                return self._remember(row)
+
+        async def fetch(image: OutputImage) -> ImageFile:
+            return ImageFile(image.filename.rsplit("/", 1)[-1], await conn.client.view_image(image))
+
+        # The row is marked before anything is posted; the images download meanwhile.
+        uploading, *files = await asyncio.gather(mark_uploading(), *(fetch(o) for o in images))
         live = self._live.get(job_id)
         if live is not None:
             live.current_node = None
