@@ -664,10 +664,18 @@ class SSHPool:
         where = target.address
         log.debug("Running on %s: %s", where, line)
         async with self._session(target) as conn:
-            try:
-                process = await asyncio.wait_for(
+            creating = asyncio.ensure_future(
+                asyncio.wait_for(
                     conn.create_process(line, encoding=None), self.options.connect_timeout
                 )
+            )
+            try:
+                process = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                # The server may run the command although we stopped waiting for it to
+                # open: finish opening it, then stop it like any cancelled command.
+                await _abandon(creating, conn)
+                raise
             except (TimeoutError, asyncssh.Error, OSError) as exc:
                 raise SSHConnectError(
                     f"Could not start a command on {where}: the SSH session failed to open."
@@ -697,7 +705,7 @@ class SSHPool:
                 await process.wait_closed()
         except TimeoutError:
             log.warning("Command on %s timed out after %g s; stopping it", where, timeout)
-            await _stop(process, conn, err.pid)
+            await _stop(process, conn, lambda: err.pid)
             await _cancel_and_wait(readers)
             raise SSHTimeout(timeout, where=where) from None
         except (asyncssh.Error, OSError) as exc:
@@ -707,7 +715,7 @@ class SSHPool:
             ) from exc
         except BaseException:
             # on_line failed or we were cancelled: do not leave the remote command running.
-            await _stop(process, conn, err.pid)
+            await _stop(process, conn, lambda: err.pid)
             await _cancel_and_wait(readers)
             raise
         status = process.returncode
@@ -839,14 +847,23 @@ async def _cancel_and_wait(fut: asyncio.Future[object]) -> None:
 
 
 async def _stop(
-    process: asyncssh.SSHClientProcess, conn: asyncssh.SSHClientConnection, pid: int | None
+    process: asyncssh.SSHClientProcess,
+    conn: asyncssh.SSHClientConnection,
+    pid_of: Callable[[], int | None],
 ) -> None:
     """Terminate a remote command and everything it started: SIGTERM, then SIGKILL.
 
     Closing the channel is not enough, sshd leaves the processes running. We send the SSH
     "signal" request (servers that honour it killpg() the session) and, since OpenSSH
     ignores it for root, also ``kill`` the command's process group over a second channel.
+    A command stopped right after it started may not have reported its pid yet: wait for
+    it briefly (the stderr reader keeps running meanwhile) rather than leave it running.
     """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            while pid_of() is None and process.returncode is None:
+                await asyncio.sleep(0.02)
+    pid = pid_of()
     for sig, grace in (("TERM", 2.0), ("KILL", 2.0)):
         with contextlib.suppress(OSError, asyncssh.Error, ValueError):
             process.send_signal(sig)
@@ -861,6 +878,22 @@ async def _stop(
         except TimeoutError:
             continue
     process.close()
+
+
+async def _abandon(
+    creating: asyncio.Future[asyncssh.SSHClientProcess], conn: asyncssh.SSHClientConnection
+) -> None:
+    """Stop a command whose start was cancelled (see SSHPool.run)."""
+    try:
+        process = await creating
+    except (TimeoutError, asyncssh.Error, OSError):
+        return
+    err = _Capture("stderr", None, pid_marker=True)
+    reader = asyncio.ensure_future(err.pump(process.stderr))
+    try:
+        await _stop(process, conn, lambda: err.pid)
+    finally:
+        await _cancel_and_wait(reader)
 
 
 def _tail(text: str) -> str:

@@ -145,3 +145,21 @@ async def test_secret_env_rejects_newlines(pool: SSHPool, target: SSHTarget):
     with pytest.raises(ValueError, match="newline") as info:
         await pool.run(target, "true", timeout=5, secret_env={"T": "a\nb"})
     assert "a\nb" not in str(info.value)
+
+
+async def test_cancel_right_after_start_still_kills_the_remote_process(
+    pool: SSHPool, target: SSHTarget
+):
+    """Cancelled before the shell reported its pid: the command must not keep running."""
+    await pool.run(target, "true", timeout=10)  # connection already open: the race is tight
+    marker = f"38.{secrets.randbelow(10**6):06d}"
+    needle = f"sleep\0{marker}".encode()
+    task = asyncio.create_task(pool.run(target, f"sleep {marker}", timeout=60))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 8
+    while any(needle in cmdline for cmdline in process_cmdlines()):
+        assert time.monotonic() < deadline, "the remote sleep is still running"
+        await asyncio.sleep(0.1)
