@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -534,11 +534,6 @@ class GenerationService:
         self._views.pop(job_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("generation %s crashed", job_id, exc_info=task.exception())
-
-    async def wait(self, job_id: int, timeout: float | None = None) -> None:
-        task = self._tasks.get(job_id)
-        if task is not None:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
 
     async def resume_unfinished(self) -> list[int]:
         """On start-up: follow again every job a previous run left unfinished."""
@@ -1255,9 +1250,3 @@ def upscale_workflow(image: str, model: str, job_id: int) -> dict[str, Any]:
         },
     }
 
-
-def request_summary(req: GenerationRequest) -> dict[str, Any]:
-    """A loggable view of a request: no image bytes."""
-    data = asdict(req)
-    data.pop("image", None)
-    return data

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from PIL import Image
@@ -112,11 +112,3 @@ def thumbnail(data: bytes, *, max_side: int = 320, quality: int = 70) -> bytes:
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return _encode(img, "JPEG", quality)
 
-
-def image_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
-
-
-def rename(image: ImageFile, filename: str) -> ImageFile:
-    return replace(image, filename=filename)

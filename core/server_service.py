@@ -33,7 +33,7 @@ from core.db.models import (
     ServerStatus,
     utcnow,
 )
-from core.errors import BudgetExceeded, ComfyVastError, NotFound, ResourceBusy, ValidationFailed
+from core.errors import BudgetExceeded, ComfyVastError, NotFound, ValidationFailed
 from core.overview import ACTIVE_JOB_STATES
 from core.servers import ServerRegistry, ServerView, validate_name
 from core.vast import (
@@ -827,6 +827,3 @@ class ServerService:
                 server.last_channel_id, f"Server **{server.name}** was {verb}: {why}."
             )
 
-    async def busy_check(self, server_id: int) -> None:
-        if self._lock(f"server:{server_id}").locked():
-            raise ResourceBusy("Another operation on this server is in progress; try again.")
