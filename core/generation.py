@@ -752,32 +752,28 @@ class GenerationService:
             raise ValidationFailed(f"Generation #{job_id} already ended ({job.status}).")
         live = self._live.setdefault(job_id, _Live())
         live.cancel_requested = True
+        # Stop following it first, so it cannot be queued after we looked: the runner may
+        # be between "POST /prompt" and recording it.
+        task = self._tasks.get(job_id)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
         async with self._sessions() as session:
             row = await session.get(ComfyGeneration, job_id)
             prompt_id = row.comfy_prompt_id if row else None
-        if job.server_id is not None and prompt_id and job.status != GenerationStatus.PENDING.value:
+            server_id = row.server_id if row else None
+        if server_id is not None and prompt_id:
             try:
-                conn = await self._pool.get(await self._registry.get(job.server_id))
+                conn = await self._pool.get(await self._registry.get(server_id))
                 queue = await conn.client.get_queue()
                 if prompt_id in queue.pending_ids:
                     await conn.client.delete_from_queue([prompt_id])
                 elif prompt_id in queue.running_ids:
                     # Targeted: interrupts only if this prompt is the one running.
                     await conn.client.interrupt(prompt_id)
-            except ComfyError as exc:
+            except ComfyVastError as exc:
                 log.warning("cancel of %s could not reach the server: %s", job_id, exc)
-        task = self._tasks.get(job_id)
-        if task is None or job.status == GenerationStatus.PENDING.value:
-            # Nothing is following it (or it never reached ComfyUI): end it here.
-            if task is not None:
-                task.cancel()
-            await self._finish(job_id, GenerationStatus.CANCELLED, None)
-            return await self.get(job_id)
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 15)
-        except TimeoutError:
-            task.cancel()
-            await self._finish(job_id, GenerationStatus.CANCELLED, None)
+        await self._finish(job_id, GenerationStatus.CANCELLED, None)
         return await self.get(job_id)
 
     # ------------------------------------------------------------------ running

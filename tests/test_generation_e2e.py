@@ -193,7 +193,7 @@ async def test_cancel_by_requester_but_not_by_someone_else(
     click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=other)
     await answer(studio, click)
     assert "Only the person" in reply(click).content
-    assert (await job_row(studio, row.id)).status in ("queued", "running")
+    assert not (await studio.services.generation.get(row.id)).finished
     click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=studio.fake.member)
     comfy.resume_sampling()
     row = await finished_row(studio, row.id)
@@ -384,3 +384,21 @@ async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: 
     statuses = [r.status for r in studio.fake.requests if r.method in ("PATCH", "POST")]
     assert statuses.count(429) == 2
     assert len(result_messages(studio)) == 1
+
+
+async def test_cancel_a_waiting_job_dequeues_it_only(studio: BotEnv, comfy: FakeComfy) -> None:
+    comfy.pause_sampling()
+    await generate(studio, {"prompt": "first", "steps": 3})
+    await generate(studio, {"prompt": "second", "steps": 3})
+    first = await job_row(studio, 1)
+    second = await job_row(studio, 2)
+    await comfy.wait_running(first.comfy_prompt_id, timeout=10)
+    await studio.fake.wait_for(lambda: second.comfy_prompt_id in comfy.pending_prompt_ids)
+    click = await studio.fake.click(status_message(studio, 2).id, "cv:cancel:2",
+                                    user=studio.fake.member)
+    await answer(studio, click)
+    assert (await finished_row(studio, 2)).status == "cancelled"
+    assert second.comfy_prompt_id not in comfy.pending_prompt_ids
+    assert not any(r.path == "/interrupt" for r in comfy.requests)  # the running one is safe
+    comfy.resume_sampling()
+    assert (await finished_row(studio, 1)).status == "completed"
