@@ -17,7 +17,14 @@ import discord
 from discord import ui
 
 from bot.relay import MessageRelay
-from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, progress_bar
+from bot.rendering import (
+    BRAND_COLOUR,
+    ERROR_COLOUR,
+    OK_COLOUR,
+    human_duration,
+    progress_bar,
+    truncate,
+)
 from bot.tree import send_ephemeral
 from core.errors import ComfyVastError
 from core.generation import GenerationRequest, JobView
@@ -40,14 +47,10 @@ STATUS_WORDS = {
 }
 
 
-def _short(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Embed:
     title = f"{STATUS_WORDS.get(job.status, job.status)} · job #{job.id}"
     colour = ERROR_COLOUR if job.status in ("failed", "cancelled") else BRAND_COLOUR
-    embed = discord.Embed(title=title, description=_short(job.prompt, 300), colour=colour)
+    embed = discord.Embed(title=title, description=truncate(job.prompt, 300), colour=colour)
     lines: list[str] = []
     if job.status == "queued":
         position = job.queue_position
@@ -68,9 +71,9 @@ def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Em
     if job.status == "uploading":
         lines.append("Uploading the images…")
     if job.error:
-        lines.append(f"**{_short(job.error, 900)}**")
+        lines.append(f"**{truncate(job.error, 900)}**")
     if job.notice:
-        lines.append(f"⚠️ {_short(job.notice, 300)}")
+        lines.append(f"⚠️ {truncate(job.notice, 300)}")
     if lines:
         embed.add_field(name="Progress", value="\n".join(lines), inline=False)
     embed.set_footer(
@@ -84,9 +87,9 @@ def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Em
 def result_embed(job: JobView, image_name: str) -> discord.Embed:
     p = job.parameters
     embed = discord.Embed(
-        title=_short(job.prompt or "Upscale", 250),
+        title=truncate(job.prompt or "Upscale", 250),
         colour=OK_COLOUR,
-        description=f"Negative: {_short(job.negative, 500)}" if job.negative else None,
+        description=f"Negative: {truncate(job.negative, 500)}" if job.negative else None,
     )
     fields = [
         ("Seed", str(p.get("seed"))),
@@ -104,7 +107,7 @@ def result_embed(job: JobView, image_name: str) -> discord.Embed:
             ("From job", f"#{p.get('parent_id')}"),
         ]
     for name, value in fields:
-        embed.add_field(name=name, value=_short(value, 200))
+        embed.add_field(name=name, value=truncate(value, 200))
     took = ""
     if job.started_at and job.completed_at:
         took = f" · {human_duration((job.completed_at - job.started_at).total_seconds())}"
