@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from core.config import Settings
 from core.db.models import Provider
 from core.errors import ExternalServiceError
 from core.servers import ServerView
@@ -24,11 +23,7 @@ class EndpointResolver:
     127.0.0.1 and are reached through an SSH tunnel, unless the port is exposed publicly.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._tunnels: TunnelSource | None = None
-
-    def attach_tunnels(self, tunnels: TunnelSource) -> None:
+    def __init__(self, tunnels: TunnelSource | None) -> None:
         self._tunnels = tunnels
 
     async def resolve(self, server: ServerView) -> str:

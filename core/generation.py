@@ -851,7 +851,7 @@ class GenerationService:
                     row.status = GenerationStatus.PENDING.value
                     row.comfy_prompt_id = str(uuid.uuid4())
                     row.attempts += 1
-                await self._publish(job_id, changed=True)
+                await self._emit(await self._refresh_view(job_id))
 
     async def _failover_target(self, job_id: int, failed: ServerView) -> ServerView | None:
         job = await self.get(job_id)
@@ -1220,12 +1220,10 @@ class GenerationService:
         except Exception:
             log.exception("progress update for generation %s failed", view.id)
 
-    async def _publish(
-        self, job_id: int, preview: bytes | None = None, *, changed: bool = False
-    ) -> None:
-        """Tell the observer; ``changed`` when the row changed (re-read it)."""
+    async def _publish(self, job_id: int, preview: bytes | None = None) -> None:
+        """Tell the observer about live progress (no database read while the job runs)."""
         try:
-            view = await self._refresh_view(job_id) if changed else await self.snapshot(job_id)
+            view = await self.snapshot(job_id)
             await self.observer.on_update(view, preview)
         except Exception:
             log.exception("progress update for generation %s failed", job_id)

@@ -195,9 +195,6 @@ class ServerService:
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
-    async def _row(self, session: Any, name_or_id: str | int) -> Server:
-        return await self._registry._find(session, name_or_id)
-
     # ------------------------------------------------------------------ costs
 
     async def month_spend(self, now: dt.datetime | None = None) -> float:

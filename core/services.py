@@ -69,8 +69,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     audit = AuditService(sessions)
     servers = ServerRegistry(sessions, audit)
     remote = Remote(settings, sessions)
-    endpoints = EndpointResolver(settings)
-    endpoints.attach_tunnels(remote)
+    endpoints = EndpointResolver(remote)
     vast = (
         VastClient(
             settings.vast.api_key,
