@@ -1141,15 +1141,24 @@ class GenerationService:
         async def fetch(image: OutputImage) -> ImageFile:
             return ImageFile(image.filename.rsplit("/", 1)[-1], await conn.client.view_image(image))
 
-        # The row is marked before anything is posted; the images download meanwhile.
-        uploading, *files = await asyncio.gather(mark_uploading(), *(fetch(o) for o in images))
-        live = self._live.get(job_id)
-        if live is not None:
-            live.current_node = None
-            live.step = live.max_steps
-        if uploading.server_name is None and uploading.server_id is not None:
-            uploading = await self._refresh_view(job_id)
-        await self.observer.deliver(uploading, files, check_existing=check_existing)
+        # The row is marked while the images download and post: the database is the
+        # slowest step under load, and a restart never posts twice without it (a resumed
+        # job looks for its own earlier post first, and the post carries a nonce).
+        marking = asyncio.create_task(mark_uploading())
+        try:
+            files = await asyncio.gather(*(fetch(o) for o in images))
+            live = self._live.get(job_id)
+            if live is not None:
+                live.current_node = None
+                live.step = live.max_steps
+            view = await self.snapshot(job_id)
+            if view.server_name is None and view.server_id is not None:
+                view = await self._refresh_view(job_id)
+            view = replace(view, status=GenerationStatus.UPLOADING.value, progress=1.0,
+                           image_count=len(images))
+            await self.observer.deliver(view, list(files), check_existing=check_existing)
+        finally:
+            await marking  # never two writes of one row at once
         now = self._clock()
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)

@@ -9,7 +9,10 @@ Facts from the recorded traces (tests/data/comfyui-traces/) this module relies o
 * For one prompt: ``status`` x2, ``execution_start``, ``execution_cached``, per node
   ``progress_state``/``executing``/[``progress`` + preview]/[``executed``]/``progress_state``,
   then ``execution_success`` | ``execution_error`` | ``execution_interrupted``, ``status``,
-  and finally ``executing {node: null, prompt_id}`` -- the end-of-prompt signal.
+  and finally ``executing {node: null, prompt_id}`` -- the end-of-prompt signal, sent
+  after the history entry is written. A success whose images all arrived in ``executed``
+  messages is finished at ``execution_success`` already: delivery starts one message
+  (and the history write) sooner.
 * Binary frames start with a big-endian u32 type: 1 = ``[fmt u32][image]`` (fmt 1 JPEG,
   2 PNG) with no prompt id, 4 = ``[json_len u32][json metadata][image]`` once the client
   sent ``feature_flags {supports_preview_metadata: true}`` as its first frame, 3 = text
@@ -789,6 +792,10 @@ class ComfyEventStream:
             tracked.outputs.extend(event.images)
         elif isinstance(event, ExecutionSuccess | ExecutionError | ExecutionInterrupted):
             tracked.terminal = event
+            if isinstance(event, ExecutionSuccess) and tracked.outputs and not tracked.gap:
+                # Every ``executed`` came before this: the images are known and saved, so
+                # results need not wait for the history write that the end signal follows.
+                self._finish_live(tracked)
         elif isinstance(event, Executing) and event.node is None:
             if tracked.terminal is not None and not tracked.gap:
                 self._finish_live(tracked)

@@ -66,11 +66,13 @@ async def test_simple_prompt_event_order_matches_trace(
     recorded = [names[e["message"]["type"]] for e in facts.ws_in(
         facts.load_trace("06_prompt_success_simple")) if e["frame"] == "text"
         and e["message"]["data"].get("prompt_id")]
-    assert [type(e) for e in events] == [*recorded, PromptDone]
+    # The images were all announced by ``executed``: the prompt is done at
+    # execution_success, before the end-of-prompt ``executing null``.
+    assert recorded[-1] is Executing and recorded[-2] is ExecutionSuccess
+    assert [type(e) for e in events] == [*recorded[:-1], PromptDone]
     done = events[-1]
     assert isinstance(done, PromptDone) and done.ok and not done.recovered
     assert sorted((o.node_id, o.type) for o in done.outputs) == [("3", "output"), ("4", "temp")]
-    assert isinstance(events[-2], Executing) and events[-2].node is None
 
 
 async def test_previews_with_metadata(stream: ComfyEventStream, client: ComfyClient) -> None:
