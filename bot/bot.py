@@ -49,7 +49,10 @@ class ComfyVastBot(commands.Bot):
         settings = services.settings
         super().__init__(
             command_prefix=commands.when_mentioned,
-            intents=discord.Intents.default(),
+            # Slash commands and buttons arrive as interactions, whatever the intents:
+            # the bot needs its guilds (names, upload limits) and no message events.
+            intents=discord.Intents(guilds=True),
+            max_messages=None,
             tree_cls=ComfyVastTree,
             help_command=None,
             guild_ready_timeout=settings.discord.guild_ready_timeout,

@@ -135,8 +135,9 @@ class JobView:
 class JobObserver(Protocol):
     """Implemented by the Discord side; every method must tolerate being called again."""
 
-    async def on_update(self, job: JobView, preview: bytes | None) -> None: ...
-
+    async def on_update(self, job: JobView, preview: bytes | None) -> None:
+        """The job changed. For live progress ``job`` may lack the newest step: read
+        :meth:`GenerationService.snapshot` when rendering."""
     async def deliver(
         self, job: JobView, images: list[ImageFile], *, check_existing: bool = False
     ) -> None:
@@ -1044,7 +1045,11 @@ class GenerationService:
                 live.first_step_at = time.monotonic()
             live.step, live.max_steps = event.value, event.max
             now = time.monotonic()
-            if now - live.last_db_write > PROGRESS_DB_INTERVAL:
+            if not live.last_db_write:
+                # The row learns the progress of a short job at its end: the first save
+                # comes one interval into the run.
+                live.last_db_write = now
+            elif now - live.last_db_write > PROGRESS_DB_INTERVAL:
                 live.last_db_write = now
                 await self._save_progress(job_id, event.value / max(event.max, 1), live)
             await self._publish(job_id)
@@ -1230,9 +1235,14 @@ class GenerationService:
             log.exception("progress update for generation %s failed", view.id)
 
     async def _publish(self, job_id: int, preview: bytes | None = None) -> None:
-        """Tell the observer about live progress (no database read while the job runs)."""
+        """Tell the observer about live progress (no database read while the job runs).
+
+        This runs for every step and preview, so the view passed is the row as last
+        written, without live progress: the observer reads :meth:`snapshot` when it
+        renders, which happens far less often.
+        """
         try:
-            view = await self.snapshot(job_id)
+            view = self._views.get(job_id) or await self._refresh_view(job_id)
             await self.observer.on_update(view, preview)
         except Exception:
             log.exception("progress update for generation %s failed", job_id)

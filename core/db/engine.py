@@ -31,6 +31,12 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30}
+        if parsed.database and parsed.database != ":memory:":
+            # Each aiosqlite connection is a thread plus PRAGMAs to open; the default pool
+            # (5 + 10 overflow, the overflow closed after each use) reopens them all the
+            # time when many jobs write at once. Keep enough of them open.
+            kwargs["pool_size"] = 20
+            kwargs["max_overflow"] = 20
     else:
         kwargs["pool_pre_ping"] = True
         kwargs["pool_size"] = 5
