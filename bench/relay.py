@@ -214,9 +214,6 @@ class Rig:
             sent = comfy.success_at.get(prompt_id)
             if sent is not None:
                 values.append(rec.time - sent)
-                if os.environ.get("CV_TRACE"):
-                    with open(os.environ["CV_TRACE"], "a") as f:
-                        f.write(f"{prompt_id} sent {sent:.6f}\n{prompt_id} recv {rec.time:.6f}\n{prompt_id} prefix {prefix}\n")
         return values
 
     async def wait_results(self, start: int, count: int, deadline: float) -> list[Any]:
