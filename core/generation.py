@@ -1129,54 +1129,44 @@ class GenerationService:
             await self._finish(job_id, GenerationStatus.FAILED, "ComfyUI finished without images.")
             return
 
-        async def mark_uploading() -> JobView:
-            async with self._sessions.begin() as session:
-                row = await session.get(ComfyGeneration, job_id)
-                assert row is not None
-                self._apply_start(row, self._live.get(job_id))
-                row.status = GenerationStatus.UPLOADING.value
-                row.progress = 1.0
-                row.image_urls = [
-                    {"filename": o.filename, "subfolder": o.subfolder, "type": o.type}
-                    for o in images
-                ]
-                await session.flush()
-                return self._remember(row)
-
         async def fetch(image: OutputImage) -> ImageFile:
             return ImageFile(image.filename.rsplit("/", 1)[-1], await conn.client.view_image(image))
 
-        # The row is marked while the images download and post: the database is the
-        # slowest step under load, and a restart never posts twice without it (a resumed
-        # job looks for its own earlier post first, and the post carries a nonce).
-        marking = asyncio.create_task(mark_uploading())
-        try:
-            files = await asyncio.gather(*(fetch(o) for o in images))
-            live = self._live.get(job_id)
-            if live is not None:
-                live.current_node = None
-                live.step = live.max_steps
-            view = await self.snapshot(job_id)
-            if view.server_name is None and view.server_id is not None:
-                view = await self._refresh_view(job_id)
-            view = replace(view, status=GenerationStatus.UPLOADING.value, progress=1.0,
-                           image_count=len(images))
-            await self.observer.deliver(view, list(files), check_existing=check_existing)
-        finally:
-            await marking  # never two writes of one row at once
+        # Nothing is written between ComfyUI's success and the post: the result reaches
+        # the channel as fast as a bare relay would. A restart in between never posts
+        # twice: the row still says queued or running, the resumed job finds its result
+        # in ComfyUI's history and looks for its own earlier post first (and the post
+        # carries a nonce). "uploading" is shown, not stored.
+        files = await asyncio.gather(*(fetch(o) for o in images))
+        live = self._live.get(job_id)
+        if live is not None:
+            live.current_node = None
+            live.step = live.max_steps
+        view = await self.snapshot(job_id)
+        if view.server_name is None and view.server_id is not None:
+            view = await self._refresh_view(job_id)
+        view = replace(view, status=GenerationStatus.UPLOADING.value, progress=1.0,
+                       image_count=len(images))
+        await self.observer.deliver(view, list(files), check_existing=check_existing)
         now = self._clock()
         async with self._sessions.begin() as session:
             row = await session.get(ComfyGeneration, job_id)
             assert row is not None
+            self._apply_start(row, live)
             row.status = GenerationStatus.COMPLETED.value
+            row.progress = 1.0
+            row.current_node = None
+            row.image_urls = [
+                {"filename": o.filename, "subfolder": o.subfolder, "type": o.type}
+                for o in images
+            ]
             row.completed_at = row.delivered_at = now
-            if row.server_id is not None:
+            server = await session.get(Server, row.server_id) if row.server_id else None
+            if server is not None:
                 # A finished job is activity: idle autostop counts from here.
-                server = await session.get(Server, row.server_id)
-                if server is not None:
-                    server.last_used_at = now
+                server.last_used_at = now
             await session.flush()
-            final = self._base_view(row, server.name if row.server_id and server else None)
+            final = self._base_view(row, server.name if server else None)
         try:
             await self.observer.on_finished(final)
         except Exception:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 from sqlalchemy import select
 
@@ -306,8 +307,11 @@ async def test_bot_restarted_mid_run_delivers_exactly_once(
         await second.stop()
 
 
+# "running": nothing is written between ComfyUI's success and the post, so a crash right
+# after the post leaves the row running. "uploading": rows left by earlier versions.
+@pytest.mark.parametrize("crashed_as", ["running", "uploading"])
 async def test_restart_while_delivering_does_not_post_twice(
-    fake_discord: Any, tmp_path: Path, comfy: FakeComfy
+    fake_discord: Any, tmp_path: Path, comfy: FakeComfy, crashed_as: str
 ) -> None:
     settings = bot_settings(tmp_path, fake_discord)
     first = await start_bot(fake_discord, settings)
@@ -321,8 +325,8 @@ async def test_restart_while_delivering_does_not_post_twice(
     engine = create_engine(settings.database.url)
     async with create_session_factory(engine).begin() as session:
         stored = await session.get(ComfyGeneration, row.id)
-        stored.status = "uploading"
-        stored.delivered_at = None
+        stored.status = crashed_as
+        stored.delivered_at = stored.completed_at = None
     await engine.dispose()
     second = await start_bot(fake_discord, settings)
     try:
