@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.audit import Actor
 from core.comfy.client import ComfyClient, OutputImage
@@ -1148,29 +1148,41 @@ class GenerationService:
         view = replace(view, status=GenerationStatus.UPLOADING.value, progress=1.0,
                        image_count=len(images))
         await self.observer.deliver(view, list(files), check_existing=check_existing)
-        now = self._clock()
-        async with self._sessions.begin() as session:
-            row = await session.get(ComfyGeneration, job_id)
-            assert row is not None
-            self._apply_start(row, live)
-            row.status = GenerationStatus.COMPLETED.value
-            row.progress = 1.0
-            row.current_node = None
-            row.image_urls = [
-                {"filename": o.filename, "subfolder": o.subfolder, "type": o.type}
-                for o in images
-            ]
-            row.completed_at = row.delivered_at = now
-            server = await session.get(Server, row.server_id) if row.server_id else None
-            if server is not None:
-                # A finished job is activity: idle autostop counts from here.
-                server.last_used_at = now
-            await session.flush()
-            final = self._base_view(row, server.name if server else None)
+        final = await self._complete(job_id, len(images), [
+            {"filename": o.filename, "subfolder": o.subfolder, "type": o.type} for o in images
+        ])
         try:
             await self.observer.on_finished(final)
         except Exception:
             log.exception("could not show the end of generation %s", job_id)
+
+    async def _complete(self, job_id: int, count: int, image_urls: list[Any]) -> JobView:
+        """Write a delivered job's end with plain UPDATEs (no read first: the row as last
+        written is in the view cache) and return its final view."""
+        base = self._views.get(job_id) or await self._refresh_view(job_id)
+        live = self._live.get(job_id)
+        now = self._clock()
+        started_at = base.started_at or (live.started_at if live else None)
+        values: dict[str, Any] = {
+            "status": GenerationStatus.COMPLETED.value, "progress": 1.0, "current_node": None,
+            "queue_position": None, "image_urls": image_urls, "started_at": started_at,
+            "completed_at": now, "delivered_at": now,
+        }
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(ComfyGeneration).where(ComfyGeneration.id == job_id).values(values),
+                execution_options={"synchronize_session": False},
+            )
+            if base.server_id is not None:
+                # A finished job is activity: idle autostop counts from here.
+                await session.execute(
+                    update(Server).where(Server.id == base.server_id).values(last_used_at=now),
+                    execution_options={"synchronize_session": False},
+                )
+        return replace(
+            base, status=GenerationStatus.COMPLETED.value, progress=1.0, current_node=None,
+            queue_position=None, started_at=started_at, completed_at=now, image_count=count,
+        )
 
     async def _try_interrupt(self, conn: ComfyConnection, prompt_id: str) -> None:
         try:
