@@ -1,13 +1,14 @@
 """Relay benchmark (not a test): many concurrent generations through the real bot.
 
 This process hosts one fake Discord and N fake ComfyUI servers (tests/fakediscord,
-tests/fakecomfy) on 127.0.0.1. Two relays run the same workload against them, one after
-the other:
+tests/fakecomfy) on 127.0.0.1. Two relays run the same workload against them, taking
+turns for ``--rounds`` rounds (the machine's noise moves both alike within a round):
 
 1. the bare client (``python -m bench.bare``): WS -> /history -> /view -> upload;
 2. the real bot (``python -m bot`` with a generated config.toml and a temp SQLite DB),
-   driven like users would: ``/server add-direct`` for each server, then ``/generate``
-   from several users in several channels.
+   driven like users would: ``/server add-direct`` for each server (once), then
+   ``/generate`` from several users in several channels. The bot process stays up
+   across rounds (idle while the bare client runs).
 
 Sampling is paused on every server while jobs are submitted, so all of them are in flight
 at once when it resumes. Measured:
@@ -20,10 +21,13 @@ at once when it resumes. Measured:
   ComfyUI sent ``execution_success`` for that prompt, p50/p99 for both relays and the
   ratio bot/bare.
 
+Each round prints a line; the table gives medians over the rounds (peak RSS: the
+highest), and the targets are judged on those medians, ratios taken per round.
+
 Run from the repository root::
 
-    python -m bench.relay            # 500 jobs, 20 servers
-    python -m bench.relay --quick    # 40 jobs, 4 servers
+    python -m bench.relay            # 500 jobs, 20 servers, 3 rounds
+    python -m bench.relay --quick    # 40 jobs, 4 servers, 1 round
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -118,10 +123,6 @@ class Phase:
     peak_rss_kb: int = 0
     max_edits_per_s: int = 0
     edit_gaps: list[float] = field(default_factory=list)
-    # Bot only: execution_success -> its duplicate check (GET channel history) arrives,
-    # and that check -> the result upload arrives.
-    to_lookup: list[float] = field(default_factory=list)
-    lookup_to_upload: list[float] = field(default_factory=list)
     edits: int = 0
     finals: int = 0
     http_errors: int = 0
@@ -332,24 +333,28 @@ user_concurrent_jobs = {self.args.jobs + 10}
                 raise RuntimeError(f"{len(pending)} commands were never answered")
             await asyncio.sleep(0.05)
 
-    async def run_bot(self, deadline: float) -> Phase:
-        args = self.args
-        phase = Phase("bot", jobs=args.jobs)
+    async def prepare_bot(self, deadline: float) -> None:
+        """Start the bot and register every server with it."""
         await self.start_bot(deadline)
-        assert self.bot is not None
-        pid = self.bot.pid
         adds = [("server", {"name": f"gpu-{i + 1:02d}", "url": c.url},
                  {"user": self.admin, "subcommand": "add-direct"})
                 for i, c in enumerate(self.comfys)]
         for itx in await self.slash_all(adds, 20.0, deadline):
             if "Added server" not in answered(itx):
                 raise RuntimeError(f"/server add-direct failed: {answered(itx)}")
+
+    async def run_bot(self, deadline: float, round_no: int) -> Phase:
+        args = self.args
+        phase = Phase("bot", jobs=args.jobs)
+        assert self.bot is not None
+        pid = self.bot.pid
         self.pause()
         req_mark = len(self.discord.requests)
+        known = set(self.discord.messages)
         cpu0, t0 = proc_cpu(pid), time.monotonic()
         gens = [("generate",
                  {"prompt": PROMPTS[n % len(PROMPTS)], "width": args.size, "height": args.size,
-                  "steps": args.steps, "seed": 1000 + n},
+                  "steps": args.steps, "seed": 1000 * round_no + n},
                  {"user": self.users[n % len(self.users)],
                   "channel_id": self.channels[n % len(self.channels)]})
                 for n in range(args.jobs)]
@@ -383,11 +388,10 @@ user_concurrent_jobs = {self.args.jobs + 10}
             return None
 
         phase.latencies = self.latencies(results, prefix_of)
-        self.split_delivery(phase, req_mark, results, prefix_of)
         # Let the coalesced final edits land (they queue behind the per-channel budget).
         drain_until = min(deadline, time.monotonic() + args.drain)
         while time.monotonic() < drain_until:
-            phase.finals = self.final_states(req_mark)
+            phase.finals = self.final_states(known)
             if phase.finals >= phase.delivered:
                 break
             await asyncio.sleep(0.25)
@@ -417,31 +421,6 @@ user_concurrent_jobs = {self.args.jobs + 10}
             last = max([last] + [comfy.success_at.get(p, started) for p in mine])
         phase.comfy_wall = last - started
 
-    def split_delivery(self, phase: Phase, req_mark: int, results: list[Any],
-                       prefix_of: Any) -> None:
-        """Where the bot's delivery time goes, as seen from the fakes."""
-        status_of: dict[str, str] = {}  # status message id -> job prefix
-        lookups: dict[str, float] = {}  # status message id -> history GET time
-        for rec in self.discord.requests[req_mark:]:
-            if rec.method == "POST" and MESSAGES_PATH.match(rec.path) and isinstance(
-                    rec.json, dict) and isinstance(rec.response, dict):
-                match = re.search(r"cv:cancel:(\d+)", json.dumps(rec.json.get("components")))
-                if match:
-                    status_of[str(rec.response.get("id"))] = f"comfyvast/job-{match.group(1)}"
-            elif rec.method == "GET" and MESSAGES_PATH.match(rec.path) and "after" in rec.query:
-                lookups.setdefault(rec.query["after"], rec.time)
-        lookup_of = {status_of[mid]: t for mid, t in lookups.items() if mid in status_of}
-        table = self.prefixes()
-        for rec in results:
-            prefix = prefix_of(rec)
-            if prefix not in lookup_of or prefix not in table:
-                continue
-            comfy, prompt_id = table[prefix]
-            sent = comfy.success_at.get(prompt_id)
-            if sent is not None:
-                phase.to_lookup.append(lookup_of[prefix] - sent)
-                phase.lookup_to_upload.append(rec.time - lookup_of[prefix])
-
     async def start_profiler(self, pid: int) -> asyncio.subprocess.Process | None:
         if not self.args.profile:
             return None
@@ -452,9 +431,12 @@ user_concurrent_jobs = {self.args.jobs + 10}
             stderr=asyncio.subprocess.DEVNULL,
         )
 
-    def final_states(self, req_mark: int) -> int:
+    def final_states(self, known: set[int]) -> int:
+        """Status messages of this round (not in ``known``) showing their final state."""
         done = 0
-        for msg in self.discord.messages.values():
+        for mid, msg in self.discord.messages.items():
+            if mid in known:
+                continue
             if msg.embeds and str(msg.embeds[0].get("title", "")).startswith("Done ·"):
                 done += 1
         return done
@@ -501,81 +483,125 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def report(args: argparse.Namespace, bare: Phase, bot: Phase) -> str:
+def figures(bare: Phase, bot: Phase) -> dict[str, float]:
+    """The figures of one round."""
+    def pct(phase: Phase) -> float:
+        return 100 * phase.cpu_run / phase.run_wall if phase.run_wall else float("nan")
+
+    def per_event(phase: Phase) -> float:
+        return 1e6 * phase.cpu_run / phase.events if phase.events else float("nan")
+
     b50, b99 = percentile(bot.latencies, 50), percentile(bot.latencies, 99)
     r50, r99 = percentile(bare.latencies, 50), percentile(bare.latencies, 99)
-    cpu_pct = 100 * bot.cpu_run / bot.run_wall if bot.run_wall else float("nan")
-    bare_pct = 100 * bare.cpu_run / bare.run_wall if bare.run_wall else float("nan")
-    per_event = 1e6 * bot.cpu_run / bot.events if bot.events else float("nan")
-    bare_event = 1e6 * bare.cpu_run / bare.events if bare.events else float("nan")
+    return {
+        "bot_p50": b50, "bot_p99": b99, "bare_p50": r50, "bare_p99": r99,
+        "ratio_p50": b50 / r50, "ratio_p99": b99 / r99,
+        "bot_cpu_pct": pct(bot), "bare_cpu_pct": pct(bare),
+        "bot_us_per_event": per_event(bot), "bare_us_per_event": per_event(bare),
+        "bot_cpu_run": bot.cpu_run, "bot_submit_ms_per_job": 1000 * bot.cpu_submit / max(
+            1, bot.jobs),
+        "bot_run_wall": bot.run_wall, "bare_run_wall": bare.run_wall,
+    }
+
+
+def round_line(number: int, fig: dict[str, float]) -> str:
+    return (f"round {number}: delivery p50 {fmt_ms(fig['bot_p50'])} / {fmt_ms(fig['bare_p50'])}"
+            f" ({fig['ratio_p50']:.2f}x), p99 {fmt_ms(fig['bot_p99'])} / "
+            f"{fmt_ms(fig['bare_p99'])} ({fig['ratio_p99']:.2f}x), bot CPU "
+            f"{fig['bot_cpu_pct']:.1f} %")
+
+
+def report(args: argparse.Namespace, rounds: list[tuple[Phase, Phase]]) -> str:
+    figs = [figures(bare, bot) for bare, bot in rounds]
+
+    def med(key: str) -> float:
+        return statistics.median(f[key] for f in figs)
+
+    bots = [bot for _, bot in rounds]
+    bares = [bare for bare, _ in rounds]
+    rss = max(b.peak_rss_kb for b in bots)
+    gaps = [g for b in bots for g in b.edit_gaps]
+    max_edits = max(b.max_edits_per_s for b in bots)
+    last = bots[-1]
     rows = [
-        ("jobs (delivered bot / bare)", f"{args.jobs} ({bot.delivered} / {bare.delivered})"),
+        ("rounds (medians below; RSS: highest)", f"{len(rounds)}"),
+        ("jobs per round (delivered bot / bare)",
+         f"{args.jobs} ({'+'.join(str(b.delivered) for b in bots)} / "
+         f"{'+'.join(str(b.delivered) for b in bares)})"),
         ("servers / channels / users", f"{args.servers} / {args.channels} / {args.users}"),
         ("steps x step delay, size", f"{args.steps} x {args.step_delay * 1000:.0f} ms, "
                                      f"{args.size}x{args.size}"),
-        ("progress events (bot run)", f"{bot.events}"),
-        ("run wall time bot / bare", f"{bot.run_wall:.1f} s / {bare.run_wall:.1f} s"),
-        ("servers busy (resume -> last success) bot / bare",
-         f"{bot.comfy_wall:.1f} s / {bare.comfy_wall:.1f} s"),
-        ("jobs per server min-max bot / bare",
-         f"{min(bot.per_server, default=0)}-{max(bot.per_server, default=0)} / "
-         f"{min(bare.per_server, default=0)}-{max(bare.per_server, default=0)}"),
-        ("bot CPU while running", f"{bot.cpu_run:.2f} s"),
-        ("bot CPU per progress event", f"{per_event:.0f} us (bare: {bare_event:.0f} us)"),
-        ("bot CPU, % of one core", f"{cpu_pct:.1f} % (bare: {bare_pct:.1f} %)"),
-        ("bot CPU to submit", f"{bot.cpu_submit:.2f} s = "
-                              f"{1000 * bot.cpu_submit / max(1, args.jobs):.1f} ms/job"),
-        ("bot peak RSS", f"{bot.peak_rss_kb / 1024:.0f} MB (bare: "
-                         f"{bare.peak_rss_kb / 1024:.0f} MB)"),
-        ("status edits, max per message per s", f"{bot.max_edits_per_s} "
-                                                f"({bot.edits} edits in all)"),
+        ("progress events per bot round", f"{last.events}"),
+        ("run wall time bot / bare", f"{med('bot_run_wall'):.1f} s / "
+                                     f"{med('bare_run_wall'):.1f} s"),
+        ("jobs per server min-max (last round) bot",
+         f"{min(last.per_server, default=0)}-{max(last.per_server, default=0)}"),
+        ("bot CPU while running", f"{med('bot_cpu_run'):.2f} s"),
+        ("bot CPU per progress event", f"{med('bot_us_per_event'):.0f} us "
+                                       f"(bare: {med('bare_us_per_event'):.0f} us)"),
+        ("bot CPU, % of one core", f"{med('bot_cpu_pct'):.1f} % "
+                                   f"(bare: {med('bare_cpu_pct'):.1f} %)"),
+        ("bot CPU to submit", f"{med('bot_submit_ms_per_job'):.1f} ms/job"),
+        ("bot peak RSS", f"{rss / 1024:.0f} MB (bare: "
+                         f"{max(b.peak_rss_kb for b in bares) / 1024:.0f} MB)"),
+        ("status edits, max per message per s", f"{max_edits} "
+                                                f"({sum(b.edits for b in bots)} edits in all)"),
         ("gap between edits of a message, min / p1",
-         f"{fmt_ms(min(bot.edit_gaps, default=float('nan')))} / "
-         f"{fmt_ms(percentile(bot.edit_gaps, 1))}"),
-        ("final states landed", f"{bot.finals} / {bot.delivered}"),
-        ("delivery p50 bot / bare", f"{fmt_ms(b50)} / {fmt_ms(r50)}"),
-        ("delivery p99 bot / bare", f"{fmt_ms(b99)} / {fmt_ms(r99)}"),
-        ("bot: done -> history check -> upload p50",
-         f"{fmt_ms(percentile(bot.to_lookup, 50))} + "
-         f"{fmt_ms(percentile(bot.lookup_to_upload, 50))}"),
-        ("ratio p50 / p99", f"{b50 / r50:.2f}x / {b99 / r99:.2f}x"),
-        ("HTTP errors at the fake Discord", f"bot {bot.http_errors}, bare {bare.http_errors}"),
+         f"{fmt_ms(min(gaps, default=float('nan')))} / {fmt_ms(percentile(gaps, 1))}"),
+        ("final states landed", f"{sum(b.finals for b in bots)} / "
+                                f"{sum(b.delivered for b in bots)}"),
+        ("delivery p50 bot / bare", f"{fmt_ms(med('bot_p50'))} / {fmt_ms(med('bare_p50'))}"),
+        ("delivery p99 bot / bare", f"{fmt_ms(med('bot_p99'))} / {fmt_ms(med('bare_p99'))}"),
+        ("ratio p50 / p99 (median of rounds)",
+         f"{med('ratio_p50'):.2f}x / {med('ratio_p99'):.2f}x"),
+        ("HTTP errors at the fake Discord", f"bot {sum(b.http_errors for b in bots)}, "
+                                            f"bare {sum(b.http_errors for b in bares)}"),
     ]
     width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines = [round_line(i + 1, f) for i, f in enumerate(figs)] + [""]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
     targets = [
-        ("delivery p50 within 1.05x of bare", b50 <= 1.05 * r50),
-        ("delivery p99 within 1.05x of bare", b99 <= 1.05 * r99),
-        ("bot CPU < 25 % of one core", cpu_pct < 25),
-        ("bot peak RSS < 250 MB", bot.peak_rss_kb < 250 * 1024),
+        ("delivery p50 within 1.05x of bare", med("ratio_p50") <= 1.05),
+        ("delivery p99 within 1.05x of bare", med("ratio_p99") <= 1.05),
+        ("bot CPU < 25 % of one core", med("bot_cpu_pct") < 25),
+        ("bot peak RSS < 250 MB", rss < 250 * 1024),
         ("edits of a message >= 0.9 s apart (1 s interval, scheduling slack)",
-         min(bot.edit_gaps, default=1.0) >= 0.9),
+         min(gaps, default=1.0) >= 0.9),
     ]
     lines.append("")
     lines += [f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in targets]
-    for phase in (bare, bot):
-        lines += [f"note ({phase.name}): {n}" for n in phase.notes]
+    for number, (bare, bot) in enumerate(rounds, 1):
+        for phase in (bare, bot):
+            lines += [f"note (round {number}, {phase.name}): {n}" for n in phase.notes]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
 
 
-async def run(args: argparse.Namespace) -> tuple[Phase, Phase]:
-    deadline = time.monotonic() + args.deadline
+async def run(args: argparse.Namespace) -> list[tuple[Phase, Phase]]:
+    deadline = time.monotonic() + args.deadline * args.rounds
+    rounds: list[tuple[Phase, Phase]] = []
     with tempfile.TemporaryDirectory(prefix="comfyvast-bench-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         rig = Rig(args, workdir)
         try:
             await rig.start()
-            print(f"bare client: {args.jobs} jobs on {args.servers} servers...", flush=True)
-            bare = await rig.run_bare(deadline)
-            print(f"bot: {args.jobs} jobs on {args.servers} servers...", flush=True)
-            bot = await rig.run_bot(deadline)
+            for number in range(1, args.rounds + 1):
+                print(f"round {number}/{args.rounds}: bare client, {args.jobs} jobs on "
+                      f"{args.servers} servers...", flush=True)
+                bare = await rig.run_bare(deadline)
+                if rig.bot is None:
+                    await rig.prepare_bot(deadline)
+                print(f"round {number}/{args.rounds}: bot, {args.jobs} jobs on "
+                      f"{args.servers} servers...", flush=True)
+                bot = await rig.run_bot(deadline, number)
+                rounds.append((bare, bot))
+                print(round_line(number, figures(bare, bot)), flush=True)
         finally:
             await rig.stop()
-    return bare, bot
+    return rounds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -593,9 +619,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="/generate commands per second while submitting")
     parser.add_argument("--drain", type=float, default=60.0,
                         help="seconds to wait for final status edits after the last result")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bare and bot take turns this many times (default 3)")
     parser.add_argument("--deadline", type=float, default=600.0,
-                        help="overall time limit in seconds")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 40 jobs, 4 servers")
+                        help="time limit per round in seconds")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 40 jobs, 4 servers, 1 round")
     parser.add_argument("--keep", metavar="DIR", help="keep config, DB and bot.log in DIR")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--profile", metavar="PATH",
@@ -604,24 +633,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.servers, args.channels, args.users = 40, 4, 4, 8
+        args.rounds = 1
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    bare, bot = asyncio.run(run(args))
+    rounds = asyncio.run(run(args))
     print()
-    print(report(args, bare, bot))
+    print(report(args, rounds))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args),
-            "bot": {k: v for k, v in vars(bot).items() if k not in (
-                "latencies", "edit_gaps", "to_lookup", "lookup_to_upload")},
-            "bare": {k: v for k, v in vars(bare).items() if k != "latencies"},
-            "latency_bot": {"p50": percentile(bot.latencies, 50),
-                            "p99": percentile(bot.latencies, 99)},
-            "latency_bare": {"p50": percentile(bare.latencies, 50),
-                             "p99": percentile(bare.latencies, 99)},
+            "rounds": [{
+                "figures": figures(bare, bot),
+                "bot": {k: v for k, v in vars(bot).items() if k not in (
+                    "latencies", "edit_gaps")},
+                "bare": {k: v for k, v in vars(bare).items() if k != "latencies"},
+            } for bare, bot in rounds],
         }, indent=2))
     return 0
 
