@@ -75,6 +75,24 @@ async def test_simple_prompt_event_order_matches_trace(
     assert sorted((o.node_id, o.type) for o in done.outputs) == [("3", "output"), ("4", "temp")]
 
 
+async def test_success_without_announced_images_waits_for_the_end_signal(
+    stream: ComfyEventStream, client: ComfyClient
+) -> None:
+    # SaveImageWebsocket announces nothing in ``executed``: only the history (written
+    # before ``executing null``) can say the prompt is complete, so the end is awaited.
+    workflow = txt2img(steps=2)
+    save = next(k for k, n in workflow.items() if n["class_type"] == "SaveImage")
+    workflow[save] = {"class_type": "SaveImageWebsocket",
+                      "inputs": {"images": workflow[save]["inputs"]["images"]}}
+    sub = stream.subscribe("p-ws-save")
+    await client.queue_prompt(workflow, prompt_id="p-ws-save")
+    events = await collect(sub)
+    done = events[-1]
+    assert isinstance(done, PromptDone) and done.ok and done.outputs == ()
+    assert isinstance(events[-2], Executing) and events[-2].node is None
+    assert any(isinstance(e, ExecutionSuccess) for e in events[:-2])
+
+
 async def test_previews_with_metadata(stream: ComfyEventStream, client: ComfyClient) -> None:
     sub = stream.subscribe("p-prev")
     await client.queue_prompt(txt2img(steps=3), prompt_id="p-prev")
