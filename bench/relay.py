@@ -67,7 +67,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES_PATH = re.compile(r"^/channels/(\d+)/messages$")
 MESSAGE_PATH = re.compile(r"^/channels/(\d+)/messages/(\d+)$")
 FOOTER_JOB = re.compile(r"^Job #(\d+) ")
-BARE_PREFIX = re.compile(r"(bare/job-\d+)")
+BARE_PREFIX = re.compile(r"(bare/r\d+-job-\d+)")
 
 
 # --------------------------------------------------------------------------- /proc
@@ -233,18 +233,19 @@ class Rig:
 
     # -- the bare client -----------------------------------------------------------------
 
-    async def run_bare(self, deadline: float, jobs: int) -> Phase:
+    async def run_bare(self, deadline: float, round_no: int, jobs: int) -> Phase:
         args = self.args
         phase = Phase("bare", jobs=jobs)
         spec = {
             "servers": [c.url for c in self.comfys], "api_base": self.discord.api_base,
             "token": self.discord.token, "channels": self.channels,
             "users": [u.id for u in self.users], "jobs": jobs, "steps": args.steps,
-            "size": args.size, "model": MODEL, "prompts": PROMPTS,
+            "size": args.size, "model": MODEL, "prompts": PROMPTS, "round": round_no,
             "timeout": max(10.0, deadline - time.monotonic()),
         }
         self.pause()
         req_mark = len(self.discord.requests)
+        prompt_marks = [len(c.prompts) for c in self.comfys]
         self.bare = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.bare", json.dumps(spec), cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, env=child_env(),
@@ -259,7 +260,7 @@ class Rig:
         results = await self.wait_results(req_mark, jobs, deadline)
         phase.run_wall = (max(r.time for r in results) if results else time.monotonic()) - started
         phase.events = self.events_since(marks)
-        self.spread(phase, "bare/", started)
+        self.spread(phase, prompt_marks, started)
         line = await asyncio.wait_for(self.bare.stdout.readline(),
                                       max(1.0, deadline - time.monotonic()))
         await self.bare.wait()
@@ -357,6 +358,7 @@ user_concurrent_jobs = {self.args.jobs + 10}
         pid = self.bot.pid
         self.pause()
         req_mark = len(self.discord.requests)
+        prompt_marks = [len(c.prompts) for c in self.comfys]
         known = set(self.discord.messages)
         cpu0, t0 = proc_cpu(pid), time.monotonic()
         gens = [("generate",
@@ -385,7 +387,7 @@ user_concurrent_jobs = {self.args.jobs + 10}
         phase.cpu_run = cpu2 - cpu1
         phase.events = self.events_since(marks)
         phase.delivered = len(results)
-        self.spread(phase, "comfyvast/", t1)
+        self.spread(phase, prompt_marks, t1)
 
         def prefix_of(rec: Any) -> str | None:
             for embed in rec.json.get("embeds") or []:
@@ -417,13 +419,12 @@ user_concurrent_jobs = {self.args.jobs + 10}
                                 if r.status is not None and r.status >= 400)
         return phase
 
-    def spread(self, phase: Phase, prefix: str, started: float) -> None:
-        """Jobs per server, and when the servers finished the phase's last prompt."""
+    def spread(self, phase: Phase, marks: list[int], started: float) -> None:
+        """Jobs per server, and when the servers finished the phase's last prompt (the
+        prompts each server got after its mark)."""
         last = started
-        for comfy in self.comfys:
-            mine = [pid for pid, wf in comfy.prompts.items() if any(
-                str(n.get("inputs", {}).get("filename_prefix", "")).startswith(prefix)
-                for n in wf.values())]
+        for comfy, mark in zip(self.comfys, marks, strict=True):
+            mine = list(comfy.prompts)[mark:]
             phase.per_server.append(len(mine))
             last = max([last] + [comfy.success_at.get(p, started) for p in mine])
         phase.comfy_wall = last - started
@@ -604,12 +605,12 @@ async def run(args: argparse.Namespace) -> list[tuple[Phase, Phase]]:
             if args.warmup:
                 # Both relays open their connections and fill their caches first.
                 print(f"warm-up: {args.warmup} jobs each, not counted...", flush=True)
-                await rig.run_bare(deadline, args.warmup)
+                await rig.run_bare(deadline, 0, args.warmup)
                 await rig.run_bot(deadline, 0, args.warmup)
             for number in range(1, args.rounds + 1):
                 print(f"round {number}/{args.rounds}: bare client, {args.jobs} jobs on "
                       f"{args.servers} servers...", flush=True)
-                bare = await rig.run_bare(deadline, args.jobs)
+                bare = await rig.run_bare(deadline, number, args.jobs)
                 print(f"round {number}/{args.rounds}: bot, {args.jobs} jobs on "
                       f"{args.servers} servers...", flush=True)
                 bot = await rig.run_bot(deadline, number, args.jobs)

@@ -350,7 +350,9 @@ class DiscordJobObserver:
     async def _render_status(self, job_id: int) -> dict[str, Any]:
         # Built when the edit is really sent: always the newest state and preview.
         job = await self.bot.services.generation.snapshot(job_id)
-        kwargs: dict[str, Any] = {"view": status_view(job.id)}
+        # No view: an edit without components keeps the Cancel button posted with the
+        # message (and building one per edit is most of an edit's garbage).
+        kwargs: dict[str, Any] = {}
         preview = self._previews.get(job_id)
         name = None
         if preview is not None:

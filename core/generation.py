@@ -138,6 +138,7 @@ class JobObserver(Protocol):
     async def on_update(self, job: JobView, preview: bytes | None) -> None:
         """The job changed. For live progress ``job`` may lack the newest step: read
         :meth:`GenerationService.snapshot` when rendering."""
+
     async def deliver(
         self, job: JobView, images: list[ImageFile], *, check_existing: bool = False
     ) -> None:
@@ -1028,8 +1029,8 @@ class GenerationService:
         if isinstance(event, ExecutionStart | Executing | Progress):
             live.started = True
         if isinstance(event, ExecutionStart):
-            # Shown at once from memory; the row learns it with the next write (progress,
-            # uploading or the end): a restart resumes queued and running jobs alike.
+            # Shown at once from memory; the row learns it with the next write (progress
+            # or the end): a restart resumes queued and running jobs alike.
             live.queue_position = None
             live.started_at = live.started_at or self._clock()
             await self._publish(job_id)
@@ -1136,7 +1137,7 @@ class GenerationService:
         # the channel as fast as a bare relay would. A restart in between never posts
         # twice: the row still says queued or running, the resumed job finds its result
         # in ComfyUI's history and looks for its own earlier post first (and the post
-        # carries a nonce). "uploading" is shown, not stored.
+        # carries a nonce). So the row never says "uploading" now; older rows may.
         files = await asyncio.gather(*(fetch(o) for o in images))
         live = self._live.get(job_id)
         if live is not None:
@@ -1181,7 +1182,8 @@ class GenerationService:
                 )
         return replace(
             base, status=GenerationStatus.COMPLETED.value, progress=1.0, current_node=None,
-            queue_position=None, started_at=started_at, completed_at=now, image_count=count,
+            queue_position=None, eta_seconds=None, started_at=started_at, completed_at=now,
+            image_count=count,
         )
 
     async def _try_interrupt(self, conn: ComfyConnection, prompt_id: str) -> None:
