@@ -190,6 +190,14 @@ async def test_cancel_by_requester_but_not_by_someone_else(
     row = await job_row(studio)
     await comfy.wait_running(row.comfy_prompt_id, timeout=10)
     status = status_message(studio, row.id)
+
+    async def edited() -> bool:
+        return bool(status.edits)
+
+    await eventually(edited)
+    # Progress edits leave the components alone; the button posted with the message stays.
+    assert all("components" not in e for e in status.edits)
+    assert f"cv:cancel:{row.id}" in status.custom_ids()
     other = studio.fake.add_user("mallory", guild_id=studio.fake.guild.id)
     click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=other)
     await answer(studio, click)
