@@ -648,7 +648,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--profile", metavar="PATH",
                         help="sample the bot with py-spy while the jobs run (collapsed stacks "
-                             "to PATH; py-spy from $PY_SPY or PATH); skews the CPU figures")
+                             "to PATH, each round overwriting the last; py-spy from $PY_SPY "
+                             "or PATH); skews the CPU figures")
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.servers, args.channels, args.users = 40, 4, 4, 8
