@@ -12,8 +12,7 @@ from bot.bot import ComfyVastBot
 from bot.checks import actor_of
 from bot.jobs import STATUS_WORDS, launch_jobs, status_embed
 from bot.rendering import BRAND_COLOUR, timestamp, truncate
-from core.errors import ValidationFailed
-from core.generation import GenerationRequest, InputImage
+from core.generation import GenerationRequest, InputImage, check_input_size
 
 SAMPLERS = Literal[
     "euler",
@@ -74,8 +73,7 @@ class Generation(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         input_image = None
         if image is not None:
-            if image.size > 20 * 1024 * 1024:
-                raise ValidationFailed("The input image is larger than 20 MB.")
+            check_input_size(image.size)
             input_image = InputImage(image.filename, await image.read())
         request = GenerationRequest(
             actor=actor_of(interaction),

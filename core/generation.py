@@ -59,6 +59,12 @@ QUEUE_SNAPSHOT_TTL = 2.0
 PROGRESS_DB_INTERVAL = 5.0
 
 
+def check_input_size(size: int) -> None:
+    """Refuse an input image over MAX_INPUT_BYTES (the cog checks before downloading it)."""
+    if size > MAX_INPUT_BYTES:
+        raise ValidationFailed("The input image is larger than 20 MB.")
+
+
 class GenerationFailed(ComfyVastError):
     """A job ended in failure; ``str()`` is the sentence shown to the user."""
 
@@ -376,8 +382,7 @@ class GenerationService:
             suffix = Path(req.image.filename).suffix.lower()
             if suffix not in INPUT_EXTENSIONS:
                 raise ValidationFailed("The input image must be a PNG, JPEG or WebP file.")
-            if len(req.image.data) > MAX_INPUT_BYTES:
-                raise ValidationFailed("The input image is larger than 20 MB.")
+            check_input_size(len(req.image.data))
         if req.kind == "upscale" and (req.image is None or not req.upscale_model):
             raise ValidationFailed("Upscaling needs an image and an upscale model.")
 
