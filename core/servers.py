@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
@@ -178,26 +179,10 @@ class ServerRegistry:
         """Register a ComfyUI that is already running (the caller checked it answers)."""
         name = validate_name(name)
         url = validate_comfy_url(url)
-        await self.ensure_name_free(name)
-        now = utcnow()
-        async with self._sessions.begin() as session:
-            row = Server(
-                provider=Provider.DIRECT.value,
-                name=name,
-                comfy_url=url,
-                status=ServerStatus.RUNNING.value,
-                is_launched=True,
-                running_since=now,
-                created_by=actor.user_id,
-                last_used_at=now,
-            )
-            session.add(row)
-            await session.flush()
-            view = ServerView.of(row)
-        await self._audit.record(
-            actor, "server add-direct", outcome=OUTCOME_OK, resource=name, details={"url": url}
+        return await self._add(
+            actor, "server add-direct", {"url": url},
+            provider=Provider.DIRECT.value, name=name, comfy_url=url,
         )
-        return view
 
     async def add_ssh(
         self,
@@ -213,33 +198,32 @@ class ServerRegistry:
         """Register a host the team owns, with the host key pinned on first contact."""
         name = validate_name(name)
         host, port, user = validate_ssh_target(host, port, user)
+        return await self._add(
+            actor, "server add-ssh", {"host": host, "port": port, "user": user},
+            provider=Provider.SSH.value, name=name, ssh_host=host, ssh_port=port,
+            ssh_user=user, host_key=host_key, comfy_port=comfy_port,
+        )
+
+    async def _add(
+        self, actor: Actor, action: str, details: dict[str, Any], *, name: str, **fields: Any
+    ) -> ServerView:
+        """Insert a server that is running from the start (ssh, direct) and audit it."""
         await self.ensure_name_free(name)
         now = utcnow()
         async with self._sessions.begin() as session:
             row = Server(
-                provider=Provider.SSH.value,
                 name=name,
-                ssh_host=host,
-                ssh_port=port,
-                ssh_user=user,
-                host_key=host_key,
-                comfy_port=comfy_port,
                 status=ServerStatus.RUNNING.value,
                 is_launched=True,
                 running_since=now,
                 created_by=actor.user_id,
                 last_used_at=now,
+                **fields,
             )
             session.add(row)
             await session.flush()
             view = ServerView.of(row)
-        await self._audit.record(
-            actor,
-            "server add-ssh",
-            outcome=OUTCOME_OK,
-            resource=name,
-            details={"host": host, "port": port, "user": user},
-        )
+        await self._audit.record(actor, action, outcome=OUTCOME_OK, resource=name, details=details)
         return view
 
     async def touch(self, server_id: int, *, channel_id: int | None = None) -> None:
