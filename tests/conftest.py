@@ -160,16 +160,9 @@ async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.02) -
 @pytest.fixture(params=["asyncssh", "openssh"])
 async def ssh_host(request: pytest.FixtureRequest, env: BotEnv) -> AsyncIterator[Any]:
     """A real SSH server on loopback that accepts the bot's own key (both kinds)."""
-    from tests.sshserver import AsyncSSHTestServer, OpenSSHTestServer
+    from tests.sshserver import start_ssh_server
 
-    public_key = env.services.remote.key.public_openssh
-    if request.param == "openssh":
-        if not OpenSSHTestServer.available():
-            pytest.skip(OpenSSHTestServer.unavailable_reason())
-        server: Any = OpenSSHTestServer(public_key)
-    else:
-        server = AsyncSSHTestServer(public_key)
-    await server.start()
+    server = await start_ssh_server(request.param, env.services.remote.key.public_openssh)
     yield server
     await server.close()
 

@@ -26,7 +26,7 @@ from core.diagnostics import Diagnostics
 from core.servers import ServerView
 from core.services import Services
 from core.setup import DEFAULT_PROFILE_DIR, SetupService
-from tests.sshserver import AsyncSSHTestServer, OpenSSHTestServer
+from tests.sshserver import start_ssh_server
 
 TEST_PROFILES = Path(__file__).parent / "data" / "profiles"
 ADMIN = Actor(user_id=42, guild_id=1, channel_id=2, is_admin=True)
@@ -104,17 +104,6 @@ def comfy_answers(port: int) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
-
-
-async def start_ssh_server(kind: str, public_key: str) -> Any:
-    if kind == "openssh":
-        if not OpenSSHTestServer.available():
-            pytest.skip(OpenSSHTestServer.unavailable_reason())
-        server: Any = OpenSSHTestServer(public_key)
-    else:
-        server = AsyncSSHTestServer(public_key)
-    await server.start()
-    return server
 
 
 @pytest.fixture(name="setup_ssh", params=["asyncssh", "openssh"])

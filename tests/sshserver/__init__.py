@@ -5,7 +5,24 @@ Both expose ``host``, ``port``, ``username``, ``host_key_openssh``, ``connection
 so the same tests run against both.
 """
 
+from typing import Any
+
+import pytest
+
 from tests.sshserver.asyncssh_server import AsyncSSHTestServer
 from tests.sshserver.openssh_server import OpenSSHTestServer
 
-__all__ = ["AsyncSSHTestServer", "OpenSSHTestServer"]
+__all__ = ["AsyncSSHTestServer", "OpenSSHTestServer", "start_ssh_server"]
+
+
+async def start_ssh_server(kind: str, public_key: str) -> Any:
+    """A started server of ``kind`` ("asyncssh" or "openssh") accepting ``public_key``;
+    skips the test when OpenSSH's sshd is not installed."""
+    if kind == "openssh":
+        if not OpenSSHTestServer.available():
+            pytest.skip(OpenSSHTestServer.unavailable_reason())
+        server: Any = OpenSSHTestServer(public_key)
+    else:
+        server = AsyncSSHTestServer(public_key)
+    await server.start()
+    return server
