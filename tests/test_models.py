@@ -153,16 +153,16 @@ async def env(fake_discord: Any, tmp_path: Path) -> AsyncIterator[BotEnv]:
     await running.stop()
 
 
-@pytest.fixture
-async def source() -> AsyncIterator[ModelSource]:
+@pytest.fixture(name="source")
+async def source_fixture() -> AsyncIterator[ModelSource]:
     src = ModelSource()
     await src.start()
     yield src
     await src.stop()
 
 
-@pytest.fixture
-def install(tmp_path: Path) -> Path:
+@pytest.fixture(name="install")
+def install_fixture(tmp_path: Path) -> Path:
     root = tmp_path / "ComfyUI"
     (root / "models" / "checkpoints").mkdir(parents=True)
     return root

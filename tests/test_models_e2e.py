@@ -13,7 +13,13 @@ import pytest
 from core.models import ModelService
 from core.servers import ServerView
 from tests.conftest import BotEnv, _answered, bot_settings, register_ssh_server, start_bot
-from tests.test_models import ModelSource, build_service, closed_port
+from tests.test_models import (  # noqa: F401  (fixtures)
+    ModelSource,
+    build_service,
+    closed_port,
+    install_fixture,
+    source_fixture,
+)
 
 
 @pytest.fixture
@@ -33,21 +39,6 @@ async def ssh_host(env: BotEnv) -> AsyncIterator[Any]:
     await server.start()
     yield server
     await server.close()
-
-
-@pytest.fixture
-async def source() -> AsyncIterator[ModelSource]:
-    src = ModelSource()
-    await src.start()
-    yield src
-    await src.stop()
-
-
-@pytest.fixture
-def install(tmp_path: Path) -> Path:
-    root = tmp_path / "ComfyUI"
-    (root / "models" / "checkpoints").mkdir(parents=True)
-    return root
 
 
 @pytest.fixture
