@@ -44,6 +44,15 @@ async def job_row(env: BotEnv, job_id: int | None = None) -> ComfyGeneration:
         return (await session.scalars(stmt)).first()
 
 
+async def running_job(env: BotEnv, comfy: FakeComfy, options: dict[str, Any]) -> ComfyGeneration:
+    """Generate with sampling paused; return the job's row once ComfyUI runs it."""
+    comfy.pause_sampling()
+    await generate(env, options)
+    row = await job_row(env)
+    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    return row
+
+
 async def finished_row(env: BotEnv, job_id: int | None = None, timeout: float = 15.0) -> Any:
     """The job's row once it ended and its status message shows the final state."""
 
@@ -185,10 +194,7 @@ async def test_execution_error_is_one_sentence(studio: BotEnv, comfy: FakeComfy)
 async def test_cancel_by_requester_but_not_by_someone_else(
     studio: BotEnv, comfy: FakeComfy
 ) -> None:
-    comfy.pause_sampling()
-    await generate(studio, {"prompt": "long one", "steps": 30})
-    row = await job_row(studio)
-    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    row = await running_job(studio, comfy, {"prompt": "long one", "steps": 30})
     status = status_message(studio, row.id)
 
     async def edited() -> bool:
@@ -228,10 +234,7 @@ async def test_reroll_queues_same_prompt_with_new_seed(studio: BotEnv, comfy: Fa
 async def test_websocket_dropped_mid_run_still_delivers_once(
     studio: BotEnv, comfy: FakeComfy
 ) -> None:
-    comfy.pause_sampling()
-    await generate(studio, {"prompt": "resilient", "steps": 5})
-    row = await job_row(studio)
-    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    row = await running_job(studio, comfy, {"prompt": "resilient", "steps": 5})
     await comfy.drop_websockets(abrupt=True)
     comfy.resume_sampling()
     row = await finished_row(studio, row.id)
@@ -293,10 +296,7 @@ async def test_bot_restarted_mid_run_delivers_exactly_once(
     settings = bot_settings(tmp_path, fake_discord)
     first = await start_bot(fake_discord, settings)
     await add_server(first, "gpu-1", comfy.url)
-    comfy.pause_sampling()
-    await generate(first, {"prompt": "survive a restart", "steps": 4})
-    row = await job_row(first)
-    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    row = await running_job(first, comfy, {"prompt": "survive a restart", "steps": 4})
     await first.stop()  # the bot goes away mid-run
     comfy.resume_sampling()
     await comfy.wait_idle()  # ...and ComfyUI finishes while nobody listens
@@ -373,10 +373,7 @@ async def test_failover_to_a_second_server(studio: BotEnv, comfy: FakeComfy) -> 
 async def test_progress_outlives_the_interaction_token(studio: BotEnv, comfy: FakeComfy) -> None:
     import time
 
-    comfy.pause_sampling()
-    await generate(studio, {"prompt": "a long render", "steps": 3})
-    row = await job_row(studio)
-    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    row = await running_job(studio, comfy, {"prompt": "a long render", "steps": 3})
     later = time.time() + 16 * 60  # the interaction token is now expired
     studio.fake.clock = lambda: later
     comfy.resume_sampling()
