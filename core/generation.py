@@ -599,6 +599,10 @@ class GenerationService:
             self._views[job_id] = view
         return view
 
+    async def _last_written(self, job_id: int) -> JobView:
+        """The row as last written (cached for running jobs, read otherwise)."""
+        return self._views.get(job_id) or await self._refresh_view(job_id)
+
     def _remember(self, row: ComfyGeneration) -> JobView:
         """A view of a row just written in the caller's session; kept for running jobs.
 
@@ -1165,7 +1169,7 @@ class GenerationService:
     async def _complete(self, job_id: int, count: int, image_urls: list[Any]) -> JobView:
         """Write a delivered job's end with plain UPDATEs (no read first: the row as last
         written is in the view cache) and return its final view."""
-        base = self._views.get(job_id) or await self._refresh_view(job_id)
+        base = await self._last_written(job_id)
         live = self._live.get(job_id)
         now = self._clock()
         started_at = base.started_at or (live.started_at if live else None)
@@ -1251,7 +1255,7 @@ class GenerationService:
         renders, which happens far less often.
         """
         try:
-            view = self._views.get(job_id) or await self._refresh_view(job_id)
+            view = await self._last_written(job_id)
             await self.observer.on_update(view, preview)
         except Exception:
             log.exception("progress update for generation %s failed", job_id)
