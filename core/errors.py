@@ -7,6 +7,10 @@ fields carry the details for logs and tests.
 
 from __future__ import annotations
 
+# What a member is told when something failed that is not theirs to fix; the traceback
+# goes to the log.
+GENERIC_FAILURE = "Something went wrong; it has been logged."
+
 
 class ComfyVastError(Exception):
     """Base class: ``str(err)`` is a user-safe sentence."""
