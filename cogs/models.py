@@ -27,7 +27,7 @@ from bot.rendering import (
     truncate,
 )
 from core.errors import ComfyVastError
-from core.models import (
+from core.model_files import (
     MODEL_FOLDERS,
     DownloadRequest,
     DownloadView,
@@ -38,7 +38,7 @@ from core.models import (
 )
 
 if TYPE_CHECKING:
-    from core.models import ModelService
+    from core.model_files import ModelService
 
 log = logging.getLogger(__name__)
 

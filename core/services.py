@@ -15,7 +15,7 @@ from core.db.engine import SessionFactory, create_engine, create_session_factory
 from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
-from core.models import DEFAULT_INSTALL_DIR, ModelService
+from core.model_files import DEFAULT_INSTALL_DIR, ModelService
 from core.remote import Remote
 from core.server_service import ServerService
 from core.servers import ServerRegistry, ServerView

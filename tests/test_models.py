@@ -27,7 +27,7 @@ from sqlalchemy import select
 from core.audit import Actor
 from core.db.models import ModelDownload
 from core.errors import NotFound, ResourceBusy, ValidationFailed
-from core.models import (
+from core.model_files import (
     CurlMeter,
     DiskFull,
     DownloadRequest,

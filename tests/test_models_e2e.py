@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from core.models import ModelService
+from core.model_files import ModelService
 from core.servers import ServerView
 from tests.conftest import BotEnv, _answered, bot_settings, register_ssh_server, start_bot
 from tests.test_models import (  # noqa: F401  (fixtures)
