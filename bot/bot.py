@@ -1,4 +1,9 @@
-"""The Bot subclass: resources injected, cogs loaded, commands synced only when changed."""
+"""The wiring: the Bot subclass that injects the services, loads the cogs, and syncs commands
+only when they changed.
+
+Only this module and the entry point (bot/cli.py) import it; every other bot module and cog
+types against :class:`bot.context.BotContext`, which this class satisfies.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from bot.checks import actor_of, is_admin_command
 from bot.tree import ComfyVastTree, _options
 from core.audit import OUTCOME_OK
 from core.services import Services
+from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ class ComfyVastBot(commands.Bot):
         self.services = services
         self.started_at = time.monotonic()
         self._extensions = extensions
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskRegistry("bot")
 
     async def setup_hook(self) -> None:
         from bot.jobs import DYNAMIC_ITEMS, DiscordJobObserver
@@ -116,15 +122,7 @@ class ComfyVastBot(commands.Bot):
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """Run a background task that is tracked and whose failure is logged."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        return self._tasks.spawn(coro, name=name)
 
     async def on_app_command_completion(
         self, interaction: discord.Interaction, command: Any
@@ -149,8 +147,6 @@ class ComfyVastBot(commands.Bot):
         await self.services.generation.close()
         if hasattr(self, "relay"):
             await self.relay.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # No timeout: as before, close waits until every background task has ended.
+        await self._tasks.close(timeout=None)
         await super().close()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import discord
 from discord import app_commands
 
+from bot.context import bot_of
 from core.audit import Actor
 from core.config import Settings
 
-if TYPE_CHECKING:
-    from bot.bot import ComfyVastBot
+__all__ = [
+    "AdminCog", "NotAdmin", "actor_of", "admin_only", "bot_of", "is_admin_command",
+    "is_admin_member",
+]
 
 T = TypeVar("T")
 
@@ -40,10 +43,6 @@ def is_admin_member(interaction: discord.Interaction, settings: Settings) -> boo
     if isinstance(user, discord.Member) and not role_ids:
         role_ids = set(user._roles)  # roles not cached yet: use the raw ids
     return bool(role_ids & set(settings.discord.admin_role_ids))
-
-
-def bot_of(interaction: discord.Interaction) -> ComfyVastBot:
-    return interaction.client  # type: ignore[return-value]
 
 
 def actor_of(interaction: discord.Interaction) -> Actor:

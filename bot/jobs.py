@@ -11,11 +11,13 @@ import asyncio
 import io
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import ui
 
+from bot.checks import actor_of
+from bot.context import BotContext, bot_of
 from bot.relay import MessageRelay
 from bot.rendering import (
     BRAND_COLOUR,
@@ -26,12 +28,9 @@ from bot.rendering import (
     truncate,
 )
 from bot.tree import send_ephemeral
-from core.errors import ComfyVastError
-from core.generation import GenerationRequest, JobView
+from core.errors import GENERIC_FAILURE, ComfyVastError
+from core.generation import GenerationRequest, InputImage, JobView
 from core.images import UPLOAD_MARGIN, ImageFile, fit_for_upload, make_grid, thumbnail
-
-if TYPE_CHECKING:
-    from bot.bot import ComfyVastBot
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +159,16 @@ class _JobButton:
         return cls(int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         try:
             await self.run(bot, interaction)
         except ComfyVastError as exc:
             await send_ephemeral(interaction, str(exc))
         except Exception:
             log.exception("button %s on job %s failed", self.action, self.job_id)
-            await send_ephemeral(interaction, "Something went wrong; it has been logged.")
+            await send_ephemeral(interaction, GENERIC_FAILURE)
 
-    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
+    async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
         raise NotImplementedError
 
 
@@ -181,9 +180,7 @@ class CancelButton(
     style = discord.ButtonStyle.danger
     emoji = None
 
-    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
-        from bot.checks import actor_of
-
+    async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         job = await bot.services.generation.cancel(self.job_id, actor_of(interaction))
         await interaction.followup.send(f"Job #{job.id} is {job.status}.", ephemeral=True)
@@ -197,9 +194,7 @@ class RerollButton(
     style = discord.ButtonStyle.primary
     emoji = "🎲"
 
-    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
-        from bot.checks import actor_of
-
+    async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         gen = bot.services.generation
         job = await gen.get(self.job_id)
@@ -215,9 +210,7 @@ class VariationsButton(
     style = discord.ButtonStyle.secondary
     emoji = "🔀"
 
-    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
-        from bot.checks import actor_of
-
+    async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         gen = bot.services.generation
         job = await gen.get(self.job_id)
@@ -236,10 +229,7 @@ class UpscaleButton(
     style = discord.ButtonStyle.secondary
     emoji = "🔍"
 
-    async def run(self, bot: ComfyVastBot, interaction: discord.Interaction) -> None:
-        from bot.checks import actor_of
-        from core.generation import InputImage
-
+    async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         gen = bot.services.generation
         job = await gen.get(self.job_id)
@@ -291,7 +281,7 @@ def result_view(job_id: int, *, upscale: bool) -> ui.View:
 
 
 async def launch_jobs(
-    bot: ComfyVastBot, interaction: discord.Interaction, requests: list[GenerationRequest]
+    bot: BotContext, interaction: discord.Interaction, requests: list[GenerationRequest]
 ) -> list[JobView]:
     """Submit each request, post its status message, start it; reply privately.
 
@@ -333,7 +323,7 @@ async def launch_jobs(
 class DiscordJobObserver:
     """Renders job events into the status message and delivers results to the channel."""
 
-    def __init__(self, bot: ComfyVastBot, relay: MessageRelay) -> None:
+    def __init__(self, bot: BotContext, relay: MessageRelay) -> None:
         self.bot = bot
         self.relay = relay
         self._previews: dict[int, bytes] = {}

@@ -11,7 +11,6 @@ queues up, and a final state is awaited by its caller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import discord
+
+from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ class MessageRelay:
         self._buckets: dict[int, TokenBucket] = {}
         # Messages whose final state was sent: later (stale) updates are ignored.
         self._finished: dict[int, None] = {}
+        # One worker task per message in flight. The registry's bookkeeping (a done callback)
+        # costs once per message, a few microseconds, and nothing per edit: an update only
+        # wakes the message's running worker. Unkeyed: _slots already holds at most one
+        # worker per message.
+        self._workers = TaskRegistry("relay")
 
     def update(self, channel_id: int, message_id: int, builder: EditBuilder) -> None:
         """Replace the wanted state of a message; sent when the budget allows."""
@@ -110,7 +116,7 @@ class MessageRelay:
         if slot is None:
             slot = _Slot(channel_id, message_id)
             self._slots[message_id] = slot
-            slot.worker = asyncio.create_task(self._work(slot), name=f"relay-{message_id}")
+            slot.worker = self._workers.spawn(self._work(slot), name=f"relay-{message_id}")
         return slot
 
     def _bucket(self, channel_id: int) -> TokenBucket:
@@ -180,9 +186,5 @@ class MessageRelay:
                 return
 
     async def close(self) -> None:
-        workers = [s.worker for s in self._slots.values() if s.worker is not None]
-        for worker in workers:
-            worker.cancel()
-        for worker in workers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await worker
+        # Cancel every worker and wait (no time limit, as before) until each has ended.
+        await self._workers.close(timeout=None)

@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import ui
 
 from bot.checks import actor_of, is_admin_member
+from bot.context import BotContext, bot_of
 from bot.tree import send_ephemeral
 from core.errors import ComfyVastError
 from core.servers import ServerView
-
-if TYPE_CHECKING:
-    from bot.bot import ComfyVastBot
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ class KeepAliveButton(ui.DynamicItem[ui.Button[Any]], template=r"cv:keepalive:(?
         return cls(int(match["server"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         if not is_admin_member(interaction, bot.services.settings):
             await send_ephemeral(
                 interaction, "Only admins can keep a server running: it costs money."
@@ -63,7 +61,7 @@ class KeepAliveButton(ui.DynamicItem[ui.Button[Any]], template=r"cv:keepalive:(?
 
 
 class DiscordServerEvents:
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
 
     async def idle_warning(self, server: ServerView, channel_id: int, minutes_left: int) -> None:
@@ -91,7 +89,7 @@ class DiscordServerEvents:
 
 
 async def server_loop(
-    bot: ComfyVastBot, *, sync_every: float = 60.0, autostop_every: float = 30.0
+    bot: BotContext, *, sync_every: float = 60.0, autostop_every: float = 30.0
 ) -> None:
     """Reconcile with the provider at start and every minute; check idle servers often."""
     ops = bot.services.server_ops

@@ -7,13 +7,12 @@ import logging
 import discord
 from discord import app_commands
 
-from bot.checks import NotAdmin, actor_of, bot_of, is_admin_command
+from bot.checks import NotAdmin, actor_of, is_admin_command
+from bot.context import bot_of
 from core.audit import OUTCOME_ERROR, OUTCOME_REFUSED
-from core.errors import ComfyVastError, PermissionDenied
+from core.errors import GENERIC_FAILURE, ComfyVastError, PermissionDenied
 
 log = logging.getLogger(__name__)
-
-GENERIC_FAILURE = "Something went wrong; it has been logged."
 
 
 def describe_error(error: Exception) -> tuple[str, bool]:

@@ -8,8 +8,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import ComfyVastBot
 from bot.checks import actor_of
+from bot.context import BotContext
 from bot.jobs import STATUS_WORDS, launch_jobs, status_embed
 from bot.rendering import BRAND_COLOUR, timestamp, truncate
 from core.generation import GenerationRequest, InputImage, check_input_size
@@ -45,7 +45,7 @@ def _matching(names: list[str], current: str) -> list[app_commands.Choice[str]]:
 
 
 class Generation(commands.Cog):
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
 
     async def _run_generate(
@@ -270,5 +270,5 @@ class Generation(commands.Cog):
         )
 
 
-async def setup(bot: ComfyVastBot) -> None:
+async def setup(bot: BotContext) -> None:
     await bot.add_cog(Generation(bot))

@@ -9,8 +9,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import ComfyVastBot
 from bot.checks import admin_only
+from bot.context import BotContext
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.overview import overview
 
@@ -23,7 +23,7 @@ def package_version() -> str:
 
 
 class Meta(commands.Cog):
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
 
     @app_commands.command(name="about", description="What this bot is, its version and load.")
@@ -81,5 +81,5 @@ class Meta(commands.Cog):
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
-async def setup(bot: ComfyVastBot) -> None:
+async def setup(bot: BotContext) -> None:
     await bot.add_cog(Meta(bot))

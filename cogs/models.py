@@ -15,9 +15,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import ComfyVastBot
+from bot.autocomplete import server_autocomplete
 from bot.checks import actor_of, admin_only
 from bot.confirm import confirm
+from bot.context import BotContext
 from bot.rendering import (
     BRAND_COLOUR,
     ERROR_COLOUR,
@@ -138,7 +139,7 @@ def listing_embeds(listings: list[ModelListing], folder: str | None,
 class DiscordDownloadObserver:
     """Posts a download's status message in the channel and keeps it current."""
 
-    def __init__(self, bot: ComfyVastBot, channel_id: int, guild_id: int | None) -> None:
+    def __init__(self, bot: BotContext, channel_id: int, guild_id: int | None) -> None:
         self.bot = bot
         self.channel_id = channel_id
         self.guild_id = guild_id
@@ -174,7 +175,7 @@ class DiscordDownloadObserver:
 @app_commands.guild_only()
 class Models(commands.GroupCog, group_name="models",
              group_description="Model files on the team's servers."):
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
         super().__init__()
 
@@ -269,14 +270,10 @@ class Models(commands.GroupCog, group_name="models",
 
     # -- autocomplete
 
-    @list_models.autocomplete("server")
-    @download.autocomplete("server")
-    @delete.autocomplete("server")
-    async def _server_autocomplete(
-        self, interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
-        names = await self.bot.services.servers.names(current)
-        return [app_commands.Choice(name=n, value=n) for n in names[:MAX_CHOICES]]
+    # The server option completes with bot.autocomplete.server_autocomplete (shared).
+    list_models.autocomplete("server")(server_autocomplete)
+    download.autocomplete("server")(server_autocomplete)
+    delete.autocomplete("server")(server_autocomplete)
 
     @delete.autocomplete("filename")
     async def _filename_autocomplete(
@@ -293,5 +290,5 @@ class Models(commands.GroupCog, group_name="models",
                 for n in names[:MAX_CHOICES]]
 
 
-async def setup(bot: ComfyVastBot) -> None:
+async def setup(bot: BotContext) -> None:
     await bot.add_cog(Models(bot))

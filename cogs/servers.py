@@ -11,13 +11,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import ComfyVastBot
+from bot.autocomplete import server_autocomplete
 from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
+from bot.context import BotContext
 from bot.diagnose_render import diagnosis_embed
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.comfy.errors import ComfyError
-from core.errors import ComfyVastError, ValidationFailed
+from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.server_service import RentPlan
 from core.servers import validate_comfy_url, validate_name, validate_ssh_target
 from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
@@ -92,14 +93,6 @@ class OffersView(discord.ui.View):
         return callback
 
 
-async def server_autocomplete(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
-    bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
-    names = await bot.services.servers.names(current)
-    return [app_commands.Choice(name=n, value=n) for n in names[:25]]
-
-
 @app_commands.default_permissions(manage_guild=True)
 @app_commands.guild_only()
 class Servers(
@@ -108,7 +101,7 @@ class Servers(
     group_name="server",
     group_description="Manage the team's GPU servers.",
 ):
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
         super().__init__()
 
@@ -317,7 +310,7 @@ class Servers(
             lines.append(f"❌ {exc}")
         except Exception:
             log.exception("renting %s failed", name)
-            lines.append("❌ Something went wrong; it has been logged.")
+            lines.append(f"❌ {GENERIC_FAILURE}")
         final = "\n".join(lines[-12:])
         await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
 
@@ -484,5 +477,5 @@ async def _content(text: str) -> dict[str, object]:
     return {"content": text}
 
 
-async def setup(bot: ComfyVastBot) -> None:
+async def setup(bot: BotContext) -> None:
     await bot.add_cog(Servers(bot))

@@ -15,12 +15,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import ComfyVastBot
+from bot.autocomplete import server_autocomplete
 from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
+from bot.context import BotContext, bot_of
 from bot.relay import MessageRelay
 from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, truncate
-from cogs.servers import server_autocomplete
 from core.errors import ComfyVastError, ValidationFailed
 from core.setup import ExecutionView, SetupService
 
@@ -104,7 +104,7 @@ def log_file(view: ExecutionView, text: str, limit: int = DEFAULT_UPLOAD_LIMIT) 
 class DiscordSetupObserver:
     """Renders a service's runs into their status messages through the relay."""
 
-    def __init__(self, bot: ComfyVastBot, service: SetupService) -> None:
+    def __init__(self, bot: BotContext, service: SetupService) -> None:
         self.bot = bot
         self.service = service
 
@@ -145,8 +145,7 @@ class DiscordSetupObserver:
 
 
 def _service(interaction: discord.Interaction) -> SetupService:
-    bot: ComfyVastBot = interaction.client  # type: ignore[assignment]
-    return bot.services.setup
+    return bot_of(interaction).services.setup
 
 
 async def profile_autocomplete(
@@ -181,7 +180,7 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
     # Seconds an admin has to confirm /setup reset (tests shorten it).
     confirm_timeout = 60.0
 
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
         super().__init__()
 
@@ -275,5 +274,5 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
             "again.", ephemeral=True)
 
 
-async def setup(bot: ComfyVastBot) -> None:
+async def setup(bot: BotContext) -> None:
     await bot.add_cog(Setup(bot))

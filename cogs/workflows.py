@@ -6,8 +6,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import ComfyVastBot
 from bot.checks import AdminCog, actor_of
+from bot.context import BotContext
 from bot.rendering import BRAND_COLOUR, truncate
 from core.errors import ValidationFailed
 
@@ -20,7 +20,7 @@ class Workflows(
     group_name="workflow",
     group_description="Custom ComfyUI workflows.",
 ):
-    def __init__(self, bot: ComfyVastBot) -> None:
+    def __init__(self, bot: BotContext) -> None:
         self.bot = bot
         super().__init__()
 
@@ -79,5 +79,5 @@ class Workflows(
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
 
-async def setup(bot: ComfyVastBot) -> None:
+async def setup(bot: BotContext) -> None:
     await bot.add_cog(Workflows(bot))

@@ -1,11 +1,11 @@
-"""`python -m bot doctor`: one line per check, non-zero exit when any check fails."""
+"""The doctor's result type and its checks of the local set-up: configuration, database,
+Discord token, SSH key file."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -13,7 +13,6 @@ import aiohttp
 
 from core.config import Settings
 from core.db.engine import create_engine, current_revision, migrate
-from core.services import http_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,33 +75,3 @@ async def check_ssh_key(settings: Settings, _: aiohttp.ClientSession) -> CheckRe
 
 
 CHECKS: list[Check] = [check_config, check_database, check_discord, check_ssh_key]
-
-
-async def run_checks(settings: Settings, checks: list[Check] | None = None) -> list[CheckResult]:
-    async with aiohttp.ClientSession(timeout=http_timeout(settings)) as http:
-        results: list[CheckResult] = []
-        for check in checks or CHECKS:
-            results.append(await check(settings, http))
-        for extra in await _server_checks(settings, http):
-            results.append(extra)
-    return results
-
-
-async def _server_checks(settings: Settings, http: aiohttp.ClientSession) -> list[CheckResult]:
-    """Hook for per-server and per-provider checks (Vast.ai key, each server)."""
-    from bot.doctor_servers import server_checks
-
-    return await server_checks(settings, http)
-
-
-async def run_doctor(settings: Settings) -> int:
-    results = await run_checks(settings)
-    for result in results:
-        mark = "skip" if result.skipped else ("ok" if result.ok else "FAIL")
-        print(f"[{mark:>4}] {result.name}: {result.detail}")
-    failed = [r for r in results if not r.ok]
-    if failed:
-        print(f"{len(failed)} check(s) failed.", file=sys.stderr)
-        return 1
-    print("All checks passed.")
-    return 0

@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 
+from bot.doctor.checks import CheckResult
 from core.comfy.client import ComfyClient
 from core.config import Settings
 from core.db.engine import create_engine, create_session_factory
@@ -13,9 +14,7 @@ from core.servers import ServerRegistry
 from core.vast import VastClient, VastError
 
 
-async def server_checks(settings: Settings, http: aiohttp.ClientSession) -> list:  # type: ignore[type-arg]
-    from bot.doctor import CheckResult
-
+async def server_checks(settings: Settings, http: aiohttp.ClientSession) -> list[CheckResult]:
     results: list[CheckResult] = []
     if settings.vast.api_key is None:
         results.append(
@@ -62,9 +61,7 @@ async def server_checks(settings: Settings, http: aiohttp.ClientSession) -> list
     return results
 
 
-async def _tcp_check(name: str, host: str, port: int):  # type: ignore[no-untyped-def]
-    from bot.doctor import CheckResult
-
+async def _tcp_check(name: str, host: str, port: int) -> CheckResult:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
         writer.close()
