@@ -4,7 +4,7 @@
 is trusted on first use: the key the server presents is learned, remembered, and handed to
 ``on_host_key_learned`` so the caller can store it; from then on a different key raises
 :class:`HostKeyMismatch`. Transient failures (refused, reset, timed out) are retried with
-equal-jitter exponential backoff (:class:`core.retry.Backoff`); authentication failures and
+equal-jitter exponential backoff (:meth:`SSHOptions.backoff`); authentication failures and
 host key mismatches are not, because repeating them cannot help and may lock the account.
 """
 
@@ -19,7 +19,6 @@ from typing import TypeVar
 
 import asyncssh
 
-from core.retry import Backoff
 from core.ssh.errors import HostKeyMismatch, SSHAuthError, SSHConnectError
 from core.ssh.keys import ClientKey, host_key_fingerprint
 from core.ssh.target import SSHOptions, SSHTarget, address
@@ -29,15 +28,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HostKeyLearned = Callable[[SSHTarget, str], Awaitable[None] | None]
-
-
-def backoff(options: SSHOptions) -> Backoff:
-    """The delays between connect attempts and tunnel reconnects.
-
-    Equal jitter: half of each delay is fixed so retries really do back off, the other half
-    is random so many clients that failed together do not come back together.
-    """
-    return Backoff(options.backoff_base, options.backoff_max, jitter="equal")
 
 
 async def fetch_host_key(
@@ -92,7 +82,7 @@ async def _retrying(
     only transient ones are retried, auth and host key failures end it at once.
     """
     attempts = max(1, options.connect_attempts)
-    delays = backoff(options)
+    delays = options.backoff()
     where = address(host, port)
     for attempt in range(1, attempts + 1):
         try:

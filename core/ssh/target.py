@@ -8,6 +8,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+from core.retry import Backoff
+
 
 def address(host: str, port: int) -> str:
     """``host:port`` for logs and messages, with IPv6 literals bracketed."""
@@ -46,12 +48,19 @@ class SSHOptions:
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
     connect_attempts: int = 4
-    # Connect retries and tunnel reconnects wait Backoff(backoff_base, backoff_max, "equal").
     backoff_base: float = 0.5
     backoff_max: float = 10.0
     idle_timeout: float = 300.0
     # OpenSSH allows 10 sessions per connection by default (MaxSessions); stay below it.
     max_sessions_per_connection: int = 8
+
+    def backoff(self) -> Backoff:
+        """The delays between connect attempts and between a tunnel's reconnects.
+
+        Equal jitter: half of each delay is fixed so retries really do back off, the other
+        half is random so many clients that failed together do not come back together.
+        """
+        return Backoff(self.backoff_base, self.backoff_max, jitter="equal")
 
 
 def quote_command(argv: list[str]) -> str:

@@ -12,7 +12,6 @@ import logging
 
 import asyncssh
 
-from core.ssh.connector import backoff
 from core.ssh.errors import SSHError
 from core.ssh.pool import ConnectionPool, PooledConnection
 from core.ssh.target import SSHTarget
@@ -111,7 +110,7 @@ class Tunnel:
 
     async def _supervise(self, entry: PooledConnection | None) -> None:
         failures = 0
-        delays = backoff(self.pool.options)
+        delays = self.pool.options.backoff()
         while not self._closed and not self.pool.closed:
             if entry is None:
                 try:
