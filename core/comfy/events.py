@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from core.comfy.client import ComfyClient, OutputImage, PromptResult, parse_images
+from core.comfy.client import ComfyClient
 from core.comfy.errors import (
     ComfyError,
     ComfyExecutionError,
@@ -48,6 +48,7 @@ from core.comfy.errors import (
     ComfyPromptLost,
     ComfyUnreachable,
 )
+from core.comfy.responses import OutputImage, PromptResult, parse_images
 
 log = logging.getLogger(__name__)
 
