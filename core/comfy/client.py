@@ -122,6 +122,9 @@ class ComfyClient:
                 reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
                 if attempt + 1 < attempts and not isinstance(exc, TimeoutError):
                     log.debug("GET %s failed (%s), retrying", path, reason)
+                    # Not a core.retry.Backoff: one quick re-send of a GET whose pooled
+                    # connection was dropped, after a short fixed pause in [0.1, 0.3] s
+                    # that neither of Backoff's jitter kinds spans.
                     await asyncio.sleep(0.1 + random.random() * 0.2)  # noqa: S311
                     continue
                 raise ComfyUnreachable(self.base_url, reason) from exc

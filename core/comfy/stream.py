@@ -49,7 +49,7 @@ from core.comfy.events import (
     decode_binary,
     decode_message,
 )
-from core.comfy.subscriptions import CLOSED, EventSubscription
+from core.comfy.subscriptions import EventFanout, EventSubscription
 from core.comfy.tracking import PromptTracker
 from core.retry import Backoff
 from core.tasks import TaskRegistry
@@ -58,9 +58,6 @@ log = logging.getLogger(__name__)
 
 # Previews are ~55-80 KB JPEGs, but SaveImageWebsocket sends full-size PNGs (trace 17).
 _MAX_WS_MESSAGE = 256 * 1024 * 1024
-
-# Events that concern the connection, handed to every subscription.
-_CONNECTION_EVENTS = (Disconnected, Reconnected)
 
 
 class ComfyEventStream:
@@ -95,14 +92,12 @@ class ComfyEventStream:
         self._poll_interval = poll_interval
         self._preview_metadata = preview_metadata
 
-        self._subs: dict[str, list[EventSubscription]] = {}
-        self._all_subs: list[EventSubscription] = []
-        self._listeners: list[Listener] = []
         self._tasks = TaskRegistry(f"ComfyUI events {self.base_url}")
         self._tracker = PromptTracker(
             self._client, self._tasks, base_url=self.base_url, client_id=client_id,
             lost_grace=lost_grace, on_done=self._prompt_done, on_running=self._prompt_running,
         )
+        self._fanout = EventFanout(on_last_unsubscribed=self._tracker.forget)
         self._runner: asyncio.Task[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._connected = asyncio.Event()
@@ -149,10 +144,7 @@ class ComfyEventStream:
                 await asyncio.wait_for(ws.close(), 5.0)
         await self._tasks.close(timeout=5.0)
         self._connected.clear()
-        for sub in [*self._all_subs, *(s for subs in self._subs.values() for s in subs)]:
-            sub.put(CLOSED)
-        self._subs.clear()
-        self._all_subs.clear()
+        self._fanout.close()
         self._tracker.clear()
 
     async def __aenter__(self) -> ComfyEventStream:
@@ -169,60 +161,25 @@ class ComfyEventStream:
 
         Subscribe *before* queueing (with your own prompt_id) so no message is missed.
         """
-        sub = EventSubscription(self._unsubscribe, prompt_id)
-        self._subs.setdefault(prompt_id, []).append(sub)
+        sub = self._fanout.subscribe(prompt_id)
         self._tracker.track(prompt_id)
         return sub
 
     def subscribe_all(self) -> EventSubscription:
         """Every event, for every prompt, plus connection events."""
-        sub = EventSubscription(self._unsubscribe, None)
-        self._all_subs.append(sub)
-        return sub
+        return self._fanout.subscribe_all()
 
     def add_listener(self, listener: Listener) -> None:
         """A synchronous callback for every event; exceptions are logged, not raised."""
-        self._listeners.append(listener)
+        self._fanout.add_listener(listener)
 
     def remove_listener(self, listener: Listener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
+        self._fanout.remove_listener(listener)
 
     def untrack(self, prompt_id: str) -> None:
         """Stop tracking a prompt (e.g. its POST /prompt failed validation)."""
         self._tracker.forget(prompt_id)
-        for sub in self._subs.pop(prompt_id, []):
-            sub.put(CLOSED)
-
-    def _unsubscribe(self, sub: EventSubscription) -> None:
-        if sub.prompt_id is None:
-            with contextlib.suppress(ValueError):
-                self._all_subs.remove(sub)
-            return
-        subs = self._subs.get(sub.prompt_id, [])
-        with contextlib.suppress(ValueError):
-            subs.remove(sub)
-        if not subs:
-            self._subs.pop(sub.prompt_id, None)
-            self._tracker.forget(sub.prompt_id)
-
-    def _dispatch(self, event: ComfyEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("ComfyUI event listener %r failed", listener)
-        for sub in list(self._all_subs):
-            sub.put(event)
-        if isinstance(event, _CONNECTION_EVENTS):
-            for subs in list(self._subs.values()):
-                for sub in subs:
-                    sub.put(event)
-            return
-        prompt_id = getattr(event, "prompt_id", None)
-        if prompt_id is not None:
-            for sub in list(self._subs.get(prompt_id, ())):
-                sub.put(event)
+        self._fanout.end_prompt(prompt_id)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -271,7 +228,7 @@ class ComfyEventStream:
                     log.info(
                         "ComfyUI WebSocket %s reconnected after %.1fs", self.base_url, downtime
                     )
-                    self._dispatch(Reconnected(attempt, downtime))
+                    self._fanout.dispatch(Reconnected(attempt, downtime))
                 attempt = 0
                 await self._read(ws)
                 if ws.exception() is not None:
@@ -289,7 +246,7 @@ class ComfyEventStream:
             lost_at = time.monotonic()
             self._tracker.mark_gap()
             log.warning("ComfyUI WebSocket %s disconnected (%s)", self.base_url, reason)
-            self._dispatch(Disconnected(reason))
+            self._fanout.dispatch(Disconnected(reason))
             await asyncio.sleep(self._reconnect.delay(1))
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -319,7 +276,7 @@ class ComfyEventStream:
                 if decoded is None:
                     log.debug("ComfyUI %s sent an unknown binary frame", self.base_url)
                     continue
-                self._dispatch(decoded)
+                self._fanout.dispatch(decoded)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 break
 
@@ -340,12 +297,12 @@ class ComfyEventStream:
                 if event.prompt_id is not None:
                     self._current_prompt = event.prompt_id
                 self._current_node = event.node
-        self._dispatch(event)
+        self._fanout.dispatch(event)
         self._tracker.on_event(event)
 
     def _prompt_done(self, done: PromptDone) -> None:
-        self._dispatch(done)
-        self._subs.pop(done.prompt_id, None)
+        self._fanout.dispatch(done)
+        self._fanout.drop_prompt(done.prompt_id)
 
     def _prompt_running(self, prompt_id: str) -> None:
         if self._current_prompt is None:
