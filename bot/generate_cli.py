@@ -14,7 +14,8 @@ from typing import Any, TextIO
 import aiohttp
 
 from core.comfy.client import ComfyClient
-from core.comfy.events import ComfyEventStream, Executing, Progress, PromptDone
+from core.comfy.events import Executing, Progress, PromptDone
+from core.comfy.stream import ComfyEventStream
 from core.comfy.workflows import (
     GenerationParams,
     apply_param_map,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from core.comfy.client import ComfyClient
-from core.comfy.events import ComfyEventStream
+from core.comfy.stream import ComfyEventStream
 from core.servers import ServerView
 
 log = logging.getLogger(__name__)

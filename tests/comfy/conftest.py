@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from core.comfy.client import ComfyClient
-from core.comfy.events import ComfyEventStream
+from core.comfy.stream import ComfyEventStream
 from tests.fakecomfy import FakeComfy
 
 

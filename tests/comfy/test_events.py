@@ -15,7 +15,6 @@ from core.comfy.client import ComfyClient
 from core.comfy.errors import ComfyExecutionError, ComfyInterrupted, ComfyPromptLost
 from core.comfy.events import (
     ComfyEvent,
-    ComfyEventStream,
     Disconnected,
     Executed,
     Executing,
@@ -32,6 +31,7 @@ from core.comfy.events import (
     decode_binary,
     decode_message,
 )
+from core.comfy.stream import ComfyEventStream
 from core.comfy.workflows import GenerationParams, build_workflow
 from tests.fakecomfy import FakeComfy, facts
 from tests.fakecomfy.replay import trace_prompt_bodies

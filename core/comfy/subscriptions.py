@@ -1,0 +1,183 @@
+"""Who receives a ComfyUI event stream's events.
+
+:class:`EventSubscription` is one subscriber's queue of events, ending with its prompt's
+:class:`PromptDone` (or when the subscription or the stream closes); :class:`EventFanout`
+hands every event to the subscriptions and synchronous listeners it concerns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from core.comfy.events import ComfyEvent, Disconnected, Listener, PromptDone, Reconnected
+
+log = logging.getLogger(__name__)
+
+# Put in a subscription's queue to end it.
+CLOSED = object()
+
+# Events that concern the connection, handed to every subscription.
+_CONNECTION_EVENTS = (Disconnected, Reconnected)
+
+
+class EventSubscription:
+    """Events for one prompt (or all events): ``await sub.get()`` or ``async for``.
+
+    A prompt subscription ends after its :class:`PromptDone`; every subscription ends when
+    it is closed or the stream closes.
+    """
+
+    def __init__(
+        self, unsubscribe: Callable[[EventSubscription], None], prompt_id: str | None
+    ) -> None:
+        # The stream's hook that forgets this subscription (and its prompt, if last).
+        self._unsubscribe = unsubscribe
+        self.prompt_id = prompt_id
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._ended = False
+
+    def put(self, event: Any) -> None:
+        """Called by the stream only."""
+        self._queue.put_nowait(event)
+
+    async def get(self, timeout: float | None = None) -> ComfyEvent:
+        """The next event; raises StopAsyncIteration once the subscription ended."""
+        if self._ended:
+            raise StopAsyncIteration
+        if timeout is None:
+            item = await self._queue.get()
+        else:
+            # asyncio.timeout, not wait_for: no extra task per event (this is the hot path).
+            async with asyncio.timeout(timeout):
+                item = await self._queue.get()
+        if item is CLOSED:
+            self._ended = True
+            raise StopAsyncIteration
+        if isinstance(item, PromptDone) and self.prompt_id is not None:
+            self._ended = True
+        return item  # type: ignore[no-any-return]
+
+    def drain(self) -> list[ComfyEvent]:
+        """The events already waiting, without blocking (so a slow reader can skip stale
+        progress and previews instead of replaying them one by one)."""
+        items: list[ComfyEvent] = []
+        while not self._ended:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is CLOSED:
+                self._queue.put_nowait(item)  # let the next get() see the end
+                break
+            items.append(item)
+            if isinstance(item, PromptDone) and self.prompt_id is not None:
+                self._ended = True
+        return items
+
+    async def wait_done(self, timeout: float | None = None) -> PromptDone:
+        """Skip to this prompt's :class:`PromptDone`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            event = await self.get(left)
+            if isinstance(event, PromptDone):
+                return event
+
+    def __aiter__(self) -> AsyncIterator[ComfyEvent]:
+        return self
+
+    async def __anext__(self) -> ComfyEvent:
+        return await self.get()
+
+    def close(self) -> None:
+        self._unsubscribe(self)
+        self._queue.put_nowait(CLOSED)
+
+    async def __aenter__(self) -> EventSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventFanout:
+    """The subscriptions and listeners of one stream, and the routing of events to them.
+
+    ``on_last_unsubscribed`` is told when a prompt's last subscription closed, so the
+    stream stops tracking that prompt.
+    """
+
+    def __init__(self, on_last_unsubscribed: Callable[[str], None]) -> None:
+        self._on_last_unsubscribed = on_last_unsubscribed
+        self._subs: dict[str, list[EventSubscription]] = {}
+        self._all_subs: list[EventSubscription] = []
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, prompt_id: str) -> EventSubscription:
+        sub = EventSubscription(self._unsubscribe, prompt_id)
+        self._subs.setdefault(prompt_id, []).append(sub)
+        return sub
+
+    def subscribe_all(self) -> EventSubscription:
+        sub = EventSubscription(self._unsubscribe, None)
+        self._all_subs.append(sub)
+        return sub
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def end_prompt(self, prompt_id: str) -> None:
+        """End the prompt's subscriptions now (it will get no PromptDone)."""
+        for sub in self._subs.pop(prompt_id, []):
+            sub.put(CLOSED)
+
+    def drop_prompt(self, prompt_id: str) -> None:
+        """Forget the prompt's subscriptions after its PromptDone was dispatched."""
+        self._subs.pop(prompt_id, None)
+
+    def close(self) -> None:
+        """End every subscription."""
+        for sub in [*self._all_subs, *(s for subs in self._subs.values() for s in subs)]:
+            sub.put(CLOSED)
+        self._subs.clear()
+        self._all_subs.clear()
+
+    def _unsubscribe(self, sub: EventSubscription) -> None:
+        if sub.prompt_id is None:
+            with contextlib.suppress(ValueError):
+                self._all_subs.remove(sub)
+            return
+        subs = self._subs.get(sub.prompt_id, [])
+        with contextlib.suppress(ValueError):
+            subs.remove(sub)
+        if not subs:
+            self._subs.pop(sub.prompt_id, None)
+            self._on_last_unsubscribed(sub.prompt_id)
+
+    def dispatch(self, event: ComfyEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("ComfyUI event listener %r failed", listener)
+        for sub in list(self._all_subs):
+            sub.put(event)
+        if isinstance(event, _CONNECTION_EVENTS):
+            for subs in list(self._subs.values()):
+                for sub in subs:
+                    sub.put(event)
+            return
+        prompt_id = getattr(event, "prompt_id", None)
+        if prompt_id is not None:
+            for sub in list(self._subs.get(prompt_id, ())):
+                sub.put(event)
+
