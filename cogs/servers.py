@@ -18,10 +18,10 @@ from bot.diagnose_render import diagnosis_embed
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.comfy.errors import ComfyError
 from core.errors import ComfyVastError, ValidationFailed
-from core.server_service import RentPlan
-from core.servers import validate_comfy_url, validate_name, validate_ssh_target
-from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
-from core.vast import Offer, OfferQuery
+from core.providers import provider_for
+from core.providers.vast import Offer, OfferQuery
+from core.servers import validate_comfy_url, validate_name
+from core.servers.service import RentPlan
 
 log = logging.getLogger(__name__)
 
@@ -159,27 +159,14 @@ class Servers(
         comfy_port: app_commands.Range[int, 1, 65535] = 8188,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        services = self.bot.services
-        host, port, user = validate_ssh_target(host, port, user)
-        await services.servers.ensure_name_free(validate_name(name))
-        remote = services.remote
-        try:
-            # Trust on first use: the key seen now is pinned and checked ever after.
-            host_key = await remote.connector.fetch_host_key(host, port)
-            target = SSHTarget(host, port, user, pinned_host_key=host_key)
-            await remote.pool.run(target, "true", timeout=30)
-        except SSHAuthError:
-            raise ValidationFailed(
-                f"{user}@{host}:{port} refused the bot's key. Add this line to "
-                f"~{user}/.ssh/authorized_keys there, then try again:\n"
-                f"`{remote.key.public_openssh}`"
-            ) from None
-        server = await services.servers.add_ssh(
-            actor_of(interaction), name, host, port, user, host_key, comfy_port=comfy_port
+        added = await self.bot.services.server_ops.add_ssh(
+            actor_of(interaction), name, host, port, user, comfy_port=comfy_port
         )
+        server = added.server
         await interaction.followup.send(
-            f"Added server **{server.name}** ({user}@{host}:{port}); host key "
-            f"`{host_key_fingerprint(host_key)}` pinned. Install ComfyUI with /setup run.",
+            f"Added server **{server.name}** ({server.ssh_user}@{server.ssh_host}:"
+            f"{server.ssh_port}); host key `{added.fingerprint}` pinned. "
+            "Install ComfyUI with /setup run.",
             ephemeral=True,
         )
 
@@ -370,7 +357,7 @@ class Servers(
         view = await self.bot.services.servers.get(server)
         what = (
             "This destroys the rented instance and everything on its disk."
-            if view.provider == "vast"
+            if provider_for(view).rented
             else "The bot forgets this server; the host stays."
         )
         if not await confirm(
@@ -420,8 +407,7 @@ class Servers(
             )
             return
         jobs = await self.bot.services.servers.active_jobs()
-        ops = self.bot.services.server_ops
-        month = await ops.month_spend()
+        spend = await self.bot.services.server_ops.spend_report(servers)
         lines = []
         for s in servers:
             uptime = ""
@@ -430,19 +416,18 @@ class Servers(
                     (discord.utils.utcnow() - s.running_since).total_seconds()
                 )
             price = f" · ${s.price_per_hour:.3f}/h" if s.price_per_hour else ""
-            spent = await ops.server_spend(s.id) if s.provider == "vast" else 0.0
-            spend = f" · ${spent:.2f} spent" if spent else ""
+            spent = spend.spent(s.id)
+            spent_text = f" · ${spent:.2f} spent" if spent else ""
             lines.append(
                 f"**{s.name}** ({s.provider}) · {s.status} · {s.gpu or 'GPU ?'}{price}{uptime}"
-                f"{spend} · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
+                f"{spent_text} · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
             )
         embed = discord.Embed(
             title="Servers", description=truncate("\n".join(lines), 4000), colour=BRAND_COLOUR
         )
-        budget = self.bot.services.settings.costs.monthly_budget
         embed.set_footer(
-            text=f"This month: ${month:.2f}"
-            + (f" of a ${budget:.2f} budget" if budget is not None else "")
+            text=f"This month: ${spend.month:.2f}"
+            + (f" of a ${spend.budget:.2f} budget" if spend.budget is not None else "")
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 

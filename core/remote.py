@@ -66,7 +66,7 @@ class Remote:
 
     async def heartbeat(self, server: ServerView) -> None:
         """Touch the dead man's switch file on a rented instance."""
-        from core.server_service import HEARTBEAT_FILE
+        from core.providers.vast import HEARTBEAT_FILE
 
         await self.pool.run(self.target(server), f"touch {HEARTBEAT_FILE}", timeout=30)
 

@@ -17,8 +17,8 @@ from core.endpoints import EndpointResolver
 from core.generation import GenerationService
 from core.models import DEFAULT_INSTALL_DIR, ModelService
 from core.remote import Remote
-from core.server_service import ServerService
 from core.servers import ServerRegistry, ServerView
+from core.servers.service import ServerService
 from core.setup import SetupService
 from core.vast import VastClient
 from core.workflow_store import WorkflowStore
@@ -45,6 +45,7 @@ class Services:
     models: ModelService
 
     async def close(self) -> None:
+        await self.server_ops.close()
         await self.generation.close()
         await self.comfy.close()
         await self.setup.close()
@@ -81,7 +82,8 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         else None
     )
     server_ops = ServerService(
-        settings, sessions, servers, audit, vast, public_key=lambda: remote.key.public_openssh
+        settings, sessions, servers, audit, vast,
+        remote=remote, public_key=lambda: remote.key.public_openssh,
     )
     server_ops.heartbeat = remote.heartbeat
     comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)

@@ -1,5 +1,14 @@
-"""The team's GPU servers: ``validation`` checks names and addresses, ``registry`` owns
-the rows and the read-only views. Their names are re-exported here."""
+"""The team's GPU servers: rows and views, validation, renting, life cycle and costs.
+
+``validation`` checks names and addresses; ``registry`` owns the rows and views. Above
+them, one module per concern of :class:`core.servers.service.ServerService`: ``context``
+(the shared handles), ``billing``, ``state`` (status writes with their billing intervals),
+``boot`` (waiting for an instance), ``rental``, ``lifecycle``, ``sync``, ``autostop``,
+``ssh_hosts`` (adding an own host), and ``service``, the facade.
+
+The registry's names are re-exported here; import the service from ``core.servers.service``
+(this package stays light for the many modules that only need :class:`ServerView`).
+"""
 
 from core.servers.registry import ServerRegistry, ServerView
 from core.servers.validation import (
