@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Literal
 
@@ -17,10 +16,10 @@ from bot.confirm import confirm
 from bot.diagnose_render import diagnosis_embed
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
 from core.comfy.errors import ComfyError
-from core.errors import ComfyVastError, ValidationFailed
+from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
-from core.servers import validate_comfy_url, validate_name
+from core.servers import default_name, validate_comfy_url, validate_name
 from core.servers.service import RentPlan
 
 log = logging.getLogger(__name__)
@@ -53,14 +52,6 @@ def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
     embed.add_field(name="Offer", value=str(o.id))
     embed.set_footer(text="It bills until stopped or destroyed; idle servers stop by themselves.")
     return embed
-
-
-def default_name(gpu: str, taken: list[str]) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:24] or "gpu"
-    n = 1
-    while f"{base}-{n}" in taken:
-        n += 1
-    return f"{base}-{n}"
 
 
 class OffersView(discord.ui.View):
@@ -304,7 +295,7 @@ class Servers(
             lines.append(f"❌ {exc}")
         except Exception:
             log.exception("renting %s failed", name)
-            lines.append("❌ Something went wrong; it has been logged.")
+            lines.append(f"❌ {GENERIC_FAILURE}")
         final = "\n".join(lines[-12:])
         await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
 

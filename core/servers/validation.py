@@ -1,4 +1,5 @@
-"""Checks on what an admin types for a server: its name, ComfyUI URL and SSH address."""
+"""Server names and addresses: checks on what an admin types (name, ComfyUI URL, SSH
+address), and the name a rented server gets when the admin gives none."""
 
 from __future__ import annotations
 
@@ -43,3 +44,12 @@ def validate_ssh_target(host: str, port: int, user: str) -> tuple[str, int, str]
     if not USER_RE.match(user):
         raise ValidationFailed("The SSH user must be a plain Unix user name.")
     return host, port, user
+
+
+def default_name(gpu: str, taken: list[str]) -> str:
+    """A free name from the GPU model: "rtx-4090-1", "rtx-4090-2", ..."""
+    base = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:24] or "gpu"
+    n = 1
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
