@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Literal
 
 import discord
@@ -15,11 +14,10 @@ from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
 from bot.diagnose_render import diagnosis_embed
 from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
-from core.comfy.errors import ComfyError
 from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
-from core.servers import default_name, validate_comfy_url, validate_name
+from core.servers import default_name, validate_name
 from core.servers.service import RentPlan
 
 log = logging.getLogger(__name__)
@@ -117,18 +115,12 @@ class Servers(
         url: app_commands.Range[str, 8, 500],
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        url = validate_comfy_url(url)
-        client = self.bot.services.comfy.client_for(url)
-        started = time.monotonic()
-        try:
-            stats = await client.system_stats()
-        except ComfyError as exc:
-            raise ValidationFailed(f"ComfyUI did not answer at {url}: {exc}") from None
-        server = await self.bot.services.servers.add_direct(actor_of(interaction), name, url)
+        added = await self.bot.services.server_ops.add_direct(actor_of(interaction), name, url)
+        stats = added.stats
         gpu = stats.devices[0].name if stats.devices else "unknown device"
         await interaction.followup.send(
-            f"Added server **{server.name}**: ComfyUI {stats.comfyui_version} on {gpu} "
-            f"(answered in {(time.monotonic() - started) * 1000:.0f} ms).",
+            f"Added server **{added.server.name}**: ComfyUI {stats.comfyui_version} on {gpu} "
+            f"(answered in {added.answered_ms:.0f} ms).",
             ephemeral=True,
         )
 

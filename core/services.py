@@ -81,12 +81,13 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         if settings.vast.api_key is not None
         else None
     )
+    comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
     server_ops = ServerService(
         settings, sessions, servers, audit, vast,
-        remote=remote, public_key=lambda: remote.key.public_openssh,
+        remote=remote, comfy_client_for=comfy.client_for,
+        public_key=lambda: remote.key.public_openssh,
     )
     server_ops.heartbeat = remote.heartbeat
-    comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
     setup = SetupService(settings, sessions, servers, remote, audit)
     generation = GenerationService(settings, sessions, servers, comfy)
 

@@ -4,7 +4,7 @@
 them, one module per concern of :class:`core.servers.service.ServerService`: ``context``
 (the shared handles), ``billing``, ``state`` (status writes with their billing intervals),
 ``boot`` (waiting for an instance), ``rental``, ``lifecycle``, ``sync``, ``autostop``,
-``ssh_hosts`` (adding an own host), and ``service``, the facade.
+``own_hosts`` (adding a URL or an SSH host the team has), and ``service``, the facade.
 
 The registry's names are re-exported here; import the service from ``core.servers.service``
 (this package stays light for the many modules that only need :class:`ServerView`).

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from core.audit import Actor, AuditService
+from core.comfy.client import ComfyClient
 from core.config import Settings
 from core.db.engine import SessionFactory
 from core.db.models import utcnow
@@ -24,9 +25,9 @@ from core.servers.billing import Billing, SpendReport
 from core.servers.boot import BootWait
 from core.servers.context import Progress, ServerContext, ServerEvents, no_progress
 from core.servers.lifecycle import Lifecycle
+from core.servers.own_hosts import AddedHost, AddedURL, add_direct_host, add_ssh_host
 from core.servers.registry import ServerRegistry, ServerView
 from core.servers.rental import Rental, RentPlan
-from core.servers.ssh_hosts import AddedHost, add_ssh_host
 from core.servers.state import ServerStates
 from core.servers.sync import ProviderSync
 from core.tasks import TaskRegistry
@@ -47,6 +48,7 @@ class ServerService:
         vast: VastClient | None,
         *,
         remote: Remote | None = None,
+        comfy_client_for: Callable[[str], ComfyClient] | None = None,
         public_key: Callable[[], str] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -59,6 +61,7 @@ class ServerService:
             poll_interval=poll_interval, boot_timeout=boot_timeout,
         )
         self._remote = remote
+        self._comfy_client_for = comfy_client_for
         self.billing = Billing(ctx)
         states = ServerStates(ctx, self.billing)
         boot = BootWait(ctx, states)
@@ -180,6 +183,14 @@ class ServerService:
 
     async def set_autostop(self, actor: Actor, name: str, minutes: int) -> ServerView:
         return await self.lifecycle.set_autostop(actor, name, minutes)
+
+    async def add_direct(self, actor: Actor, name: str, url: str) -> AddedURL:
+        """Register a ComfyUI that already runs at ``url``, once it answers there."""
+        if self._comfy_client_for is None:
+            raise RuntimeError("ServerService was built without ComfyUI clients")
+        return await add_direct_host(
+            self._ctx.registry, self._comfy_client_for, actor, name, url
+        )
 
     async def add_ssh(
         self, actor: Actor, name: str, host: str, port: int, user: str, *, comfy_port: int
