@@ -13,7 +13,13 @@ from bot.bot import ComfyVastBot
 from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
 from bot.diagnose_render import diagnosis_embed
-from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
+from bot.server_render import (
+    add_comfy_fields,
+    offers_embed,
+    plan_embed,
+    servers_embed,
+    status_embed,
+)
 from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
@@ -24,32 +30,6 @@ log = logging.getLogger(__name__)
 
 SORTS = Literal["price", "reliability", "performance", "value", "bandwidth", "vram"]
 REGIONS = Literal["europe", "north-america", "asia", "oceania", "south-america"]
-
-
-def offer_line(index: int, offer: Offer) -> str:
-    return (
-        f"`{index}` **{offer.num_gpus}× {offer.gpu_name}** ({offer.gpu_ram_mb // 1024} GB) · "
-        f"${offer.price_per_hour:.3f}/h · reliability {offer.reliability:.1%} · "
-        f"↓{offer.inet_down:.0f} Mbps · {offer.location or '?'} · offer {offer.id}"
-    )
-
-
-def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
-    o = plan.offer
-    embed = discord.Embed(
-        title=f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?", colour=discord.Colour.orange()
-    )
-    embed.add_field(name="GPU", value=f"{o.num_gpus}× {o.gpu_name}")
-    embed.add_field(name="VRAM", value=f"{o.gpu_ram_mb // 1024} GB per GPU")
-    embed.add_field(
-        name="Price", value=f"${o.price_per_hour:.3f}/h (≈ ${o.price_per_hour * 24:.2f}/day)"
-    )
-    budget = f" of ${plan.budget:.2f}" if plan.budget is not None else ""
-    embed.add_field(name="This month", value=f"${plan.month_spend:.2f} spent{budget}")
-    embed.add_field(name="Where", value=o.location or "?")
-    embed.add_field(name="Offer", value=str(o.id))
-    embed.set_footer(text="It bills until stopped or destroyed; idle servers stop by themselves.")
-    return embed
 
 
 class OffersView(discord.ui.View):
@@ -188,18 +168,8 @@ class Servers(
         if not found:
             await interaction.followup.send("No offer matches; relax the filters.", ephemeral=True)
             return
-        embed = discord.Embed(
-            title="Vast.ai offers",
-            description="\n".join(offer_line(i, o) for i, o in enumerate(found[:10], start=1)),
-            colour=BRAND_COLOUR,
-        )
-        embed.set_footer(
-            text="Rent one with the buttons (a confirmation follows), "
-            "or /server create offer_id:<id>."
-        )
-        await interaction.followup.send(
-            embed=embed, view=OffersView(self, interaction.user.id, query, found), ephemeral=True
-        )
+        view = OffersView(self, interaction.user.id, query, found)
+        await interaction.followup.send(embed=offers_embed(found), view=view, ephemeral=True)
 
     @app_commands.command(name="create", description="Rent a GPU server on Vast.ai.")
     @app_commands.describe(
@@ -391,27 +361,7 @@ class Servers(
             return
         jobs = await self.bot.services.servers.active_jobs()
         spend = await self.bot.services.server_ops.spend_report(servers)
-        lines = []
-        for s in servers:
-            uptime = ""
-            if s.running_since and s.status == "running":
-                uptime = " · up " + human_duration(
-                    (discord.utils.utcnow() - s.running_since).total_seconds()
-                )
-            price = f" · ${s.price_per_hour:.3f}/h" if s.price_per_hour else ""
-            spent = spend.spent(s.id)
-            spent_text = f" · ${spent:.2f} spent" if spent else ""
-            lines.append(
-                f"**{s.name}** ({s.provider}) · {s.status} · {s.gpu or 'GPU ?'}{price}{uptime}"
-                f"{spent_text} · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
-            )
-        embed = discord.Embed(
-            title="Servers", description=truncate("\n".join(lines), 4000), colour=BRAND_COLOUR
-        )
-        embed.set_footer(
-            text=f"This month: ${spend.month:.2f}"
-            + (f" of a ${spend.budget:.2f} budget" if spend.budget is not None else "")
-        )
+        embed = servers_embed(servers, jobs, spend, discord.utils.utcnow())
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="status", description="Live state of one server.")
@@ -420,29 +370,12 @@ class Servers(
     async def status(self, interaction: discord.Interaction, server: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
-        embed = discord.Embed(title=f"Server {view.name}", colour=BRAND_COLOUR)
-        embed.add_field(name="Provider", value=view.provider)
-        embed.add_field(name="State", value=view.status)
-        if view.gpu:
-            embed.add_field(name="GPU", value=f"{view.gpu_count}× {view.gpu}")
+        embed = status_embed(view)
         try:
             conn = await self.bot.services.comfy.get(view)
             stats = await conn.client.system_stats()
             queue = await conn.client.get_queue()
-            devices = (
-                ", ".join(
-                    f"{d.name} ({d.vram_free // 2**20} / {d.vram_total // 2**20} MiB free)"
-                    for d in stats.devices
-                )
-                or "none reported"
-            )
-            embed.add_field(
-                name="ComfyUI", value=f"{stats.comfyui_version}, answering", inline=False
-            )
-            embed.add_field(name="Devices", value=truncate(devices, 1000), inline=False)
-            embed.add_field(
-                name="Queue", value=f"{len(queue.running)} running, {len(queue.pending)} waiting"
-            )
+            add_comfy_fields(embed, stats, queue)
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
             embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)
