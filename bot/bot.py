@@ -72,7 +72,7 @@ class ComfyVastBot(commands.Bot):
     async def setup_hook(self) -> None:
         from bot.jobs import DYNAMIC_ITEMS, DiscordJobObserver
         from bot.relay import MessageRelay
-        from bot.server_events import DiscordServerEvents, KeepAliveButton, server_loop
+        from bot.server_events import DiscordServerEvents, KeepAliveButton
 
         self.relay = MessageRelay(self)
         self.services.generation.observer = DiscordJobObserver(self, self.relay)
@@ -84,7 +84,7 @@ class ComfyVastBot(commands.Bot):
         await self.sync_commands_if_changed()
         await self.services.models.recover()
         self.spawn(self._resume_jobs(), name="resume-generations")
-        self.spawn(server_loop(self), name="server-maintenance")
+        self.services.server_ops.start_maintenance()
 
     async def _resume_jobs(self) -> None:
         await self.wait_until_ready()
@@ -145,6 +145,7 @@ class ComfyVastBot(commands.Bot):
 
     async def close(self) -> None:
         await self.services.generation.close()
+        await self.services.server_ops.close()
         if hasattr(self, "relay"):
             await self.relay.close()
         # No timeout: as before, close waits until every background task has ended.

@@ -1,9 +1,10 @@
-"""The Discord side of server life: idle warnings with a Keep-alive button, notices,
-and the background loops that reconcile with Vast.ai and stop idle servers."""
+"""The Discord side of server life: idle warnings with a Keep-alive button, and notices.
+
+The loop that reconciles with Vast.ai and stops idle servers is
+``core.servers.service.ServerService.maintain``."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from typing import Any
@@ -16,6 +17,7 @@ from bot.context import BotContext, bot_of
 from bot.tree import send_ephemeral
 from core.errors import ComfyVastError
 from core.servers import ServerView
+from core.servers.context import ServerEvents
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class KeepAliveButton(ui.DynamicItem[ui.Button[Any]], template=r"cv:keepalive:(?
         )
 
 
-class DiscordServerEvents:
+class DiscordServerEvents(ServerEvents):
     def __init__(self, bot: BotContext) -> None:
         self.bot = bot
 
@@ -87,22 +89,3 @@ class DiscordServerEvents:
         except discord.HTTPException as exc:
             log.warning("could not post a server notice: %s", exc)
 
-
-async def server_loop(
-    bot: BotContext, *, sync_every: float = 60.0, autostop_every: float = 30.0
-) -> None:
-    """Reconcile with the provider at start and every minute; check idle servers often."""
-    ops = bot.services.server_ops
-    await ops.register_key()
-    next_sync = 0.0
-    loop = asyncio.get_running_loop()
-    while True:
-        now = loop.time()
-        try:
-            if now >= next_sync:
-                await ops.sync()
-                next_sync = now + sync_every
-            await ops.autostop_tick()
-        except Exception:
-            log.exception("server maintenance failed; retrying on the next tick")
-        await asyncio.sleep(autostop_every)

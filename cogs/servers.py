@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
-import time
 from typing import Literal
 
 import discord
@@ -16,52 +14,23 @@ from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
 from bot.context import BotContext
 from bot.diagnose_render import diagnosis_embed
-from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
-from core.comfy.errors import ComfyError
+from bot.server_render import (
+    add_comfy_fields,
+    offers_embed,
+    plan_embed,
+    servers_embed,
+    status_embed,
+)
 from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
-from core.server_service import RentPlan
-from core.servers import validate_comfy_url, validate_name, validate_ssh_target
-from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
-from core.vast import Offer, OfferQuery
+from core.providers import provider_for
+from core.providers.vast import Offer, OfferQuery
+from core.servers import default_name, validate_name
+from core.servers.service import RentPlan
 
 log = logging.getLogger(__name__)
 
 SORTS = Literal["price", "reliability", "performance", "value", "bandwidth", "vram"]
 REGIONS = Literal["europe", "north-america", "asia", "oceania", "south-america"]
-
-
-def offer_line(index: int, offer: Offer) -> str:
-    return (
-        f"`{index}` **{offer.num_gpus}× {offer.gpu_name}** ({offer.gpu_ram_mb // 1024} GB) · "
-        f"${offer.price_per_hour:.3f}/h · reliability {offer.reliability:.1%} · "
-        f"↓{offer.inet_down:.0f} Mbps · {offer.location or '?'} · offer {offer.id}"
-    )
-
-
-def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
-    o = plan.offer
-    embed = discord.Embed(
-        title=f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?", colour=discord.Colour.orange()
-    )
-    embed.add_field(name="GPU", value=f"{o.num_gpus}× {o.gpu_name}")
-    embed.add_field(name="VRAM", value=f"{o.gpu_ram_mb // 1024} GB per GPU")
-    embed.add_field(
-        name="Price", value=f"${o.price_per_hour:.3f}/h (≈ ${o.price_per_hour * 24:.2f}/day)"
-    )
-    budget = f" of ${plan.budget:.2f}" if plan.budget is not None else ""
-    embed.add_field(name="This month", value=f"${plan.month_spend:.2f} spent{budget}")
-    embed.add_field(name="Where", value=o.location or "?")
-    embed.add_field(name="Offer", value=str(o.id))
-    embed.set_footer(text="It bills until stopped or destroyed; idle servers stop by themselves.")
-    return embed
-
-
-def default_name(gpu: str, taken: list[str]) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:24] or "gpu"
-    n = 1
-    while f"{base}-{n}" in taken:
-        n += 1
-    return f"{base}-{n}"
 
 
 class OffersView(discord.ui.View):
@@ -119,18 +88,12 @@ class Servers(
         url: app_commands.Range[str, 8, 500],
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        url = validate_comfy_url(url)
-        client = self.bot.services.comfy.client_for(url)
-        started = time.monotonic()
-        try:
-            stats = await client.system_stats()
-        except ComfyError as exc:
-            raise ValidationFailed(f"ComfyUI did not answer at {url}: {exc}") from None
-        server = await self.bot.services.servers.add_direct(actor_of(interaction), name, url)
+        added = await self.bot.services.server_ops.add_direct(actor_of(interaction), name, url)
+        stats = added.stats
         gpu = stats.devices[0].name if stats.devices else "unknown device"
         await interaction.followup.send(
-            f"Added server **{server.name}**: ComfyUI {stats.comfyui_version} on {gpu} "
-            f"(answered in {(time.monotonic() - started) * 1000:.0f} ms).",
+            f"Added server **{added.server.name}**: ComfyUI {stats.comfyui_version} on {gpu} "
+            f"(answered in {added.answered_ms:.0f} ms).",
             ephemeral=True,
         )
 
@@ -152,27 +115,14 @@ class Servers(
         comfy_port: app_commands.Range[int, 1, 65535] = 8188,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        services = self.bot.services
-        host, port, user = validate_ssh_target(host, port, user)
-        await services.servers.ensure_name_free(validate_name(name))
-        remote = services.remote
-        try:
-            # Trust on first use: the key seen now is pinned and checked ever after.
-            host_key = await remote.connector.fetch_host_key(host, port)
-            target = SSHTarget(host, port, user, pinned_host_key=host_key)
-            await remote.pool.run(target, "true", timeout=30)
-        except SSHAuthError:
-            raise ValidationFailed(
-                f"{user}@{host}:{port} refused the bot's key. Add this line to "
-                f"~{user}/.ssh/authorized_keys there, then try again:\n"
-                f"`{remote.key.public_openssh}`"
-            ) from None
-        server = await services.servers.add_ssh(
-            actor_of(interaction), name, host, port, user, host_key, comfy_port=comfy_port
+        added = await self.bot.services.server_ops.add_ssh(
+            actor_of(interaction), name, host, port, user, comfy_port=comfy_port
         )
+        server = added.server
         await interaction.followup.send(
-            f"Added server **{server.name}** ({user}@{host}:{port}); host key "
-            f"`{host_key_fingerprint(host_key)}` pinned. Install ComfyUI with /setup run.",
+            f"Added server **{server.name}** ({server.ssh_user}@{server.ssh_host}:"
+            f"{server.ssh_port}); host key `{added.fingerprint}` pinned. "
+            "Install ComfyUI with /setup run.",
             ephemeral=True,
         )
 
@@ -211,18 +161,8 @@ class Servers(
         if not found:
             await interaction.followup.send("No offer matches; relax the filters.", ephemeral=True)
             return
-        embed = discord.Embed(
-            title="Vast.ai offers",
-            description="\n".join(offer_line(i, o) for i, o in enumerate(found[:10], start=1)),
-            colour=BRAND_COLOUR,
-        )
-        embed.set_footer(
-            text="Rent one with the buttons (a confirmation follows), "
-            "or /server create offer_id:<id>."
-        )
-        await interaction.followup.send(
-            embed=embed, view=OffersView(self, interaction.user.id, query, found), ephemeral=True
-        )
+        view = OffersView(self, interaction.user.id, query, found)
+        await interaction.followup.send(embed=offers_embed(found), view=view, ephemeral=True)
 
     @app_commands.command(name="create", description="Rent a GPU server on Vast.ai.")
     @app_commands.describe(
@@ -363,7 +303,7 @@ class Servers(
         view = await self.bot.services.servers.get(server)
         what = (
             "This destroys the rented instance and everything on its disk."
-            if view.provider == "vast"
+            if provider_for(view).rented
             else "The bot forgets this server; the host stays."
         )
         if not await confirm(
@@ -413,30 +353,8 @@ class Servers(
             )
             return
         jobs = await self.bot.services.servers.active_jobs()
-        ops = self.bot.services.server_ops
-        month = await ops.month_spend()
-        lines = []
-        for s in servers:
-            uptime = ""
-            if s.running_since and s.status == "running":
-                uptime = " · up " + human_duration(
-                    (discord.utils.utcnow() - s.running_since).total_seconds()
-                )
-            price = f" · ${s.price_per_hour:.3f}/h" if s.price_per_hour else ""
-            spent = await ops.server_spend(s.id) if s.provider == "vast" else 0.0
-            spend = f" · ${spent:.2f} spent" if spent else ""
-            lines.append(
-                f"**{s.name}** ({s.provider}) · {s.status} · {s.gpu or 'GPU ?'}{price}{uptime}"
-                f"{spend} · {jobs.get(s.id, 0)} job(s) · last used {timestamp(s.last_used_at)}"
-            )
-        embed = discord.Embed(
-            title="Servers", description=truncate("\n".join(lines), 4000), colour=BRAND_COLOUR
-        )
-        budget = self.bot.services.settings.costs.monthly_budget
-        embed.set_footer(
-            text=f"This month: ${month:.2f}"
-            + (f" of a ${budget:.2f} budget" if budget is not None else "")
-        )
+        spend = await self.bot.services.server_ops.spend_report(servers)
+        embed = servers_embed(servers, jobs, spend, discord.utils.utcnow())
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="status", description="Live state of one server.")
@@ -445,29 +363,12 @@ class Servers(
     async def status(self, interaction: discord.Interaction, server: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
-        embed = discord.Embed(title=f"Server {view.name}", colour=BRAND_COLOUR)
-        embed.add_field(name="Provider", value=view.provider)
-        embed.add_field(name="State", value=view.status)
-        if view.gpu:
-            embed.add_field(name="GPU", value=f"{view.gpu_count}× {view.gpu}")
+        embed = status_embed(view)
         try:
             conn = await self.bot.services.comfy.get(view)
             stats = await conn.client.system_stats()
             queue = await conn.client.get_queue()
-            devices = (
-                ", ".join(
-                    f"{d.name} ({d.vram_free // 2**20} / {d.vram_total // 2**20} MiB free)"
-                    for d in stats.devices
-                )
-                or "none reported"
-            )
-            embed.add_field(
-                name="ComfyUI", value=f"{stats.comfyui_version}, answering", inline=False
-            )
-            embed.add_field(name="Devices", value=truncate(devices, 1000), inline=False)
-            embed.add_field(
-                name="Queue", value=f"{len(queue.running)} running, {len(queue.pending)} waiting"
-            )
+            add_comfy_fields(embed, stats, queue)
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
             embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from core.db.models import Provider
 from core.errors import ExternalServiceError
+from core.providers import provider_for
 from core.servers import ServerView
 
 log = logging.getLogger(__name__)
@@ -20,14 +20,15 @@ class EndpointResolver:
     """Turns a server row into a ComfyUI base URL.
 
     ``direct`` servers carry their URL. ``ssh`` and ``vast`` servers keep ComfyUI on
-    127.0.0.1 and are reached through an SSH tunnel, unless the port is exposed publicly.
+    127.0.0.1 and are reached through an SSH tunnel, unless the port is exposed publicly
+    (then they carry a URL too); the server's provider says which.
     """
 
     def __init__(self, tunnels: TunnelSource | None) -> None:
         self._tunnels = tunnels
 
     async def resolve(self, server: ServerView) -> str:
-        if server.provider == Provider.DIRECT.value or server.comfy_url:
+        if not provider_for(server).tunnelled(server):
             if not server.comfy_url:
                 raise ExternalServiceError(f"Server '{server.name}' has no ComfyUI URL.")
             return server.comfy_url

@@ -66,10 +66,7 @@ class Remote:
 
     async def heartbeat(self, server: ServerView) -> None:
         """Touch the dead man's switch file on a rented instance."""
-        # Imported here, not at the top: the server service sits above this module (the
-        # composition root hands it this method as its heartbeat hook), so the SSH side
-        # does not load it, and whatever it imports, just to read one path.
-        from core.server_service import HEARTBEAT_FILE
+        from core.providers.vast import HEARTBEAT_FILE
 
         await self.pool.run(self.target(server), f"touch {HEARTBEAT_FILE}", timeout=30)
 

@@ -17,8 +17,8 @@ from core.endpoints import EndpointResolver
 from core.generation import GenerationService
 from core.model_files import DEFAULT_INSTALL_DIR, ModelService
 from core.remote import Remote
-from core.server_service import ServerService
 from core.servers import ServerRegistry, ServerView
+from core.servers.service import ServerService
 from core.setup import SetupService
 from core.vast import VastClient
 from core.workflow_store import WorkflowStore
@@ -45,6 +45,7 @@ class Services:
     models: ModelService
 
     async def close(self) -> None:
+        await self.server_ops.close()
         await self.generation.close()
         await self.comfy.close()
         await self.setup.close()
@@ -80,11 +81,13 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         if settings.vast.api_key is not None
         else None
     )
+    comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
     server_ops = ServerService(
-        settings, sessions, servers, audit, vast, public_key=lambda: remote.key.public_openssh
+        settings, sessions, servers, audit, vast,
+        remote=remote, comfy_client_for=comfy.client_for,
+        public_key=lambda: remote.key.public_openssh,
     )
     server_ops.heartbeat = remote.heartbeat
-    comfy = ComfyPool(http, endpoints.resolve, request_timeout=settings.comfy.request_timeout)
     setup = SetupService(settings, sessions, servers, remote, audit)
     generation = GenerationService(settings, sessions, servers, comfy)
 

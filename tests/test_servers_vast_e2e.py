@@ -191,6 +191,21 @@ async def test_stop_start_destroy(venv: BotEnv, vast: FakeVast) -> None:
     assert states == ["loading", "running", "stopped", "loading", "running"]
 
 
+async def test_list_shows_spend_of_rented_servers_only(venv: BotEnv, vast: FakeVast) -> None:
+    await rent(venv, {"gpu": "RTX 3090", "name": "cheap"})
+    await eventually(lambda: _status(venv, "cheap", "running"), timeout=15)
+    await venv.services.servers.add_direct(ADMIN_ACTOR, "url", "http://127.0.0.1:9")
+    interaction = await venv.slash("server", {}, user=venv.fake.admin, subcommand="list")
+    listing = await venv.fake.wait_for(lambda: _answered(interaction))
+    lines = {
+        line.split("**")[1]: line for line in listing.embeds[0]["description"].splitlines()
+    }
+    # The rented server has billed a fraction of a cent; a URL server never bills.
+    assert "$0.00 spent" in lines["cheap"] and "(vast)" in lines["cheap"]
+    assert "spent" not in lines["url"] and "(direct)" in lines["url"]
+    assert listing.embeds[0]["footer"]["text"] == "This month: $0.00"
+
+
 async def _status(env: BotEnv, name: str, status: str) -> bool:
     servers = await env.services.servers.list(include_destroyed=True)
     return any(s.name == name and s.status == status for s in servers)

@@ -126,9 +126,9 @@ async def test_a_second_setup_on_the_same_server_is_refused(bed: SetupBed) -> No
         await bed.setup.reset(ADMIN, "box", "test")
     # The pending/running row is what makes autostop see the server as busy.
     assert (await row(bed.services, first.id)).status in ("pending", "running")
-    assert await bed.services.server_ops._busy(bed.server.id)
+    assert await bed.services.server_ops.busy(bed.server.id)
     assert (await asyncio.wait_for(task, 15)).succeeded
-    assert not await bed.services.server_ops._busy(bed.server.id)
+    assert not await bed.services.server_ops.busy(bed.server.id)
     again = await bed.setup.begin(ADMIN, "box", "test")  # the lock was released
     await bed.setup.abandon(again.id, "not needed")
     assert (await row(bed.services, again.id)).status == "failed"
@@ -210,7 +210,7 @@ async def test_runs_left_running_by_a_dead_bot_are_failed_on_start(bed: SetupBed
     await restarted.startup()
     stored = await row(bed.services, stale_id)
     assert stored.status == "failed" and stored.error_log == RESTART_ERROR
-    assert not await bed.services.server_ops._busy(bed.server.id)
+    assert not await bed.services.server_ops.busy(bed.server.id)
     # Nothing holds the server any more: a new run may begin (and would resume).
     fresh = await restarted.begin(ADMIN, "box", "test")
     await restarted.abandon(fresh.id, "not needed")

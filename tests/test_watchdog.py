@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from core.server_service import HEARTBEAT_FILE, onstart_script, watchdog_script
+from core.providers.vast import HEARTBEAT_FILE, onstart_script, watchdog_script
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 

@@ -1,16 +1,14 @@
-"""Server registry: the team's GPU servers of every provider, as rows and views.
+"""Server registry: the team's GPU servers of every kind, as rows and read-only views.
 
-Renting and the provider life cycle live in the provider modules; this module owns the
-rows, names, validation and the read side used by every other service.
+Renting and the life cycle live in the sibling modules of this package; this module owns
+the rows, names and the read side used by every other service.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
@@ -19,10 +17,7 @@ from core.db.engine import SessionFactory
 from core.db.models import ComfyGeneration, Provider, Server, ServerStatus, utcnow
 from core.errors import NotFound, ValidationFailed
 from core.overview import ACTIVE_JOB_STATES
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$|^\[?[0-9A-Fa-f:.]+\]?$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+from core.servers.validation import validate_comfy_url, validate_name, validate_ssh_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,39 +77,6 @@ class ServerView:
             running_since=row.running_since,
             created_at=row.created_at,
         )
-
-
-def validate_name(name: str) -> str:
-    name = name.strip().lower()
-    if not NAME_RE.match(name):
-        raise ValidationFailed(
-            "Server names are 1-32 characters: lowercase letters, digits and dashes, "
-            "starting with a letter or digit."
-        )
-    return name
-
-
-def validate_comfy_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed(
-            "The ComfyUI URL must start with http:// or https:// and name a host."
-        )
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValidationFailed("The ComfyUI URL must not carry credentials, a query or a fragment.")
-    return url
-
-
-def validate_ssh_target(host: str, port: int, user: str) -> tuple[str, int, str]:
-    host = host.strip()
-    if not HOST_RE.match(host) or host.startswith("-"):
-        raise ValidationFailed("The SSH host must be a hostname or an IP address.")
-    if not 1 <= port <= 65535:
-        raise ValidationFailed("The SSH port must be between 1 and 65535.")
-    if not USER_RE.match(user):
-        raise ValidationFailed("The SSH user must be a plain Unix user name.")
-    return host, port, user
 
 
 class ServerRegistry:

@@ -1,0 +1,75 @@
+"""The writes that move a server between states, each with its billing interval.
+
+Rows are written before every side effect; the billing interval follows the status so
+spend is always derived from the rows.
+"""
+
+from __future__ import annotations
+
+from core.db.models import Server, ServerStatus
+from core.servers.billing import Billing
+from core.servers.context import ServerContext
+from core.vast import Instance
+
+# Billing follows the instance: booting bills like loading; while stopping or destroying,
+# the previous interval simply runs on until the final state.
+BILLING_STATE = {
+    ServerStatus.RUNNING: "running",
+    ServerStatus.LOADING: "loading",
+    ServerStatus.STARTING: "loading",
+    ServerStatus.STOPPED: "stopped",
+    ServerStatus.DESTROYED: "destroyed",
+    ServerStatus.ERROR: "destroyed",
+}
+
+
+class ServerStates:
+    def __init__(self, ctx: ServerContext, billing: Billing) -> None:
+        self._ctx = ctx
+        self._billing = billing
+
+    async def set(
+        self, server_id: int, *, status: ServerStatus, message: str | None = None
+    ) -> None:
+        async with self._ctx.sessions.begin() as session:
+            row = await session.get(Server, server_id)
+            if row is None:
+                return
+            row.status = status.value
+            row.status_message = message
+            if status in (ServerStatus.STOPPED, ServerStatus.DESTROYED, ServerStatus.ERROR):
+                row.running_since = None
+            state = BILLING_STATE.get(status)
+            if state is not None:
+                await self._billing.open_interval(session, row, state)
+
+    async def apply_instance(self, server_id: int, instance: Instance) -> None:
+        """Record a running instance: where to reach it, its price, running since when."""
+        ctx = self._ctx
+        async with ctx.sessions.begin() as session:
+            row = await session.get(Server, server_id)
+            assert row is not None
+            endpoint = instance.ssh_endpoint
+            if endpoint:
+                row.ssh_host, row.ssh_port = endpoint
+            comfy = instance.comfy_endpoint
+            if comfy and ctx.settings.comfy.expose_port:
+                row.comfy_url = f"http://{comfy[0]}:{comfy[1]}"
+            if instance.dph_total:
+                row.price_per_hour = instance.dph_total
+            was = row.status
+            row.status = ServerStatus.RUNNING.value
+            row.status_message = None
+            row.is_launched = True
+            if was != ServerStatus.RUNNING.value or row.running_since is None:
+                row.running_since = ctx.clock()
+                row.last_used_at = ctx.clock()
+            await self._billing.open_interval(session, row, "running")
+
+    async def set_price(self, server_id: int, price_per_hour: float) -> None:
+        """A running instance's price changed (Vast re-priced it): bill the new rate."""
+        async with self._ctx.sessions.begin() as session:
+            row = await session.get(Server, server_id)
+            assert row is not None
+            row.price_per_hour = price_per_hour
+            await self._billing.open_interval(session, row, "running")
