@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Delivery:
+    """Posts a job's result and writes how it ended."""
+
     def __init__(
         self,
         store: GenerationStore,

@@ -55,6 +55,8 @@ async def try_interrupt(conn: ComfyConnection, prompt_id: str) -> None:
 
 
 class Follower:
+    """Turns a prompt's ComfyUI events into live progress until the prompt ends."""
+
     def __init__(
         self,
         settings: ComfySettings,

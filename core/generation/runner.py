@@ -37,6 +37,8 @@ class _Ended(Exception):
 
 
 class JobRunner:
+    """Starts, runs, cancels and stops the background task of each job."""
+
     def __init__(
         self,
         store: GenerationStore,

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class GenerationService:
+    """Generation jobs as the bot and the cogs see them; the work is in the modules."""
+
     def __init__(
         self,
         settings: Settings,

@@ -90,6 +90,8 @@ def _start_values(started_at: dt.datetime | None) -> dict[str, ColumnElement[Any
 
 
 class GenerationStore:
+    """Reads and the guarded transitions of generation rows (see the table above)."""
+
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
 
