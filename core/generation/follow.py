@@ -1,0 +1,177 @@
+"""Following one queued prompt on ComfyUI until it ends.
+
+The follow loop turns ComfyUI's events into live progress (shown at once) and, now and
+then, a progress save; it watches the connection, so a server that stops answering
+becomes a :class:`ServerFailure` the runner can move the job away from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+from core.comfy.errors import ComfyError
+from core.comfy.events import (
+    Disconnected,
+    Executing,
+    ExecutionCached,
+    ExecutionStart,
+    PreviewEvent,
+    Progress,
+    PromptDone,
+)
+from core.comfy.pool import ComfyConnection
+from core.config import ComfySettings
+from core.generation.live import LiveJobs, LiveState
+from core.generation.store import GenerationStore
+from core.generation.types import GenerationFailed, ServerFailure
+
+QUEUE_SNAPSHOT_TTL = 2.0
+PROGRESS_DB_INTERVAL = 5.0
+
+
+class QueueSnapshots:
+    """ComfyUI's queue per server, shared by all jobs on it for a couple of seconds."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[float, Any]] = {}
+
+    async def get(self, conn: ComfyConnection, *, fresh: bool = False) -> Any:
+        hit = self._cache.get(conn.server_id)
+        if hit and not fresh and time.monotonic() - hit[0] < QUEUE_SNAPSHOT_TTL:
+            return hit[1]
+        queue = await conn.client.get_queue()
+        self._cache[conn.server_id] = (time.monotonic(), queue)
+        return queue
+
+
+async def try_interrupt(conn: ComfyConnection, prompt_id: str) -> None:
+    try:
+        await conn.client.interrupt(prompt_id)
+    except ComfyError:
+        pass
+
+
+class Follower:
+    """Turns a prompt's ComfyUI events into live progress until the prompt ends."""
+
+    def __init__(
+        self,
+        settings: ComfySettings,
+        store: GenerationStore,
+        live: LiveJobs,
+        queues: QueueSnapshots,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._live = live
+        self._queues = queues
+        self._clock = clock
+
+    async def follow(
+        self, job_id: int, conn: ComfyConnection, sub: Any, workflow: dict[str, Any],
+        live: LiveState,
+    ) -> PromptDone:
+        """Wait for the prompt's end, showing its progress on the way."""
+        deadline = time.monotonic() + self._settings.job_timeout
+        down_since: float | None = None
+        next_position_check = 0.0
+        prompt_id = sub.prompt_id
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                await try_interrupt(conn, prompt_id)
+                raise GenerationFailed("The job took too long and was stopped.")
+            try:
+                # Jobs far back in a queue wake rarely; running ones often enough to notice
+                # a dead server within failover_after.
+                far = not live.started and (live.queue_position or 0) > 5
+                event = await sub.get(timeout=min(left, 8.0 if far else 2.0))
+            except TimeoutError:
+                event = None
+            except StopAsyncIteration:
+                raise ServerFailure("the connection to it closed") from None
+            if not conn.stream.connected:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self._settings.failover_after:
+                    raise ServerFailure("it stopped answering")
+            else:
+                down_since = None
+            if event is None:
+                if not live.started and time.monotonic() >= next_position_check:
+                    await self._refresh_position(job_id, conn, prompt_id, live)
+                    # Far back in the line, the position changes slowly: look less often.
+                    far = (live.queue_position or 0) > 5
+                    next_position_check = time.monotonic() + (8.0 if far else 0.0)
+                continue
+            # Take everything already waiting: only the newest progress and preview
+            # matter, and the end of the prompt must not wait behind stale frames.
+            batch = [event, *sub.drain()]
+            done = next((e for e in batch if isinstance(e, PromptDone)), None)
+            if done is not None:
+                return done
+            last_progress = max(
+                (i for i, e in enumerate(batch) if isinstance(e, Progress)), default=-1
+            )
+            last_preview = max(
+                (i for i, e in enumerate(batch) if isinstance(e, PreviewEvent)), default=-1
+            )
+            for index, item in enumerate(batch):
+                if isinstance(item, Progress) and index != last_progress:
+                    continue
+                if isinstance(item, PreviewEvent) and index != last_preview:
+                    continue
+                await self.on_event(job_id, item, workflow, live)
+
+    async def _refresh_position(
+        self, job_id: int, conn: ComfyConnection, prompt_id: str, live: LiveState
+    ) -> None:
+        try:
+            queue = await self._queues.get(conn)
+        except ComfyError:
+            return
+        position = queue.position(prompt_id)
+        if position != live.queue_position and position is not None:
+            live.queue_position = position
+            await self._live.publish(job_id)
+
+    async def on_event(
+        self, job_id: int, event: Any, workflow: dict[str, Any], live: LiveState
+    ) -> None:
+        if isinstance(event, ExecutionStart | Executing | Progress):
+            live.started = True
+        if isinstance(event, ExecutionStart):
+            # Shown at once from memory; the row learns it with the next write (progress
+            # or the end): a restart resumes queued and running jobs alike.
+            live.queue_position = None
+            live.started_at = live.started_at or self._clock()
+            await self._live.publish(job_id)
+        elif isinstance(event, Executing) and event.node is not None:
+            live.queue_position = None
+            node = workflow.get(event.node, {})
+            title = node.get("_meta", {}).get("title") or node.get("class_type") or event.node
+            live.current_node = str(title)
+            await self._live.publish(job_id)
+        elif isinstance(event, Progress):
+            live.queue_position = None
+            if live.first_step_at is None or event.value <= 1:
+                live.first_step_at = time.monotonic()
+            live.step, live.max_steps = event.value, event.max
+            now = time.monotonic()
+            if not live.last_db_write:
+                # The row learns the progress of a short job at its end: the first save
+                # comes one interval into the run.
+                live.last_db_write = now
+            elif now - live.last_db_write > PROGRESS_DB_INTERVAL:
+                live.last_db_write = now
+                await self._store.save_progress(
+                    job_id, event.value / max(event.max, 1), live.current_node, live.started_at
+                )
+            await self._live.publish(job_id)
+        elif isinstance(event, PreviewEvent):
+            await self._live.publish(job_id, preview=event.image_bytes)
+        elif isinstance(event, ExecutionCached | Disconnected):
+            return

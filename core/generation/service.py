@@ -1,0 +1,199 @@
+"""GenerationService: validate, record, pick a server, queue, track, deliver.
+
+A small facade over the package: the public names the bot, the cogs and the tests use,
+each handing over to the module that holds the work. Submitting is done here because it
+joins the pieces in one order: check the request, reserve a server, resolve the model on
+it, then record the row (the store gets everything resolved; it never asks placement).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.audit import Actor
+from core.comfy.pool import ComfyPool
+from core.config import Settings
+from core.db.engine import SessionFactory
+from core.db.models import ComfyWorkflow, GenerationStatus, utcnow
+from core.errors import NotFound
+from core.generation.delivery import Delivery
+from core.generation.follow import Follower, QueueSnapshots
+from core.generation.live import LiveJobs, job_view
+from core.generation.placement import ModelCatalog, Placement
+from core.generation.runner import JobRunner
+from core.generation.store import GenerationStore
+from core.generation.types import (
+    GenerationRequest,
+    InputImage,
+    JobObserver,
+    JobView,
+    job_parameters,
+    request_from,
+)
+from core.generation.validation import check_rate_limits, validate
+from core.images import ImageFile
+from core.servers import ServerRegistry, ServerView
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService:
+    """Generation jobs as the bot and the cogs see them; the work is in the modules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: SessionFactory,
+        registry: ServerRegistry,
+        pool: ComfyPool,
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._store = GenerationStore(sessions)
+        self._live = LiveJobs(self._store)
+        self._placement = Placement(settings, registry, pool)
+        self.catalog: ModelCatalog = self._placement.catalog
+        self._delivery = Delivery(self._store, self._live, registry, pool, clock)
+        queues = QueueSnapshots()
+        follower = Follower(settings.comfy, self._store, self._live, queues, clock)
+        self._runner = JobRunner(
+            self._store, self._live, self._placement, self._delivery, follower, queues,
+            registry, pool,
+        )
+        self._inputs_dir = settings.data_dir / "inputs"
+
+    @property
+    def observer(self) -> JobObserver:
+        """How the Discord side watches jobs (a no-op observer until it sets one)."""
+        return self._live.observer
+
+    @observer.setter
+    def observer(self, observer: JobObserver) -> None:
+        self._live.observer = observer
+
+    # ------------------------------------------------------------------ submit
+
+    async def submit(self, req: GenerationRequest) -> JobView:
+        """Validate and record a job (status pending). Nothing is queued yet."""
+        validate(req, self._settings.limits)
+        await self.check_limits(req.actor)
+        workflow_row = await self._custom_workflow(req.workflow) if req.workflow else None
+        server = await self._placement.choose(req, exclude=set())
+        try:
+            return await self._record(req, server, workflow_row)
+        finally:
+            self._placement.release(server.id)
+
+    async def _record(
+        self, req: GenerationRequest, server: ServerView, workflow_row: ComfyWorkflow | None
+    ) -> JobView:
+        model = req.model
+        if workflow_row is None and req.kind != "upscale":
+            model = await self._placement.resolve_model(server, req.model)
+            if req.lora:
+                await self._placement.check_lora(server, req.lora)
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        image = req.image
+        row = await self._store.record(
+            fields={
+                "server_id": server.id,
+                "workflow_id": workflow_row.id if workflow_row else None,
+                "user_id": req.actor.user_id or 0,
+                "guild_id": req.actor.guild_id,
+                "channel_id": req.actor.channel_id,
+                "prompt": req.prompt,
+                "negative_prompt": req.negative or None,
+                "parameters": job_parameters(req, model, seed),
+            },
+            now=self._clock(),
+            input_path=(lambda job_id: self._save_input(job_id, image)) if image else None,
+        )
+        return job_view(row, server.name)
+
+    async def check_limits(self, actor: Actor, count: int = 1) -> None:
+        """Refuse before anything starts when ``count`` more jobs would pass the limits."""
+        since = self._clock() - dt.timedelta(minutes=1)
+        recent, active = await self._store.counts(actor.user_id, since)
+        check_rate_limits(self._settings.limits, active=active, recent=recent, count=count)
+
+    async def _custom_workflow(self, name: str) -> ComfyWorkflow:
+        row = await self._store.workflow_named(name)
+        if row is None:
+            raise NotFound(f"There is no workflow named '{name}'; see /workflow list.")
+        return row
+
+    def _save_input(self, job_id: int, image: InputImage) -> str:
+        self._inputs_dir.mkdir(parents=True, exist_ok=True)
+        suffix = Path(image.filename).suffix.lower()
+        path = self._inputs_dir / f"job-{job_id}{suffix}"
+        path.write_bytes(image.data)
+        return str(path)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def attach_message(self, job_id: int, channel_id: int, message_id: int) -> None:
+        await self._store.attach_message(job_id, channel_id, message_id)
+
+    def start(self, job_id: int, *, resumed: bool = False) -> None:
+        """Run the job in a tracked background task (queue, follow, deliver).
+
+        ``resumed``: a previous process may have posted the result already.
+        """
+        self._runner.start(job_id, resumed=resumed)
+
+    async def resume_unfinished(self) -> list[int]:
+        """On start-up: follow again every job a previous run left unfinished."""
+        ids = await self._store.active_ids()
+        for job_id in ids:
+            log.info("resuming generation %s", job_id)
+            self._runner.start(job_id, resumed=True)
+        return ids
+
+    async def abandon(self, job_id: int, reason: str) -> None:
+        """End a job that could not be started (e.g. its status message failed)."""
+        await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
+
+    async def cancel(self, job_id: int, actor: Actor) -> JobView:
+        """Cancel a job: dequeue it if waiting, interrupt exactly it if running."""
+        await self._runner.cancel(await self.get(job_id), actor)
+        return await self.get(job_id)
+
+    async def close(self) -> None:
+        await self._runner.close()
+        await self._placement.close()
+
+    # ------------------------------------------------------------------ queries
+
+    async def get(self, job_id: int) -> JobView:
+        return await self._live.get(job_id)
+
+    async def snapshot(self, job_id: int) -> JobView:
+        """The job as shown while it runs: the row as last read plus live progress."""
+        return await self._live.snapshot(job_id)
+
+    async def history(self, *, user_id: int | None = None, limit: int = 10) -> list[JobView]:
+        rows = await self._store.recent(user_id=user_id, limit=limit)
+        return [self._live.view(r, None) for r in rows]
+
+    def request_from(self, job: JobView, actor: Actor, **changes: Any) -> GenerationRequest:
+        """A new request with a finished job's settings (re-roll, variations)."""
+        return request_from(job, actor, **changes)
+
+    async def output_images(self, job_id: int) -> list[ImageFile]:
+        """Fetch a finished job's images again from its server (for upscaling)."""
+        return await self._delivery.output_images(job_id)
+
+    def has_upscale_model(self, server_id: int | None) -> bool:
+        """From the cache only (no I/O): does this server have an upscale model?"""
+        return self._placement.has_upscale_model(server_id)
+
+    async def upscale_models(self, server_id: int | None = None) -> dict[int, list[str]]:
+        """Upscale models per ready server (only servers that have some)."""
+        return await self._placement.upscale_models(server_id)

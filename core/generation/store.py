@@ -1,0 +1,306 @@
+"""The only writer of generation rows (``comfy_generations``), and their reads.
+
+Every change of a job's row is one function below, one legal transition. Each is a single
+guarded statement, ``UPDATE comfy_generations ... WHERE id = :id AND status IN (<legal
+previous states>)``, that reports whether it won: a caller that lost a race (the job was
+cancelled or ended meanwhile) sees it and stops, instead of writing over the end. There is
+no read before a write: the statements that need the row back take it from ``RETURNING``.
+Modelled on SkyPilot's ``sky/jobs/state.py``.
+
+Legal transitions (``ACTIVE`` = pending, queued, running, uploading):
+
+=================  ==========================  ============================================
+function           from                        to
+=================  ==========================  ============================================
+record             (no row)                    pending
+attach_message     any (not a status change)   (unchanged)
+mark_queued        pending                     queued
+save_progress      ACTIVE                      unchanged; running once ComfyUI started it
+move               ACTIVE                      pending, on another (or the same) server
+complete           queued, running, uploading  completed
+finish             ACTIVE                      failed or cancelled
+=================  ==========================  ============================================
+
+``running`` is written lazily: the start is shown from memory and reaches the row with the
+next write (progress or the end), so a short job costs no extra statement. ``uploading`` is
+no longer written (delivery posts before it writes); rows of older versions may hold it.
+
+This module sits at the bottom of the package: it returns rows, never views.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import case, func, literal, select, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from core.db.engine import SessionFactory
+from core.db.models import (
+    ComfyGeneration,
+    ComfyWorkflow,
+    GenerationStatus,
+    Server,
+    UTCDateTime,
+)
+from core.overview import ACTIVE_JOB_STATES
+
+ACTIVE = tuple(ACTIVE_JOB_STATES)
+PENDING = GenerationStatus.PENDING.value
+QUEUED = GenerationStatus.QUEUED.value
+RUNNING = GenerationStatus.RUNNING.value
+UPLOADING = GenerationStatus.UPLOADING.value
+COMPLETED = GenerationStatus.COMPLETED.value
+
+# Legal previous states of each guarded transition (the table above).
+FROM: dict[str, tuple[str, ...]] = {
+    "mark_queued": (PENDING,),
+    "save_progress": ACTIVE,
+    "move": ACTIVE,
+    "complete": (QUEUED, RUNNING, UPLOADING),
+    "finish": ACTIVE,
+}
+
+# Plain statements: no objects of these sessions need to follow the change.
+_PLAIN = {"synchronize_session": False}
+
+
+def _guarded(transition: str, job_id: int) -> Any:
+    return update(ComfyGeneration).where(
+        ComfyGeneration.id == job_id, ComfyGeneration.status.in_(FROM[transition])
+    )
+
+
+def _start_values(started_at: dt.datetime | None) -> dict[str, ColumnElement[Any]]:
+    """Write the start that was kept in memory: a waiting row becomes running, and keeps
+    the first start it learned."""
+    if started_at is None:
+        return {}
+    waiting = ComfyGeneration.status.in_((PENDING, QUEUED))
+    return {
+        "status": case((waiting, RUNNING), else_=ComfyGeneration.status),
+        "queue_position": case((waiting, None), else_=ComfyGeneration.queue_position),
+        "started_at": func.coalesce(
+            ComfyGeneration.started_at, literal(started_at, UTCDateTime())
+        ),
+    }
+
+
+class GenerationStore:
+    """Reads and the guarded transitions of generation rows (see the table above)."""
+
+    def __init__(self, sessions: SessionFactory) -> None:
+        self._sessions = sessions
+
+    # ------------------------------------------------------------------ reads
+
+    async def load(self, job_id: int) -> ComfyGeneration | None:
+        async with self._sessions() as session:
+            return await session.get(ComfyGeneration, job_id)
+
+    async def load_named(self, job_id: int) -> tuple[ComfyGeneration, str | None] | None:
+        """The row and the name of its server (None when it has none)."""
+        async with self._sessions() as session:
+            row = await session.get(ComfyGeneration, job_id)
+            if row is None:
+                return None
+            name = None
+            if row.server_id is not None:
+                name = await session.scalar(select(Server.name).where(Server.id == row.server_id))
+            return row, name
+
+    async def load_attempt(
+        self, job_id: int
+    ) -> tuple[ComfyGeneration, ComfyWorkflow | None] | None:
+        """The row and its custom workflow, read once per attempt to run it."""
+        async with self._sessions() as session:
+            row = await session.get(ComfyGeneration, job_id)
+            if row is None:
+                return None
+            custom = await session.get(ComfyWorkflow, row.workflow_id) if row.workflow_id else None
+            return row, custom
+
+    async def active_ids(self) -> list[int]:
+        async with self._sessions() as session:
+            return list(
+                (
+                    await session.scalars(
+                        select(ComfyGeneration.id)
+                        .where(ComfyGeneration.status.in_(ACTIVE))
+                        .order_by(ComfyGeneration.id)
+                    )
+                ).all()
+            )
+
+    async def recent(self, *, user_id: int | None, limit: int) -> list[ComfyGeneration]:
+        stmt = select(ComfyGeneration).order_by(ComfyGeneration.id.desc()).limit(limit)
+        if user_id is not None:
+            stmt = stmt.where(ComfyGeneration.user_id == user_id)
+        async with self._sessions() as session:
+            return list((await session.scalars(stmt)).all())
+
+    async def counts(self, user_id: int | None, since: dt.datetime) -> tuple[int, int]:
+        """(jobs started since ``since``, jobs in progress) of one member."""
+        async with self._sessions() as session:
+            recent = await session.scalar(
+                select(func.count())
+                .select_from(ComfyGeneration)
+                .where(ComfyGeneration.user_id == user_id)
+                .where(ComfyGeneration.created_at >= since)
+            )
+            active = await session.scalar(
+                select(func.count())
+                .select_from(ComfyGeneration)
+                .where(ComfyGeneration.user_id == user_id)
+                .where(ComfyGeneration.status.in_(ACTIVE))
+            )
+        return recent or 0, active or 0
+
+    async def workflow_named(self, name: str) -> ComfyWorkflow | None:
+        async with self._sessions() as session:
+            return (
+                await session.scalars(select(ComfyWorkflow).where(ComfyWorkflow.name == name))
+            ).first()
+
+    # ------------------------------------------------------------------ transitions
+
+    async def record(
+        self,
+        *,
+        fields: dict[str, Any],
+        now: dt.datetime,
+        input_path: Callable[[int], str] | None = None,
+    ) -> ComfyGeneration:
+        """Insert a pending job; ``input_path(id)`` stores its input image under its id.
+
+        A new job is activity on its server (idle autostop counts from here), written in
+        the same transaction as the row.
+        """
+        async with self._sessions.begin() as session:
+            row = ComfyGeneration(
+                **fields,
+                status=PENDING,
+                # Our own prompt id, known before queueing: a restart can find the prompt.
+                comfy_prompt_id=str(uuid.uuid4()),
+            )
+            session.add(row)
+            await session.flush()
+            if input_path is not None:
+                row.parameters = {**row.parameters, "input_path": input_path(row.id)}
+            if row.server_id is not None:
+                activity: dict[str, Any] = {"last_used_at": now}
+                if row.channel_id is not None:
+                    activity["last_channel_id"] = row.channel_id
+                await session.execute(
+                    update(Server).where(Server.id == row.server_id).values(activity),
+                    execution_options=_PLAIN,
+                )
+            await session.flush()
+            return row
+
+    async def attach_message(self, job_id: int, channel_id: int, message_id: int) -> bool:
+        """Where the job's status message is; legal in any state (it is not a status)."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(ComfyGeneration)
+                .where(ComfyGeneration.id == job_id)
+                .values(channel_id=channel_id, message_id=message_id),
+                execution_options=_PLAIN,
+            )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def mark_queued(self, job_id: int, position: int | None) -> ComfyGeneration | None:
+        """ComfyUI accepted the prompt; the row as written, or None if the job ended."""
+        stmt = (
+            _guarded("mark_queued", job_id)
+            .values(
+                status=QUEUED,
+                queue_position=position,
+                attempts=case(
+                    (ComfyGeneration.attempts < 1, 1), else_=ComfyGeneration.attempts
+                ),
+            )
+            .returning(ComfyGeneration)
+        )
+        async with self._sessions.begin() as session:
+            return (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
+
+    async def save_progress(
+        self, job_id: int, progress: float, node: str | None, started_at: dt.datetime | None
+    ) -> bool:
+        values: dict[str, Any] = {"progress": progress, "current_node": node}
+        values.update(_start_values(started_at))
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                _guarded("save_progress", job_id).values(values), execution_options=_PLAIN
+            )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def move(self, job_id: int, server_id: int) -> bool:
+        """Failover: the job waits again, on ``server_id``, under a new prompt id."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                _guarded("move", job_id).values(
+                    server_id=server_id,
+                    status=PENDING,
+                    comfy_prompt_id=str(uuid.uuid4()),
+                    attempts=ComfyGeneration.attempts + 1,
+                ),
+                execution_options=_PLAIN,
+            )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def complete(
+        self,
+        job_id: int,
+        *,
+        server_id: int | None,
+        image_urls: list[Any],
+        started_at: dt.datetime | None,
+        now: dt.datetime,
+    ) -> bool:
+        """The result was posted: write the end (and the server's activity)."""
+        values: dict[str, Any] = {
+            "status": COMPLETED, "progress": 1.0, "current_node": None,
+            "queue_position": None, "image_urls": image_urls, "started_at": started_at,
+            "completed_at": now, "delivered_at": now,
+        }
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                _guarded("complete", job_id).values(values), execution_options=_PLAIN
+            )
+            if server_id is not None:
+                # A finished job is activity: idle autostop counts from here.
+                await session.execute(
+                    update(Server).where(Server.id == server_id).values(last_used_at=now),
+                    execution_options=_PLAIN,
+                )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def finish(
+        self,
+        job_id: int,
+        status: GenerationStatus,
+        error: str | None,
+        *,
+        started_at: dt.datetime | None,
+        now: dt.datetime,
+    ) -> tuple[ComfyGeneration, str | None] | None:
+        """End a job as failed or cancelled; the row and its server's name, or None when
+        it had ended already."""
+        values: dict[str, Any] = _start_values(started_at)
+        values.update(
+            status=status.value, error_message=error, completed_at=now, queue_position=None
+        )
+        stmt = _guarded("finish", job_id).values(values).returning(ComfyGeneration)
+        async with self._sessions.begin() as session:
+            row = (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
+            if row is None:
+                return None
+            name = None
+            if row.server_id is not None:
+                name = await session.scalar(select(Server.name).where(Server.id == row.server_id))
+        return row, name
