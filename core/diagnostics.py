@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncssh
 
-from core.db.models import Provider
+from core.providers import has_shell
 from core.remote import Remote
 from core.servers import ServerRegistry, ServerView
 from core.setup import SetupService, posix_sh
@@ -164,7 +164,7 @@ class Diagnostics:
     async def diagnose(self, server: str | int) -> DiagnosticReport:
         view = await self._registry.get(server)
         started = time.monotonic()
-        if view.provider == Provider.DIRECT.value or not view.ssh_host:
+        if not has_shell(view):
             checks = await self._direct(view)
         else:
             checks = await self._over_ssh(view)

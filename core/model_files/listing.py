@@ -17,8 +17,9 @@ from core.comfy.errors import ComfyNotFound
 from core.comfy.pool import ComfyPool
 from core.db.models import utcnow
 from core.errors import ComfyVastError, ExternalServiceError, NotFound
-from core.model_files.shell import COMMAND_TIMEOUT, MARK, ServerShell, without_ssh
+from core.model_files.shell import COMMAND_TIMEOUT, MARK, ServerShell
 from core.model_files.types import MODEL_EXTENSIONS, MODEL_FOLDERS, ModelListing
+from core.providers import has_shell
 from core.servers import ServerRegistry, ServerView
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class ListingService:
             folders = await self._fetch_api(server)
             source = "comfyui"
         except (ComfyVastError, TimeoutError) as exc:
-            if without_ssh(server):
+            if not has_shell(server):
                 if isinstance(exc, ComfyVastError):
                     raise
                 raise ExternalServiceError(

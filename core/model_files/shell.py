@@ -12,9 +12,9 @@ import posixpath
 import re
 from collections.abc import Awaitable, Callable
 
-from core.db.models import Provider
 from core.errors import ValidationFailed
 from core.model_files.types import DEFAULT_INSTALL_DIR, InstallDir
+from core.providers import has_shell
 from core.servers import ServerView
 from core.ssh import CommandResult, LineCallback, SSHPool, SSHTarget
 
@@ -24,11 +24,6 @@ COMMAND_TIMEOUT = 60.0
 MARK = "__comfyvast__"
 
 _DF_LINE = re.compile(r"^(.*?)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)%\s+(.*)$")
-
-
-def without_ssh(server: ServerView) -> bool:
-    """True for a server the bot reaches only through its ComfyUI URL (no files to manage)."""
-    return server.provider == Provider.DIRECT.value or not server.ssh_host
 
 
 class ServerShell:
@@ -61,7 +56,7 @@ class ServerShell:
         return posixpath.join(await self.install_dir(server), "models")
 
     def target(self, server: ServerView) -> SSHTarget:
-        if without_ssh(server):
+        if not has_shell(server):
             raise ValidationFailed(
                 f"Server '{server.name}' is a ComfyUI URL without SSH access, so the bot "
                 "cannot change its model files."

@@ -15,8 +15,9 @@ from pathlib import Path
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, Actor, AuditService
 from core.config import Settings
 from core.db.engine import SessionFactory
-from core.db.models import Provider, ServerStatus
+from core.db.models import ServerStatus
 from core.errors import NotFound, ValidationFailed
+from core.providers import has_shell
 from core.remote import Remote
 from core.servers import ServerRegistry, ServerView
 from core.setup.profiles import (
@@ -193,7 +194,7 @@ class SetupService:
     # ------------------------------------------------------------------ running
 
     def _require_ssh(self, server: ServerView) -> None:
-        if server.provider == Provider.DIRECT.value or not server.ssh_host:
+        if not has_shell(server):
             raise ValidationFailed(
                 f"Server {server.name} is reached by its ComfyUI URL only; there is no SSH "
                 "access to set it up.")
