@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import case, func, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.db.engine import SessionFactory
@@ -107,10 +108,7 @@ class GenerationStore:
             row = await session.get(ComfyGeneration, job_id)
             if row is None:
                 return None
-            name = None
-            if row.server_id is not None:
-                name = await session.scalar(select(Server.name).where(Server.id == row.server_id))
-            return row, name
+            return row, await _server_name(session, row)
 
     async def load_attempt(
         self, job_id: int
@@ -300,7 +298,10 @@ class GenerationStore:
             row = (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
             if row is None:
                 return None
-            name = None
-            if row.server_id is not None:
-                name = await session.scalar(select(Server.name).where(Server.id == row.server_id))
-        return row, name
+            return row, await _server_name(session, row)
+
+
+async def _server_name(session: AsyncSession, row: ComfyGeneration) -> str | None:
+    if row.server_id is None:
+        return None
+    return await session.scalar(select(Server.name).where(Server.id == row.server_id))
