@@ -29,7 +29,7 @@ from bot.rendering import (
 )
 from bot.tree import send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
-from core.generation import GenerationRequest, InputImage, JobView
+from core.generation import GenerationRequest, InputImage, JobObserver, JobView
 from core.images import UPLOAD_MARGIN, ImageFile, fit_for_upload, make_grid, thumbnail
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ async def launch_jobs(
 # --------------------------------------------------------------------------- observer
 
 
-class DiscordJobObserver:
+class DiscordJobObserver(JobObserver):
     """Renders job events into the status message and delivers results to the channel."""
 
     def __init__(self, bot: BotContext, relay: MessageRelay) -> None:

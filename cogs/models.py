@@ -30,6 +30,7 @@ from bot.rendering import (
 from core.errors import ComfyVastError
 from core.model_files import (
     MODEL_FOLDERS,
+    DownloadObserver,
     DownloadRequest,
     DownloadView,
     ModelListing,
@@ -136,7 +137,7 @@ def listing_embeds(listings: list[ModelListing], folder: str | None,
 # --------------------------------------------------------------------------- observer
 
 
-class DiscordDownloadObserver:
+class DiscordDownloadObserver(DownloadObserver):
     """Posts a download's status message in the channel and keeps it current."""
 
     def __init__(self, bot: BotContext, channel_id: int, guild_id: int | None) -> None:

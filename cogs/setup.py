@@ -22,7 +22,7 @@ from bot.context import BotContext, bot_of
 from bot.relay import MessageRelay
 from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, truncate
 from core.errors import ComfyVastError, ValidationFailed
-from core.setup import ExecutionView, SetupService
+from core.setup import ExecutionView, SetupObserver, SetupService
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def log_file(view: ExecutionView, text: str, limit: int = DEFAULT_UPLOAD_LIMIT) 
     return discord.File(io.BytesIO(data), filename=f"setup-{view.id}.log")
 
 
-class DiscordSetupObserver:
+class DiscordSetupObserver(SetupObserver):
     """Renders a service's runs into their status messages through the relay."""
 
     def __init__(self, bot: BotContext, service: SetupService) -> None:
