@@ -1,12 +1,10 @@
-"""The generation store on SQLite and PostgreSQL: each transition is guarded, and it is the
-only place that writes generation rows."""
+"""The generation store on SQLite and PostgreSQL: each transition is guarded and reports a
+lost race (that it is the only writer is checked in test_architecture)."""
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +12,6 @@ from core.db.engine import SessionFactory, create_engine, create_session_factory
 from core.db.models import GenerationStatus, Server
 from core.generation.store import GenerationStore
 
-ROOT = Path(__file__).resolve().parent.parent
-STORE = ROOT / "core" / "generation" / "store.py"
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 STARTED = NOW - dt.timedelta(seconds=5)
 
@@ -100,34 +96,3 @@ async def test_finish_writes_the_start_kept_in_memory(sessions: SessionFactory) 
     assert (row.status, row.queue_position, row.started_at) == ("cancelled", None, STARTED)
     assert row.completed_at == NOW and server_name and server_name.startswith("s")
     assert await store.counts(1, NOW - dt.timedelta(minutes=1)) == (1, 0)
-
-
-def _writes_generation_rows(path: Path) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if not isinstance(node, ast.Call):
-            continue
-        func, args = node.func, node.args
-        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-        first = args[0] if args else None
-        is_row = isinstance(first, ast.Name) and first.id == "ComfyGeneration"
-        if name == "ComfyGeneration":
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno} constructs a row")
-        elif name in ("update", "insert", "delete") and is_row:
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}(ComfyGeneration)")
-        elif name in ("get", "select") and is_row:
-            # A loaded row could be changed and flushed: only the store loads whole rows.
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno} loads whole rows")
-    return found
-
-
-def test_only_the_store_writes_generation_rows() -> None:
-    offenders = [
-        hit
-        for folder in ("core", "bot", "cogs", "bench")
-        for path in sorted((ROOT / folder).rglob("*.py"))
-        if path not in (STORE, ROOT / "core" / "db" / "models.py")
-        for hit in _writes_generation_rows(path)
-    ]
-    assert offenders == []
-    assert _writes_generation_rows(STORE)  # the check does see the store's writes
