@@ -18,6 +18,7 @@ from core.db.models import ComfyGeneration, Provider, Server, ServerStatus, utcn
 from core.errors import NotFound, ValidationFailed
 from core.overview import ACTIVE_JOB_STATES
 from core.servers.validation import (
+    MAX_SERVER_ID,
     parse_server_ref,
     shown_ref,
     validate_comfy_url,
@@ -197,6 +198,8 @@ class ServerRegistry:
 
     async def touch(self, server_id: int, *, channel_id: int | None = None) -> None:
         """Record activity (a generation, setup, download) so idle autostop waits."""
+        if not 1 <= server_id <= MAX_SERVER_ID:  # e.g. a forged Keep-alive button id
+            return
         async with self._sessions.begin() as session:
             row = await session.get(Server, server_id)
             if row is not None:
