@@ -15,7 +15,8 @@ from PIL import Image
 from sqlalchemy import select
 
 from core.db.models import AuditLog, Server
-from core.errors import GENERIC_FAILURE
+from core.errors import GENERIC_FAILURE, ValidationFailed
+from core.servers import validate_host
 from tests.conftest import (
     BotEnv,
     _answered,
@@ -70,6 +71,32 @@ async def test_add_ssh_refuses_an_overlong_label_clearly(env: BotEnv) -> None:
     text = await answer(env, interaction)
     assert "63 characters" in text and GENERIC_FAILURE not in text, text
     assert await server_rows(env) == []
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("gpu.example.com", "gpu.example.com"),
+        ("gpu.example.com.", "gpu.example.com"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("10.0.0.5", "10.0.0.5"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("a" * 63 + ".example", "a" * 63 + ".example"),
+        ("a" * 64 + ".example", None),
+        (".".join(["abcdefgh"] * 29), None),  # 260 characters
+        ("1.2.3", None),
+        ("-gpu.example", None),
+        ("gpu..example", None),
+        ("xn--zz.example", None),
+        ("ü" * 70 + ".de", None),
+    ],
+)
+def test_hostnames(host: str, expected: str | None) -> None:
+    if expected is None:
+        with pytest.raises(ValidationFailed):
+            validate_host(host)
+    else:
+        assert validate_host(host) == expected
 
 
 @pytest.mark.parametrize(
@@ -221,6 +248,11 @@ async def test_history_and_progress_stay_in_the_guild_and_visible_channels(
                                                       fake.guild.id)
     refused = await progress_text(env, hidden.id, fake.colleague, fake.guild.id)
     assert f"no generation #{hidden.id}" in refused and "staff" not in refused, refused
+
+    # Nor can they run a command in the hidden channel (Discord does not show it to them).
+    with pytest.raises(AssertionError, match="cannot see channel"):
+        await fake.slash("history", {}, user=fake.colleague, guild_id=fake.guild.id,
+                         channel_id=fake.staff)
 
     # Someone from another guild sees nothing of this guild.
     other = await history_text(env, fake.stranger, fake.other_guild.id)

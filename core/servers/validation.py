@@ -137,6 +137,13 @@ def validate_host(host: str) -> str:
     except ValueError:
         pass
     name = text[:-1] if text.endswith(".") else text
+    if not name.isascii():
+        # An internationalised name is used in its ASCII form (xn--...), which is what
+        # resolving it would send anyway; a name the codec refuses is refused here.
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValidationFailed("The host is not a valid internationalised name.") from None
     labels = name.split(".")
     if (
         not name

@@ -31,6 +31,7 @@ from .models import (
     FLAG_SUPPRESS_EMBEDS,
     FLAG_SUPPRESS_NOTIFICATIONS,
     TIER_FILESIZE,
+    VIEW_CHANNEL,
     Attachment,
     Channel,
     Guild,
@@ -1495,6 +1496,10 @@ class FakeDiscord:
         self._require_connected()
         user = self._user(user)
         gid, cid = self._defaults(user, guild_id, channel_id)
+        # Discord's client shows a member no channel without VIEW_CHANNEL, so no command
+        # can come from one (https://discord.com/developers/docs/topics/permissions).
+        assert gid is None or self.channel_permissions(user, cid) & VIEW_CHANNEL, (
+            f"{user.username} cannot see channel {cid}, so cannot run /{name} there")
         data = self._build_command_data(name, options, user=user, guild_id=gid, channel_id=cid,
                                         subcommand=subcommand, group=group,
                                         attachments=attachments, force=force)
