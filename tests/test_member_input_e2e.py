@@ -27,7 +27,13 @@ from tests.conftest import (
 )
 from tests.fakecomfy import FakeComfy
 from tests.fakediscord.models import VIEW_CHANNEL
-from tests.test_generation_e2e import finished_row, generate, job_row, result_messages
+from tests.test_generation_e2e import (
+    finished_row,
+    generate,
+    job_row,
+    result_messages,
+    status_message,
+)
 
 reply = _answered
 
@@ -291,6 +297,28 @@ async def test_input_image_is_deleted_when_the_job_ends(studio: BotEnv, comfy: F
 
     await eventually(gone)
     assert list(inputs.iterdir()) == []
+
+
+async def test_input_image_is_kept_while_running_and_deleted_on_cancel(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    comfy.pause_sampling()
+    interaction = await studio.slash(
+        "generate", {"prompt": "repaint slowly", "image": "photo.png"},
+        attachments={"image": ("photo.png", png(), "image/png")},
+    )
+    await studio.fake.wait_for(lambda: reply(interaction))
+    row = await job_row(studio)
+    await comfy.wait_running(row.comfy_prompt_id, timeout=10)
+    saved = Path(row.parameters["input_path"])
+    assert saved.exists()  # a failover or a restart would upload it again
+    status = status_message(studio, row.id)
+    click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=studio.fake.member)
+    comfy.resume_sampling()
+    row = await finished_row(studio, row.id)
+    assert row.status == "cancelled"
+    await studio.fake.wait_for(lambda: reply(click))
+    await eventually(lambda: _false_if_exists(saved))
 
 
 async def test_reroll_of_an_ended_img2img_job_says_the_image_is_gone(
