@@ -39,3 +39,18 @@ def test_recorded_details_are_redacted_deeply_but_public_keys_stay() -> None:
     assert out["host_key"] == details["host_key"]
     assert out["errors"] == ["see https://REDACTED@h.example/x"]
     assert "s3cret" not in repr(out) and ":p@" not in repr(out)
+
+
+def test_the_log_filter_also_redacts_secrets_it_was_not_told() -> None:
+    import logging
+
+    from bot.logging_setup import RedactSecrets
+
+    record = logging.LogRecord(
+        "x", logging.INFO, __file__, 1, "download of %s failed (key %s)",
+        ("https://c.example/m?token=m3mb3r", "config-secret-1"), None,
+    )
+    assert RedactSecrets(["config-secret-1"]).filter(record)
+    text = record.getMessage()
+    assert "m3mb3r" not in text and "config-secret-1" not in text
+    assert "token=REDACTED" in text
