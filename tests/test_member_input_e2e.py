@@ -183,7 +183,7 @@ async def test_audit_details_are_redacted(env: BotEnv) -> None:
         async with env.services.sessions() as session:
             return list((await session.scalars(select(AuditLog))).all())
 
-    [row] = await eventually(rows)
+    [row] = await eventually(rows, timeout=15)
     assert row.action == "models download"
     assert secret not in repr(row.details) and secret not in (row.resource or "")
     assert row.details["options"]["url"] == (
@@ -295,7 +295,7 @@ async def test_input_image_is_deleted_when_the_job_ends(studio: BotEnv, comfy: F
     async def gone() -> bool:
         return not saved.exists()
 
-    await eventually(gone)
+    await eventually(gone, timeout=15)
     assert list(inputs.iterdir()) == []
 
 
@@ -318,7 +318,7 @@ async def test_input_image_is_kept_while_running_and_deleted_on_cancel(
     row = await finished_row(studio, row.id)
     assert row.status == "cancelled"
     await studio.fake.wait_for(lambda: reply(click))
-    await eventually(lambda: _false_if_exists(saved))
+    await eventually(lambda: _false_if_exists(saved), timeout=15)
 
 
 async def test_reroll_of_an_ended_img2img_job_says_the_image_is_gone(
@@ -330,7 +330,8 @@ async def test_reroll_of_an_ended_img2img_job_says_the_image_is_gone(
     )
     await studio.fake.wait_for(lambda: reply(interaction))
     row = await finished_row(studio)
-    await eventually(lambda: _false_if_exists(Path(row.parameters["input_path"])))
+    saved = Path(row.parameters["input_path"])
+    await eventually(lambda: _false_if_exists(saved), timeout=15)
     [result] = result_messages(studio)
     click = await studio.fake.click(result.id, f"cv:reroll:{row.id}", user=studio.fake.member)
     await studio.fake.wait_for(lambda: reply(click))
@@ -352,6 +353,6 @@ async def test_orphaned_inputs_are_swept_on_start(
     orphan.write_bytes(png())
     env = await start_bot(fake_discord, settings)
     try:
-        await eventually(lambda: _false_if_exists(orphan))
+        await eventually(lambda: _false_if_exists(orphan), timeout=15)
     finally:
         await env.stop()
