@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable
 
 from core.config import Settings
+from core.redact import redact_text
 
 REDACTED = "[redacted]"
 
@@ -21,20 +22,21 @@ class RedactSecrets(logging.Filter):
         self._secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
         message = record.getMessage()
-        redacted = message
-        for secret in self._secrets:
-            redacted = redacted.replace(secret, REDACTED)
+        redacted = self._redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            for secret in self._secrets:
-                record.exc_text = record.exc_text.replace(secret, REDACTED)
+            record.exc_text = self._redact(record.exc_text)
         return True
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        # Secrets the config does not know: a member's URL with ?token=, a pasted hf_ key.
+        return redact_text(text)
 
 
 def secret_values(settings: Settings) -> list[str]:

@@ -8,11 +8,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import actor_of
+from bot.checks import actor_of, bot_of, is_admin_member
 from bot.context import BotContext
 from bot.jobs import STATUS_WORDS, launch_jobs, status_embed
+from bot.options import ModelOption, ServerOption, WorkflowOption
 from bot.rendering import BRAND_COLOUR, timestamp, truncate
-from core.generation import GenerationRequest, InputImage, check_input_size
+from core.generation import GenerationRequest, InputImage, Viewer, check_input_size
 
 SAMPLERS = Literal[
     "euler",
@@ -33,6 +34,8 @@ SCHEDULERS = Literal[
     "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"
 ]
 MAX_CHOICES = 25
+# Job ids are a 32-bit Integer column (PostgreSQL refuses larger values in a lookup).
+MAX_JOB_ID = 2**31 - 1
 
 
 def _matching(names: list[str], current: str) -> list[app_commands.Choice[str]]:
@@ -42,6 +45,30 @@ def _matching(names: list[str], current: str) -> list[app_commands.Choice[str]]:
     hits = [n for n in names if needle in n.lower()]
     hits.sort(key=lambda n: (not n.lower().startswith(needle), n.lower()))
     return [app_commands.Choice(name=truncate(n, 100), value=n[:100]) for n in hits[:MAX_CHOICES]]
+
+
+def viewer_of(interaction: discord.Interaction) -> Viewer:
+    """Whose jobs the member may see: their guild's, in the channels they can view (and
+    their own); admins the whole guild. The channels come from the guild cache with each
+    channel's permission overwrites, computed for this member by discord.py."""
+    user_id = interaction.user.id
+    guild = interaction.guild
+    if interaction.guild_id is None:
+        return Viewer(user_id, None)
+    if is_admin_member(interaction, bot_of(interaction).services.settings):
+        return Viewer(user_id, interaction.guild_id, None)
+    member = interaction.user
+    if guild is None or not isinstance(member, discord.Member):
+        # Guild not cached: only the channel the command came from is known visible.
+        here = {interaction.channel_id} if interaction.channel_id else set()
+        return Viewer(user_id, interaction.guild_id, frozenset(here))
+    visible = {c.id for c in guild.channels if c.permissions_for(member).view_channel}
+    visible |= {
+        t.id
+        for t in guild.threads
+        if t.type is discord.ChannelType.public_thread and t.permissions_for(member).view_channel
+    }
+    return Viewer(user_id, guild.id, frozenset(visible))
 
 
 class Generation(commands.Cog):
@@ -122,7 +149,7 @@ class Generation(commands.Cog):
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, 1500],
         negative: app_commands.Range[str, 0, 1500] | None = None,
-        model: str | None = None,
+        model: ModelOption | None = None,
         width: app_commands.Range[int, 64, 4096] = 1024,
         height: app_commands.Range[int, 64, 4096] = 1024,
         steps: app_commands.Range[int, 1, 500] = 25,
@@ -131,12 +158,12 @@ class Generation(commands.Cog):
         sampler: SAMPLERS = "euler",
         scheduler: SCHEDULERS = "normal",
         batch: app_commands.Range[int, 1, 16] = 1,
-        lora: str | None = None,
+        lora: ModelOption | None = None,
         lora_strength: app_commands.Range[float, -10.0, 10.0] = 1.0,
         image: discord.Attachment | None = None,
         denoise: app_commands.Range[float, 0.01, 1.0] = 0.75,
-        workflow: str | None = None,
-        server: str | None = None,
+        workflow: WorkflowOption | None = None,
+        server: ServerOption | None = None,
     ) -> None:
         await self._run_generate(
             interaction,
@@ -177,12 +204,12 @@ class Generation(commands.Cog):
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, 1500],
         negative: app_commands.Range[str, 0, 1500] | None = None,
-        model: str | None = None,
+        model: ModelOption | None = None,
         width: app_commands.Range[int, 64, 4096] = 1024,
         height: app_commands.Range[int, 64, 4096] = 1024,
         seed: app_commands.Range[int, 0, 2**53 - 1] | None = None,
         batch: app_commands.Range[int, 1, 16] = 1,
-        server: str | None = None,
+        server: ServerOption | None = None,
     ) -> None:
         await self._run_generate(
             interaction,
@@ -238,9 +265,11 @@ class Generation(commands.Cog):
     @app_commands.command(name="progress", description="Show the state of a generation.")
     @app_commands.describe(generation="The job number (from the status message).")
     async def progress(
-        self, interaction: discord.Interaction, generation: app_commands.Range[int, 1]
+        self,
+        interaction: discord.Interaction,
+        generation: app_commands.Range[int, 1, MAX_JOB_ID],
     ) -> None:
-        job = await self.bot.services.generation.get(generation)
+        job = await self.bot.services.generation.get_visible(generation, viewer_of(interaction))
         await interaction.response.send_message(embed=status_embed(job), ephemeral=True)
 
     @app_commands.command(name="history", description="Recent generations.")
@@ -252,7 +281,7 @@ class Generation(commands.Cog):
         limit: app_commands.Range[int, 1, 25] = 10,
     ) -> None:
         jobs = await self.bot.services.generation.history(
-            user_id=user.id if user else None, limit=limit
+            viewer_of(interaction), user_id=user.id if user else None, limit=limit
         )
         if not jobs:
             await interaction.response.send_message("No generations yet.", ephemeral=True)

@@ -19,6 +19,7 @@ from bot.autocomplete import server_autocomplete
 from bot.checks import actor_of, admin_only
 from bot.confirm import confirm
 from bot.context import BotContext
+from bot.options import ServerOption
 from bot.rendering import (
     BRAND_COLOUR,
     ERROR_COLOUR,
@@ -192,7 +193,7 @@ class Models(commands.GroupCog, group_name="models",
     )
     @app_commands.choices(folder=FOLDER_CHOICES)
     async def list_models(
-        self, interaction: discord.Interaction, server: str | None = None,
+        self, interaction: discord.Interaction, server: ServerOption | None = None,
         folder: str | None = None, refresh: bool = False,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -230,7 +231,7 @@ class Models(commands.GroupCog, group_name="models",
     @app_commands.choices(folder=FOLDER_CHOICES)
     @admin_only()
     async def download(
-        self, interaction: discord.Interaction, server: str,
+        self, interaction: discord.Interaction, server: ServerOption,
         url: app_commands.Range[str, 8, 2048], folder: str,
         filename: app_commands.Range[str, 1, 200] | None = None,
         sha256: app_commands.Range[str, 64, 64] | None = None,
@@ -252,7 +253,7 @@ class Models(commands.GroupCog, group_name="models",
     @app_commands.choices(folder=FOLDER_CHOICES)
     @admin_only()
     async def delete(
-        self, interaction: discord.Interaction, server: str, folder: str,
+        self, interaction: discord.Interaction, server: ServerOption, folder: str,
         filename: app_commands.Range[str, 1, 300],
     ) -> None:
         # Check the names first, so a typo is not answered with a confirmation prompt.

@@ -14,6 +14,7 @@ from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
 from bot.context import BotContext
 from bot.diagnose_render import diagnosis_embed
+from bot.options import GpuOption, ServerOption
 from bot.server_render import (
     add_comfy_fields,
     offers_embed,
@@ -140,7 +141,7 @@ class Servers(
     async def offers(
         self,
         interaction: discord.Interaction,
-        gpu: str | None = None,
+        gpu: GpuOption | None = None,
         num_gpus: app_commands.Range[int, 1, 8] = 1,
         max_price: app_commands.Range[float, 0.01, 100.0] | None = None,
         min_reliability: app_commands.Range[float, 0.0, 1.0] | None = None,
@@ -176,8 +177,8 @@ class Servers(
     async def create(
         self,
         interaction: discord.Interaction,
-        gpu: str | None = None,
-        offer_id: app_commands.Range[int, 1] | None = None,
+        gpu: GpuOption | None = None,
+        offer_id: app_commands.Range[int, 1, 2**53 - 1] | None = None,
         name: app_commands.Range[str, 1, 32] | None = None,
         disk: app_commands.Range[int, 10, 2000] | None = None,
         image: app_commands.Range[str, 3, 200] | None = None,
@@ -257,7 +258,7 @@ class Servers(
     @app_commands.command(name="start", description="Start a stopped Vast.ai server.")
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def start(self, interaction: discord.Interaction, server: str) -> None:
+    async def start(self, interaction: discord.Interaction, server: ServerOption) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
         await self.bot.services.server_ops.check_budget(view.price_per_hour, "Starting this server")
@@ -286,7 +287,7 @@ class Servers(
     @app_commands.command(name="stop", description="Stop a Vast.ai server (its disk still bills).")
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def stop(self, interaction: discord.Interaction, server: str) -> None:
+    async def stop(self, interaction: discord.Interaction, server: ServerOption) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.server_ops.stop(actor_of(interaction), server)
         await interaction.followup.send(
@@ -298,7 +299,7 @@ class Servers(
     @app_commands.command(name="destroy", description="Destroy a server (asks first).")
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def destroy(self, interaction: discord.Interaction, server: str) -> None:
+    async def destroy(self, interaction: discord.Interaction, server: ServerOption) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
         what = (
@@ -322,7 +323,7 @@ class Servers(
     async def autostop(
         self,
         interaction: discord.Interaction,
-        server: str,
+        server: ServerOption,
         minutes: app_commands.Range[int, 0, 10080],
     ) -> None:
         view = await self.bot.services.server_ops.set_autostop(
@@ -337,7 +338,7 @@ class Servers(
     )
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def diagnose(self, interaction: discord.Interaction, server: str) -> None:
+    async def diagnose(self, interaction: discord.Interaction, server: ServerOption) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         report = await self.bot.services.diagnostics.diagnose(server)
         await interaction.followup.send(embed=diagnosis_embed(report), ephemeral=True)
@@ -360,7 +361,7 @@ class Servers(
     @app_commands.command(name="status", description="Live state of one server.")
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def status(self, interaction: discord.Interaction, server: str) -> None:
+    async def status(self, interaction: discord.Interaction, server: ServerOption) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         view = await self.bot.services.servers.get(server)
         embed = status_embed(view)

@@ -19,6 +19,7 @@ from bot.autocomplete import server_autocomplete
 from bot.checks import AdminCog, actor_of
 from bot.confirm import confirm
 from bot.context import BotContext, bot_of
+from bot.options import ProfileOption, ServerOption
 from bot.relay import MessageRelay
 from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, truncate
 from core.errors import ComfyVastError, ValidationFailed
@@ -205,8 +206,8 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
     @app_commands.describe(server="The server (it needs SSH access).",
                            profile="The setup profile (default: default).")
     @app_commands.autocomplete(server=server_autocomplete, profile=profile_autocomplete)
-    async def run(self, interaction: discord.Interaction, server: str,
-                  profile: str | None = None) -> None:
+    async def run(self, interaction: discord.Interaction, server: ServerOption,
+                  profile: ProfileOption | None = None) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         channel = interaction.channel
         if channel is None or not hasattr(channel, "send"):
@@ -231,7 +232,7 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
     @app_commands.command(name="status", description="The latest setup run on a server.")
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
-    async def status(self, interaction: discord.Interaction, server: str) -> None:
+    async def status(self, interaction: discord.Interaction, server: ServerOption) -> None:
         view = await self.service.latest(server)
         if view is None:
             await interaction.response.send_message(
@@ -259,8 +260,8 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
                            profile="The profile whose installation to remove "
                                    "(default: the one it was set up with).")
     @app_commands.autocomplete(server=server_autocomplete, profile=profile_autocomplete)
-    async def reset(self, interaction: discord.Interaction, server: str,
-                    profile: str | None = None) -> None:
+    async def reset(self, interaction: discord.Interaction, server: ServerOption,
+                    profile: ProfileOption | None = None) -> None:
         plan = await self.service.reset_plan(server, profile)
         question = (f"Reset **{plan.server}** with profile {plan.profile}? This "
                     f"{plan.summary}. The next /setup run starts from scratch.")

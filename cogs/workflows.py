@@ -8,6 +8,7 @@ from discord.ext import commands
 
 from bot.checks import AdminCog, actor_of
 from bot.context import BotContext
+from bot.options import ServerOption, WorkflowOption
 from bot.rendering import BRAND_COLOUR, truncate
 from core.errors import ValidationFailed
 
@@ -37,7 +38,7 @@ class Workflows(
         name: app_commands.Range[str, 1, 32],
         file: discord.Attachment,
         params: app_commands.Range[str, 0, 1000] | None = None,
-        server: str | None = None,
+        server: ServerOption | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         if file.size > 512 * 1024:
@@ -67,7 +68,7 @@ class Workflows(
 
     @app_commands.command(name="remove", description="Remove a custom workflow.")
     @app_commands.describe(name="The workflow to remove.")
-    async def remove(self, interaction: discord.Interaction, name: str) -> None:
+    async def remove(self, interaction: discord.Interaction, name: WorkflowOption) -> None:
         await self.bot.services.workflows.remove(actor_of(interaction), name)
         await interaction.response.send_message(f"Removed workflow **{name}**.", ephemeral=True)
 

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from core.db.engine import SessionFactory
 from core.db.models import AuditLog
+from core.redact import redact_text, redact_value
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,14 @@ class AuditService:
         resource: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        """Write one row; never raises, because auditing must not break the action itself."""
+        """Write one row; never raises, because auditing must not break the action itself.
+
+        Every detail and the resource are redacted here (core.redact), whoever records
+        them: the command's options as typed can hold a URL with ``?token=``.
+        """
         try:
+            resource = redact_text(resource) if resource else None
+            details = redact_value(details or {})
             async with self._sessions.begin() as session:
                 session.add(
                     AuditLog(
@@ -66,7 +73,7 @@ class AuditService:
                         action=action[:64],
                         resource=resource[:255] if resource else None,
                         outcome=outcome,
-                        details=details or {},
+                        details=details,
                     )
                 )
         except Exception:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from discord import app_commands
+from discord import AppCommandOptionType, app_commands
 
 from bot.bot import EXTENSIONS, ComfyVastBot
 from core.services import Services
@@ -73,3 +73,32 @@ def test_no_host_key_checking_is_ever_disabled() -> None:
     for folder in ("core", "bot", "cogs"):
         for path in (ROOT / folder).rglob("*.py"):
             assert "known_hosts=None" not in path.read_text(), path
+
+
+async def test_every_string_option_has_a_max_length(tree: app_commands.CommandTree) -> None:
+    """A value Discord lets through unbounded can come back inside an error reply and
+    push it past 2000 characters (Discord then drops the reply). Options with choices are
+    bounded by their choices. (discord.py keeps a string's max_length in max_value.)"""
+    unbounded = [
+        f"/{command.qualified_name} {param.name}"
+        for command in leaves(tree)
+        for param in command.parameters
+        if param.type is AppCommandOptionType.string
+        and not param.choices
+        and param.max_value is None
+    ]
+    assert unbounded == []
+
+
+async def test_every_integer_option_has_a_max_value(tree: app_commands.CommandTree) -> None:
+    """Ids go to 32-bit columns; a larger number must be refused by Discord, not by the
+    database with a traceback."""
+    unbounded = [
+        f"/{command.qualified_name} {param.name}"
+        for command in leaves(tree)
+        for param in command.parameters
+        if param.type is AppCommandOptionType.integer
+        and not param.choices
+        and param.max_value is None
+    ]
+    assert unbounded == []

@@ -28,6 +28,7 @@ from core.generation.types import (
     JobObserver,
     JobView,
     ServerFailure,
+    Viewer,
 )
 from core.generation.validation import INPUT_EXTENSIONS, MAX_INPUT_BYTES, check_input_size
 from core.generation.workflow import upscale_workflow
@@ -44,6 +45,7 @@ __all__ = [
     "JobView",
     "ModelCatalog",
     "ServerFailure",
+    "Viewer",
     "check_input_size",
     "upscale_workflow",
 ]

@@ -21,6 +21,7 @@ from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus
 from core.errors import GENERIC_FAILURE, ComfyVastError, PermissionDenied, ValidationFailed
 from core.generation.delivery import Delivery
 from core.generation.follow import Follower, QueueSnapshots
+from core.generation.inputs import InputFiles
 from core.generation.live import LiveJobs, LiveState
 from core.generation.placement import Placement
 from core.generation.store import GenerationStore
@@ -49,8 +50,10 @@ class JobRunner:
         queues: QueueSnapshots,
         registry: ServerRegistry,
         pool: ComfyPool,
+        inputs: InputFiles,
     ) -> None:
         self._store = store
+        self._inputs = inputs
         self._live = live
         self._placement = placement
         self._delivery = delivery
@@ -105,6 +108,7 @@ class JobRunner:
             except ComfyVastError as exc:
                 log.warning("cancel of %s could not reach the server: %s", job.id, exc)
         await self._delivery.finish(job.id, GenerationStatus.CANCELLED, None)
+        await self.discard_input(job.id)
 
     async def _run(self, job_id: int, resumed: bool = False) -> None:
         try:
@@ -118,6 +122,19 @@ class JobRunner:
         except Exception:
             log.exception("generation %s failed unexpectedly", job_id)
             await self._delivery.finish(job_id, GenerationStatus.FAILED, GENERIC_FAILURE)
+        # Not on cancellation: a bot shutting down leaves the job (and its input) to resume.
+        await self.discard_input(job_id)
+
+    async def discard_input(self, job_id: int) -> None:
+        """Delete the job's input image once the job has ended (never while it runs: a
+        failover or a restart uploads it again)."""
+        try:
+            row = await self._store.load(job_id)
+            if row is None or not GenerationStatus(row.status).finished:
+                return
+            await self._inputs.discard((row.parameters or {}).get("input_path"))
+        except Exception:  # a leftover file is swept on the next start
+            log.exception("could not discard the input of generation %s", job_id)
 
     async def _drive(self, job_id: int, resumed: bool = False) -> None:
         """Run attempts until the job ends; a failed server is left for another once."""

@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import secrets
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from core.audit import Actor
@@ -23,15 +22,17 @@ from core.db.models import ComfyWorkflow, GenerationStatus, utcnow
 from core.errors import NotFound
 from core.generation.delivery import Delivery
 from core.generation.follow import Follower, QueueSnapshots
+from core.generation.inputs import InputFiles
 from core.generation.live import LiveJobs, job_view
 from core.generation.placement import ModelCatalog, Placement
 from core.generation.runner import JobRunner
 from core.generation.store import GenerationStore
 from core.generation.types import (
+    MAX_JOB_ID,
     GenerationRequest,
-    InputImage,
     JobObserver,
     JobView,
+    Viewer,
     job_parameters,
     request_from,
 )
@@ -63,11 +64,11 @@ class GenerationService:
         self._delivery = Delivery(self._store, self._live, registry, pool, clock)
         queues = QueueSnapshots()
         follower = Follower(settings.comfy, self._store, self._live, queues, clock)
+        self._inputs = InputFiles(settings.data_dir / "inputs")
         self._runner = JobRunner(
             self._store, self._live, self._placement, self._delivery, follower, queues,
-            registry, pool,
+            registry, pool, self._inputs,
         )
-        self._inputs_dir = settings.data_dir / "inputs"
 
     @property
     def observer(self) -> JobObserver:
@@ -113,7 +114,7 @@ class GenerationService:
                 "parameters": job_parameters(req, model, seed),
             },
             now=self._clock(),
-            input_path=(lambda job_id: self._save_input(job_id, image)) if image else None,
+            input_path=(lambda job_id: self._inputs.save(job_id, image)) if image else None,
         )
         return job_view(row, server.name)
 
@@ -128,13 +129,6 @@ class GenerationService:
         if row is None:
             raise NotFound(f"There is no workflow named '{name}'; see /workflow list.")
         return row
-
-    def _save_input(self, job_id: int, image: InputImage) -> str:
-        self._inputs_dir.mkdir(parents=True, exist_ok=True)
-        suffix = Path(image.filename).suffix.lower()
-        path = self._inputs_dir / f"job-{job_id}{suffix}"
-        path.write_bytes(image.data)
-        return str(path)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +145,8 @@ class GenerationService:
     async def resume_unfinished(self) -> list[int]:
         """On start-up: follow again every job a previous run left unfinished."""
         ids = await self._store.active_ids()
+        # Inputs of jobs that ended while no one could delete them (a crash, a kill).
+        await self._inputs.sweep(ids)
         for job_id in ids:
             log.info("resuming generation %s", job_id)
             self._runner.start(job_id, resumed=True)
@@ -159,6 +155,7 @@ class GenerationService:
     async def abandon(self, job_id: int, reason: str) -> None:
         """End a job that could not be started (e.g. its status message failed)."""
         await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
+        await self._runner.discard_input(job_id)
 
     async def cancel(self, job_id: int, actor: Actor) -> JobView:
         """Cancel a job: dequeue it if waiting, interrupt exactly it if running."""
@@ -172,14 +169,33 @@ class GenerationService:
     # ------------------------------------------------------------------ queries
 
     async def get(self, job_id: int) -> JobView:
+        if not 1 <= job_id <= MAX_JOB_ID:  # e.g. a forged button id of thirty digits
+            raise NotFound(f"There is no generation #{job_id}.")
         return await self._live.get(job_id)
+
+    async def get_visible(self, job_id: int, viewer: Viewer) -> JobView:
+        """The job if ``viewer`` may see it; otherwise the same answer as for no job, so
+        that ids from other guilds and hidden channels reveal nothing."""
+        job = await self.get(job_id)
+        if not viewer.can_see(job):
+            raise NotFound(f"There is no generation #{job_id}.")
+        return job
 
     async def snapshot(self, job_id: int) -> JobView:
         """The job as shown while it runs: the row as last read plus live progress."""
         return await self._live.snapshot(job_id)
 
-    async def history(self, *, user_id: int | None = None, limit: int = 10) -> list[JobView]:
-        rows = await self._store.recent(user_id=user_id, limit=limit)
+    async def history(
+        self, viewer: Viewer, *, user_id: int | None = None, limit: int = 10
+    ) -> list[JobView]:
+        """The newest jobs ``viewer`` may see (see Viewer), optionally of one member."""
+        rows = await self._store.recent(
+            user_id=user_id,
+            limit=limit,
+            guild_id=viewer.guild_id,
+            viewer_id=viewer.user_id,
+            channel_ids=viewer.channel_ids,
+        )
         return [self._live.view(r, None) for r in rows]
 
     def request_from(self, job: JobView, actor: Actor, **changes: Any) -> GenerationRequest:

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import case, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -133,8 +133,32 @@ class GenerationStore:
                 ).all()
             )
 
-    async def recent(self, *, user_id: int | None, limit: int) -> list[ComfyGeneration]:
+    async def recent(
+        self,
+        *,
+        user_id: int | None,
+        limit: int,
+        guild_id: int | None,
+        viewer_id: int | None,
+        channel_ids: Collection[int] | None,
+    ) -> list[ComfyGeneration]:
+        """The newest jobs a viewer may see (see types.Viewer): of ``guild_id`` only (or,
+        outside a guild, the viewer's own), in ``channel_ids`` or the viewer's own unless
+        ``channel_ids`` is None (an admin: the whole guild); of ``user_id`` if given."""
         stmt = select(ComfyGeneration).order_by(ComfyGeneration.id.desc()).limit(limit)
+        if guild_id is None:
+            stmt = stmt.where(ComfyGeneration.guild_id.is_(None)).where(
+                ComfyGeneration.user_id == viewer_id
+            )
+        else:
+            stmt = stmt.where(ComfyGeneration.guild_id == guild_id)
+            if channel_ids is not None:
+                stmt = stmt.where(
+                    or_(
+                        ComfyGeneration.channel_id.in_(sorted(channel_ids)),
+                        ComfyGeneration.user_id == viewer_id,
+                    )
+                )
         if user_id is not None:
             stmt = stmt.where(ComfyGeneration.user_id == user_id)
         async with self._sessions() as session:

@@ -14,7 +14,7 @@ from typing import Any
 
 from core.audit import Actor
 from core.db.models import GenerationStatus
-from core.errors import ComfyVastError
+from core.errors import ComfyVastError, ValidationFailed
 from core.images import ImageFile
 
 
@@ -104,6 +104,35 @@ class JobView:
         return seed if isinstance(seed, int) else None
 
 
+# Job ids are a 32-bit Integer column: a larger number is no job (and PostgreSQL would
+# refuse it in a lookup rather than find nothing).
+MAX_JOB_ID = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who asks to see jobs (/history, /progress), and what they may see.
+
+    Prompts are the members' own words: a job is shown only inside the guild it ran in,
+    and there only to members who can see its channel (the Discord side passes the
+    channels the member can view), to its author, and to admins (``channel_ids`` None:
+    the whole guild). Outside a guild (a DM) a member sees only their own DM jobs.
+    """
+
+    user_id: int | None
+    guild_id: int | None
+    channel_ids: frozenset[int] | None = frozenset()
+
+    def can_see(self, job: JobView) -> bool:
+        if job.guild_id != self.guild_id:
+            return False
+        if self.guild_id is None:
+            return job.user_id == self.user_id
+        if self.channel_ids is None or job.user_id == self.user_id:
+            return True
+        return job.channel_id in self.channel_ids
+
+
 class JobObserver:
     """How the Discord side watches jobs; this base ignores everything (the default).
 
@@ -168,10 +197,20 @@ def request_from(job: JobView, actor: Actor, **changes: Any) -> GenerationReques
         parent_id=job.id,
     )
     input_path = p.get("input_path")
-    if input_path and Path(input_path).exists():
+    if input_path:
+        # Input images are deleted when their job ends (they can be 20 MB each), so a
+        # finished img2img job cannot be run again from its image: say so rather than
+        # quietly drawing from the prompt alone.
+        try:
+            data = Path(input_path).read_bytes()
+        except OSError:
+            raise ValidationFailed(
+                "This job started from an image, which is not kept after a job ends; "
+                "run /generate with the image again."
+            ) from None
         req = replace(
             req,
-            image=InputImage(Path(input_path).name, Path(input_path).read_bytes()),
+            image=InputImage(Path(input_path).name, data),
             denoise=p.get("denoise", 0.75),
         )
     return replace(req, **changes)

@@ -36,7 +36,7 @@ from core.model_files.names import (
 )
 from core.model_files.service import ModelService
 from core.model_files.shell import parse_df_available
-from core.model_files.sources import redact_url, validate_url
+from core.model_files.sources import validate_url
 from core.model_files.types import (
     DEFAULT_INSTALL_DIR,
     MODEL_EXTENSIONS,
@@ -51,6 +51,7 @@ from core.model_files.types import (
     SourceError,
     format_size,
 )
+from core.redact import redact_url
 
 __all__ = [
     "DEFAULT_INSTALL_DIR",

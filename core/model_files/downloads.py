@@ -25,10 +25,10 @@ from core.errors import GENERIC_FAILURE, ComfyVastError, ResourceBusy
 from core.model_files.curl import CurlProgress
 from core.model_files.planning import DEFAULT_RESERVE_BYTES, Plan, Planner
 from core.model_files.shell import ServerShell
-from core.model_files.sources import redact_url
 from core.model_files.store import DownloadStore
 from core.model_files.transfer import Transfer
 from core.model_files.types import DownloadObserver, DownloadRequest, DownloadView
+from core.redact import redact_url
 from core.servers import ServerRegistry
 from core.tasks import TaskRegistry
 

@@ -7,7 +7,7 @@ import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -16,6 +16,7 @@ from core.errors import ValidationFailed
 from core.model_files.curl import curl_config
 from core.model_files.shell import MARK, last_line, marker_int
 from core.model_files.types import DownloadFailed, SourceError
+from core.redact import redact_url  # noqa: F401 - the one redaction, re-exported
 from core.servers import ServerView
 from core.ssh import SSHPool, SSHTarget
 
@@ -25,8 +26,6 @@ CIVITAI_HOSTS = ("civitai.com",)
 
 MAX_URL_LENGTH = 2048
 PROBE_TIMEOUT = 30
-
-_SECRET_QUERY_KEY = re.compile(r"token|key|sig|auth|pass|secret|credential", re.IGNORECASE)
 
 
 def validate_url(url: str, http_allowlist: Iterable[str] = ()) -> str:
@@ -59,18 +58,6 @@ def validate_url(url: str, http_allowlist: Iterable[str] = ()) -> str:
             "tokens in the configuration instead."
         )
     return url
-
-
-def redact_url(url: str) -> str:
-    """The URL for logs, Discord and the database: token-like query values replaced."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    query = [
-        (k, "REDACTED" if _SECRET_QUERY_KEY.search(k) else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="/:")))
 
 
 def curl_protocols(url: str) -> str:

@@ -11,8 +11,8 @@ from core.db.engine import SessionFactory
 from core.db.models import ModelDownload, utcnow
 from core.errors import NotFound
 from core.model_files.planning import Plan
-from core.model_files.sources import redact_url
 from core.model_files.types import DownloadView
+from core.redact import redact_url
 from core.servers import ServerRegistry
 
 # Statuses of a download that has not ended.

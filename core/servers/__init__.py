@@ -12,23 +12,25 @@ The registry's names are re-exported here; import the service from ``core.server
 
 from core.servers.registry import ServerRegistry, ServerView
 from core.servers.validation import (
-    HOST_RE,
     NAME_RE,
     USER_RE,
     default_name,
+    parse_server_ref,
     validate_comfy_url,
+    validate_host,
     validate_name,
     validate_ssh_target,
 )
 
 __all__ = [
-    "HOST_RE",
     "NAME_RE",
     "USER_RE",
     "ServerRegistry",
     "ServerView",
     "default_name",
+    "parse_server_ref",
     "validate_comfy_url",
+    "validate_host",
     "validate_name",
     "validate_ssh_target",
 ]

@@ -8,9 +8,12 @@ connection after; a host that refuses the bot's key gets the line to add to
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from core.audit import Actor
 from core.comfy.client import ComfyClient, SystemStats
@@ -18,7 +21,13 @@ from core.comfy.errors import ComfyError
 from core.errors import ValidationFailed
 from core.remote import Remote
 from core.servers.registry import ServerRegistry, ServerView
-from core.servers.validation import validate_comfy_url, validate_name, validate_ssh_target
+from core.servers.validation import (
+    REFUSED_ADDRESS,
+    refused_address,
+    validate_comfy_url,
+    validate_name,
+    validate_ssh_target,
+)
 from core.ssh import SSHAuthError, SSHTarget, host_key_fingerprint
 
 
@@ -47,6 +56,8 @@ async def add_direct_host(
 ) -> AddedURL:
     """Check that ComfyUI answers at ``url``, then register it."""
     url = validate_comfy_url(url)
+    name = validate_name(name)
+    await check_addresses(url)
     client = client_for(url)
     started = time.monotonic()
     try:
@@ -55,6 +66,31 @@ async def add_direct_host(
         raise ValidationFailed(f"ComfyUI did not answer at {url}: {exc}") from None
     server = await registry.add_direct(actor, name, url)
     return AddedURL(server, stats, (time.monotonic() - started) * 1000)
+
+
+# A name that takes longer than this to resolve is refused (getaddrinfo has no timeout).
+RESOLVE_TIMEOUT = 15.0
+
+
+async def check_addresses(url: str) -> None:
+    """Refuse ``url`` when its host resolves to any link-local or metadata address.
+
+    Every address counts, not just the first: the connection may use any of them. This
+    is checked when the server is added; a name that is later made to resolve elsewhere
+    (DNS rebinding) is not caught, so admins should register addresses they control.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+            RESOLVE_TIMEOUT,
+        )
+    except (OSError, UnicodeError, TimeoutError):
+        raise ValidationFailed(f"The host {host} could not be resolved.") from None
+    if not infos or any(refused_address(str(info[4][0])) for info in infos):
+        raise ValidationFailed(REFUSED_ADDRESS)
 
 
 async def add_ssh_host(

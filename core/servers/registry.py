@@ -17,7 +17,14 @@ from core.db.engine import SessionFactory
 from core.db.models import ComfyGeneration, Provider, Server, ServerStatus, utcnow
 from core.errors import NotFound, ValidationFailed
 from core.overview import ACTIVE_JOB_STATES
-from core.servers.validation import validate_comfy_url, validate_name, validate_ssh_target
+from core.servers.validation import (
+    MAX_SERVER_ID,
+    parse_server_ref,
+    shown_ref,
+    validate_comfy_url,
+    validate_name,
+    validate_ssh_target,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +97,16 @@ class ServerRegistry:
             return ServerView.of(row)
 
     async def _find(self, session, name_or_id: str | int) -> Server:  # type: ignore[no-untyped-def]
-        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-            row = await session.get(Server, int(name_or_id))
+        server_id, name = parse_server_ref(name_or_id)
+        if server_id is not None:
+            row = await session.get(Server, server_id)
             if row is not None:
                 return row
-        row = (
-            await session.scalars(select(Server).where(Server.name == str(name_or_id).lower()))
-        ).first()
+        row = None
+        if name is not None:
+            row = (await session.scalars(select(Server).where(Server.name == name))).first()
         if row is None:
-            raise NotFound(f"There is no server named '{name_or_id}'.")
+            raise NotFound(f"There is no server named '{shown_ref(name_or_id)}'.")
         return row
 
     async def list(self, *, include_destroyed: bool = False) -> list[ServerView]:
@@ -190,6 +198,8 @@ class ServerRegistry:
 
     async def touch(self, server_id: int, *, channel_id: int | None = None) -> None:
         """Record activity (a generation, setup, download) so idle autostop waits."""
+        if not 1 <= server_id <= MAX_SERVER_ID:  # e.g. a forged Keep-alive button id
+            return
         async with self._sessions.begin() as session:
             row = await session.get(Server, server_id)
             if row is not None:

@@ -138,6 +138,9 @@ class Channel:
     position: int = 0
     topic: str | None = None
     recipient_id: int | None = None  # DM channels
+    # Permission overwrites as Discord sends them: {"id", "type": 0 role / 1 member,
+    # "allow", "deny"} (https://discord.com/developers/docs/resources/channel#overwrite-object).
+    overwrites: list[dict[str, Any]] = field(default_factory=list)
 
     def payload(self, fake: FakeDiscord | None = None) -> dict[str, Any]:
         if self.type == 1:
@@ -153,7 +156,7 @@ class Channel:
             "name": self.name,
             "position": self.position,
             "parent_id": None,
-            "permission_overwrites": [],
+            "permission_overwrites": [dict(o) for o in self.overwrites],
             "nsfw": False,
             "topic": self.topic,
             "rate_limit_per_user": 0,

@@ -31,6 +31,7 @@ from .models import (
     FLAG_SUPPRESS_EMBEDS,
     FLAG_SUPPRESS_NOTIFICATIONS,
     TIER_FILESIZE,
+    VIEW_CHANNEL,
     Attachment,
     Channel,
     Guild,
@@ -205,10 +206,17 @@ class FakeDiscord:
         guild.channel_ids.append(channel_id)
         return guild
 
-    def add_channel(self, guild_id: int, name: str) -> int:
+    def add_channel(self, guild_id: int, name: str, *,
+                    overwrites: list[dict[str, Any]] | None = None) -> int:
+        """A text channel; ``overwrites`` as Discord's overwrite objects (ids as ints or
+        strings, allow/deny as ints), e.g. deny VIEW_CHANNEL to @everyone (id = guild id)."""
         guild = self.guilds[guild_id]
         cid = self.snowflake()
-        self.channels[cid] = Channel(cid, guild_id, name, 0, len(guild.channel_ids))
+        normal = [{"id": str(o["id"]), "type": int(o.get("type", 0)),
+                   "allow": str(o.get("allow", 0)), "deny": str(o.get("deny", 0))}
+                  for o in overwrites or []]
+        self.channels[cid] = Channel(cid, guild_id, name, 0, len(guild.channel_ids),
+                                     overwrites=normal)
         guild.channel_ids.append(cid)
         return cid
 
@@ -243,6 +251,33 @@ class FakeDiscord:
                 perms |= role.permissions
         if perms & ADMINISTRATOR:
             return ALL_PERMISSIONS
+        return perms
+
+    def channel_permissions(self, user: User, channel_id: int) -> int:
+        """The member's permissions in a channel: base, then the @everyone overwrite, the
+        role overwrites together, the member's own overwrite; ADMINISTRATOR and the owner
+        bypass them (Discord's "Permission Overwrites" algorithm,
+        https://discord.com/developers/docs/topics/permissions#permission-overwrites)."""
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.guild_id is None:
+            return self.member_permissions(user)
+        perms = self.member_permissions(user, channel.guild_id)
+        if perms == ALL_PERMISSIONS:
+            return perms
+        by_id = {(int(o["id"]), int(o["type"])): o for o in channel.overwrites}
+        everyone = by_id.get((channel.guild_id, 0))
+        if everyone is not None:
+            perms = (perms & ~int(everyone["deny"])) | int(everyone["allow"])
+        allow = deny = 0
+        for rid in user.roles:
+            role = by_id.get((rid, 0))
+            if role is not None:
+                allow |= int(role["allow"])
+                deny |= int(role["deny"])
+        perms = (perms & ~deny) | allow
+        own = by_id.get((user.id, 1))
+        if own is not None:
+            perms = (perms & ~int(own["deny"])) | int(own["allow"])
         return perms
 
     def filesize_limit(self, guild_id: int | None) -> int:
@@ -1274,7 +1309,10 @@ class FakeDiscord:
                           message_id=message.id if message else None, parent=parent,
                           _fake=self)
         channel = self.channels[channel_id]
-        perms = self.member_permissions(user, guild_id)
+        # The member's permissions in this channel, overwrites applied (interaction
+        # "member.permissions": "including overwrites", Discord's interaction docs).
+        perms = (self.channel_permissions(user, channel_id) if guild_id is not None
+                 else self.member_permissions(user, guild_id))
         channel_payload = {**channel.payload(self), "permissions": str(perms)}
         payload: dict[str, Any] = {
             "id": str(iid), "application_id": str(self.application_id), "type": itype,
@@ -1287,7 +1325,7 @@ class FakeDiscord:
             payload.update({
                 "guild_id": str(guild_id), "guild_locale": "en-US",
                 "guild": {"id": str(guild_id), "locale": "en-US", "features": []},
-                "member": self.member_payload(user, guild_id),
+                "member": {**self.member_payload(user, guild_id), "permissions": str(perms)},
                 "authorizing_integration_owners": {"0": str(guild_id)}, "context": 0,
             })
         else:
@@ -1458,6 +1496,10 @@ class FakeDiscord:
         self._require_connected()
         user = self._user(user)
         gid, cid = self._defaults(user, guild_id, channel_id)
+        # Discord's client shows a member no channel without VIEW_CHANNEL, so no command
+        # can come from one (https://discord.com/developers/docs/topics/permissions).
+        assert gid is None or self.channel_permissions(user, cid) & VIEW_CHANNEL, (
+            f"{user.username} cannot see channel {cid}, so cannot run /{name} there")
         data = self._build_command_data(name, options, user=user, guild_id=gid, channel_id=cid,
                                         subcommand=subcommand, group=group,
                                         attachments=attachments, force=force)
