@@ -25,7 +25,8 @@ from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
 from core.servers import default_name, validate_name
-from core.servers.service import RentPlan
+from core.servers.boot import StillStarting
+from core.servers.service import MessageRef, RentPlan
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +239,11 @@ class Servers(
             content = "\n".join(lines[-12:])
             self.bot.relay.update(status.channel.id, status.id, lambda: _content(content))
 
+        # Kept with the row: after a restart the bot finishes the rent and edits this message.
+        ref = MessageRef(status.channel.id, status.id, status.content)
         try:
             server = await self.bot.services.server_ops.rent(
-                actor, plan, name, image=image, disk_gb=disk, progress=progress
+                actor, plan, name, image=image, disk_gb=disk, progress=progress, message=ref
             )
             lines.append(
                 f"✅ **{server.name}** is running ({server.gpu}, "
@@ -273,13 +276,21 @@ class Servers(
         await interaction.followup.send(f"Starting: {status.jump_url}", ephemeral=True)
         actor = actor_of(interaction)
 
+        ref = MessageRef(status.channel.id, status.id, status.content)
+
         async def run() -> None:
             try:
-                done = await self.bot.services.server_ops.start(actor, view.name)
+                done = await self.bot.services.server_ops.start(actor, view.name, message=ref)
                 text = f"✅ **{done.name}** is running."
+            except StillStarting as exc:  # kept, not destroyed; the message follows it
+                text = f"⏳ **{view.name}**: {exc}"
             except ComfyVastError as exc:
                 text = f"❌ Starting **{view.name}** failed: {exc}"
-            await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(text))
+            except Exception:
+                log.exception("starting %s failed", view.name)
+                text = f"❌ {GENERIC_FAILURE}"
+            final = f"{status.content}\n{text}"
+            await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
 
         self.bot.spawn(run(), name=f"start-{view.name}")
 
@@ -288,7 +299,9 @@ class Servers(
     @app_commands.autocomplete(server=server_autocomplete)
     async def stop(self, interaction: discord.Interaction, server: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        view = await self.bot.services.server_ops.stop(actor_of(interaction), server)
+        # A restart mid-stop finishes it and posts the outcome in this channel.
+        ref = MessageRef(interaction.channel_id) if interaction.channel_id else None
+        view = await self.bot.services.server_ops.stop(actor_of(interaction), server, message=ref)
         await interaction.followup.send(
             f"Stopped **{view.name}**. A stopped Vast.ai instance still bills its disk; "
             "/server destroy ends that.",
@@ -311,7 +324,10 @@ class Servers(
         ):
             await interaction.followup.send("Nothing was destroyed.", ephemeral=True)
             return
-        done = await self.bot.services.server_ops.destroy(actor_of(interaction), view.name)
+        ref = MessageRef(interaction.channel_id) if interaction.channel_id else None
+        done = await self.bot.services.server_ops.destroy(
+            actor_of(interaction), view.name, message=ref
+        )
         await interaction.followup.send(
             f"Destroyed **{view.name}** (kept in the records as {done.name}).", ephemeral=True
         )

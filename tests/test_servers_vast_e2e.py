@@ -48,13 +48,25 @@ async def vast() -> AsyncIterator[FakeVast]:
     await fake.stop()
 
 
-async def vast_env(fake_discord: Any, tmp_path: Path, vast: FakeVast, **sections: Any) -> BotEnv:
+async def vast_env(
+    fake_discord: Any,
+    tmp_path: Path,
+    vast: FakeVast,
+    *,
+    vast_settings: dict[str, Any] | None = None,
+    **sections: Any,
+) -> BotEnv:
     env = await start_bot(
         fake_discord,
         bot_settings(
             tmp_path,
             fake_discord,
-            vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 1},
+            vast={
+                "api_key": vast.api_key,
+                "base_url": vast.base_url,
+                "request_timeout": 1,
+                **(vast_settings or {}),
+            },
             **sections,
         ),
     )
@@ -381,3 +393,100 @@ async def test_lifetime_cap_stops_the_server(
         assert await _status(env, "capped", "stopped")
     finally:
         await env.stop()
+
+
+def message_with(env: BotEnv, *needles: str) -> Any:
+    """The bot's channel message containing every one of ``needles`` (None while none)."""
+    for message in env.fake.channel_messages(env.channel_id, include_ephemeral=False):
+        if all(n in (message.content or "") for n in needles):
+            return message
+    return None
+
+
+async def test_start_stuck_in_scheduling_keeps_the_instance(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """Issue 11: a start waiting for its GPU stops waiting and says so; nothing is destroyed,
+    and the message follows the instance when Vast.ai finally starts it."""
+    env = await vast_env(fake_discord, tmp_path, vast, vast_settings={"start_timeout": 0.5})
+    try:
+        await rent(env, {"gpu": "RTX 3090", "name": "sched"})
+        await eventually(lambda: _status(env, "sched", "running"), timeout=15)
+        instance_id = int((await env.services.servers.get("sched")).provider_id)
+        await env.slash("server", {"server": "sched"}, user=env.fake.admin, subcommand="stop")
+        await eventually(lambda: _status(env, "sched", "stopped"))
+
+        vast.hold_gpu(instance_id)  # someone else rents the GPU meanwhile
+        start = await env.slash(
+            "server", {"server": "sched"}, user=env.fake.admin, subcommand="start"
+        )
+        await press(env, start, "Start it")
+        message = await env.fake.wait_for(
+            lambda: message_with(env, "Starting **sched**", "waiting for the GPU to be free"),
+            timeout=15,
+        )
+        assert "kept with its disk" in message.content
+        assert instance_id in vast.instances and instance_id not in vast.destroyed
+        assert not vast.calls(f"DELETE /api/v0/instances/{instance_id}/")
+        assert vast.instances[instance_id].actual_status == "scheduling"
+        view = await env.services.servers.get("sched")
+        assert view.status == "starting" and "GPU to be free" in (view.status_message or "")
+
+        vast.release_gpu(instance_id)
+        await env.services.server_ops.sync()
+        await eventually(lambda: _status(env, "sched", "running"), timeout=15)
+        await env.fake.wait_for(
+            lambda: message_with(env, "Starting **sched**", "✅ **sched** is running"),
+            timeout=15,
+        )
+        assert len(vast.instances) == 1 and not vast.destroyed
+    finally:
+        await env.stop()
+
+
+@pytest.mark.parametrize("daemon_error", [True, False])
+async def test_missing_image_tag_is_destroyed_with_the_reason(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast, daemon_error: bool
+) -> None:
+    """Issue 11: a first boot that cannot pull its image (an error in status_msg, or
+    loading past vast.image_pull_timeout) is destroyed, and the admin reads why."""
+    image = "vastai/comfy:no-such-tag"
+    vast.remove_image(image)
+    if not daemon_error:
+        vast.missing_image_message = None  # only "pulling" forever: the timeout decides
+    env = await vast_env(
+        fake_discord, tmp_path, vast, vast_settings={"image_pull_timeout": 0.5}
+    )
+    try:
+        await rent(env, {"gpu": "RTX 3090", "name": "notag", "image": image})
+        needle = "could not pull" if daemon_error else "did not load within"
+        message = await env.fake.wait_for(
+            lambda: message_with(env, "Renting **notag**", needle), timeout=15
+        )
+        assert image in message.content and "destroyed so it does not bill" in message.content
+        assert "check the image name and tag" in message.content
+        if daemon_error:
+            assert "manifest unknown" in message.content
+        (instance_id,) = vast.destroyed
+        assert vast.destroyed[instance_id].image == image and vast.instances == {}
+        view = await env.services.servers.get("notag")
+        assert view.status == "error" and image in (view.status_message or "")
+    finally:
+        await env.stop()
+
+
+async def test_a_server_that_ran_is_never_destroyed_by_a_failed_start(
+    venv: BotEnv, vast: FakeVast
+) -> None:
+    """A restart that fails (the container exits) is reported; the disk is kept."""
+    await rent(venv, {"gpu": "RTX 3090", "name": "kept"})
+    await eventually(lambda: _status(venv, "kept", "running"), timeout=15)
+    instance_id = int((await venv.services.servers.get("kept")).provider_id)
+    ops = venv.services.server_ops
+    await ops.stop(ADMIN_ACTOR, "kept")
+    await ops.start(ADMIN_ACTOR, "kept")  # comes back
+    await ops.stop(ADMIN_ACTOR, "kept")
+    vast.instances[instance_id].boot_failure = "exited"
+    with pytest.raises(Exception, match="kept with its disk"):
+        await ops.start(ADMIN_ACTOR, "kept")
+    assert instance_id in vast.instances and not vast.destroyed
