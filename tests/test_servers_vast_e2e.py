@@ -490,3 +490,39 @@ async def test_a_server_that_ran_is_never_destroyed_by_a_failed_start(
     with pytest.raises(Exception, match="kept with its disk"):
         await ops.start(ADMIN_ACTOR, "kept")
     assert instance_id in vast.instances and not vast.destroyed
+
+
+async def test_a_create_that_never_reached_vast_is_marked_failed(
+    venv: BotEnv, vast: FakeVast
+) -> None:
+    """A row left ``creating`` by a dead process whose label Vast.ai does not know, once
+    the create can no longer land, is marked failed and its message says why; a late
+    instance carrying that given-up label is destroyed (it would bill unknown)."""
+    from core.db.models import Server
+    from core.servers.pending import MessageRef
+
+    ops = venv.services.server_ops
+    status = await venv.bot.get_partial_messageable(venv.channel_id).send("⏳ Renting **lost**…")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    async with venv.services.sessions.begin() as session:
+        row = Server(provider="vast", name="lost", request_label="comfyvast:lost:0badc0de",
+                     status="creating", created_at=long_ago)
+        session.add(row)
+        await session.flush()
+        await ops._ctx.pending.add(
+            session, row.id, "create", MessageRef(venv.channel_id, status.id, status.content)
+        )
+    await ops.sync()
+    view = await venv.services.servers.get("lost")
+    assert view.status == "error" and "nothing was rented" in (view.status_message or "")
+    await venv.fake.wait_for(lambda: message_with(venv, "Renting **lost**", "❌", "nothing was"))
+
+    # The create landed after all (say, Vast was slow): the instance is nobody's, destroy it.
+    offer = vast.offers[201]
+    late = vast._new_instance(offer, {"label": "comfyvast:lost:0badc0de", "image": "x"}, 20.0,
+                              {}, "ssh", [], bid=None)
+    stranger = vast._new_instance(vast.offers[102], {"label": "comfyvast:other:1", "image": "x"},
+                                  20.0, {}, "ssh", [], bid=None)
+    await ops.sync()
+    assert late.id in vast.destroyed
+    assert stranger.id in vast.instances  # not a label this bot handed out: left alone
