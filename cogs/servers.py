@@ -21,6 +21,7 @@ from bot.server_render import (
     servers_embed,
     status_embed,
 )
+from core.audit import Actor
 from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
@@ -221,41 +222,9 @@ class Servers(
         )
         await interaction.followup.send(f"Renting: {status.jump_url}", ephemeral=True)
         actor = actor_of(interaction)
-        self.bot.spawn(self._rent(actor, plan, name, disk, image, status), name=f"rent-{name}")
-
-    async def _rent(
-        self,
-        actor,
-        plan: RentPlan,
-        name: str,
-        disk: int | None,  # type: ignore[no-untyped-def]
-        image: str | None,
-        status: discord.Message,
-    ) -> None:
-        lines: list[str] = [status.content]
-
-        async def progress(text: str) -> None:
-            lines.append(f"• {text}")
-            content = "\n".join(lines[-12:])
-            self.bot.relay.update(status.channel.id, status.id, lambda: _content(content))
-
-        # Kept with the row: after a restart the bot finishes the rent and edits this message.
-        ref = MessageRef(status.channel.id, status.id, status.content)
-        try:
-            server = await self.bot.services.server_ops.rent(
-                actor, plan, name, image=image, disk_gb=disk, progress=progress, message=ref
-            )
-            lines.append(
-                f"✅ **{server.name}** is running ({server.gpu}, "
-                f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run."
-            )
-        except ComfyVastError as exc:
-            lines.append(f"❌ {exc}")
-        except Exception:
-            log.exception("renting %s failed", name)
-            lines.append(f"❌ {GENERIC_FAILURE}")
-        final = "\n".join(lines[-12:])
-        await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
+        self.bot.spawn(
+            run_rent(self.bot, actor, plan, name, disk, image, status), name=f"rent-{name}"
+        )
 
     @app_commands.command(name="start", description="Start a stopped Vast.ai server.")
     @app_commands.describe(server="The server.")
@@ -276,23 +245,7 @@ class Servers(
         await interaction.followup.send(f"Starting: {status.jump_url}", ephemeral=True)
         actor = actor_of(interaction)
 
-        ref = MessageRef(status.channel.id, status.id, status.content)
-
-        async def run() -> None:
-            try:
-                done = await self.bot.services.server_ops.start(actor, view.name, message=ref)
-                text = f"✅ **{done.name}** is running."
-            except StillStarting as exc:  # kept, not destroyed; the message follows it
-                text = f"⏳ **{view.name}**: {exc}"
-            except ComfyVastError as exc:
-                text = f"❌ Starting **{view.name}** failed: {exc}"
-            except Exception:
-                log.exception("starting %s failed", view.name)
-                text = f"❌ {GENERIC_FAILURE}"
-            final = f"{status.content}\n{text}"
-            await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
-
-        self.bot.spawn(run(), name=f"start-{view.name}")
+        self.bot.spawn(run_start(self.bot, actor, view.name, status), name=f"start-{view.name}")
 
     @app_commands.command(name="stop", description="Stop a Vast.ai server (its disk still bills).")
     @app_commands.describe(server="The server.")
@@ -388,6 +341,59 @@ class Servers(
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
             embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)
+
+
+async def run_rent(
+    bot: BotContext,
+    actor: Actor,
+    plan: RentPlan,
+    name: str,
+    disk: int | None,
+    image: str | None,
+    status: discord.Message,
+) -> None:
+    """Rent in the background, with the progress in the bot-owned ``status`` message."""
+    lines: list[str] = [status.content]
+
+    async def progress(text: str) -> None:
+        lines.append(f"• {text}")
+        content = "\n".join(lines[-12:])
+        bot.relay.update(status.channel.id, status.id, lambda: _content(content))
+
+    # Kept with the row: after a restart the bot finishes the rent and edits this message.
+    ref = MessageRef(status.channel.id, status.id, status.content)
+    try:
+        server = await bot.services.server_ops.rent(
+            actor, plan, name, image=image, disk_gb=disk, progress=progress, message=ref
+        )
+        lines.append(
+            f"✅ **{server.name}** is running ({server.gpu}, "
+            f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run."
+        )
+    except ComfyVastError as exc:
+        lines.append(f"❌ {exc}")
+    except Exception:
+        log.exception("renting %s failed", name)
+        lines.append(f"❌ {GENERIC_FAILURE}")
+    final = "\n".join(lines[-12:])
+    await bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
+
+
+async def run_start(bot: BotContext, actor: Actor, name: str, status: discord.Message) -> None:
+    """Start in the background; a start still waiting for its GPU is kept and followed."""
+    ref = MessageRef(status.channel.id, status.id, status.content)
+    try:
+        done = await bot.services.server_ops.start(actor, name, message=ref)
+        text = f"✅ **{done.name}** is running."
+    except StillStarting as exc:  # kept, not destroyed; this message is edited when it runs
+        text = f"⏳ **{name}**: {exc}"
+    except ComfyVastError as exc:
+        text = f"❌ Starting **{name}** failed: {exc}"
+    except Exception:
+        log.exception("starting %s failed", name)
+        text = f"❌ {GENERIC_FAILURE}"
+    final = f"{status.content}\n{text}"
+    await bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
 
 
 async def _content(text: str) -> dict[str, object]:
