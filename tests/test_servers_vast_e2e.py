@@ -526,3 +526,14 @@ async def test_a_create_that_never_reached_vast_is_marked_failed(
     await ops.sync()
     assert late.id in vast.destroyed
     assert stranger.id in vast.instances  # not a label this bot handed out: left alone
+
+    # A second instance under the label of a settled rental (a double create) goes too;
+    # the rental's own instance stays.
+    await ops.rent(ADMIN_ACTOR, await ops.plan(OfferQuery(gpu_name="RTX 4090")), "real")
+    real = await venv.services.servers.get("real")
+    async with venv.services.sessions() as session:
+        real_label = (await session.get(Server, real.id)).request_label
+    double = vast._new_instance(vast.offers[103], {"label": real_label, "image": "x"},
+                                20.0, {}, "ssh", [], bid=None)
+    await ops.sync()
+    assert double.id in vast.destroyed and int(real.provider_id) in vast.instances

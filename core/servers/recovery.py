@@ -13,8 +13,8 @@ settled against Vast.ai's instance list:
   asked again; otherwise (scheduling, loading) left to come up. Never destroyed.
 * ``stopping`` / ``destroying``: the call is repeated (both are idempotent).
 
-An instance carrying a label the bot handed out for a request that was already given up
-(row failed or destroyed) is destroyed: nobody knows it, yet it bills.
+An instance carrying a label the bot handed out for a request that is settled (failed,
+destroyed, or matched to another instance) is destroyed: nobody knows it, yet it bills.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ IN_FLIGHT = (
     ServerStatus.STOPPING.value,
     ServerStatus.DESTROYING.value,
 )
-GIVEN_UP = (ServerStatus.ERROR.value, ServerStatus.DESTROYED.value)
 
 
 class Recovery:
@@ -77,8 +76,12 @@ class Recovery:
             ]
         known_ids = {int(p) for _, _, p, _, _, _ in snapshot if p}
         by_label = {i.label: i for i in instances.values() if i.label}
-        labels_given_up = {
-            label for _, status, _, label, _, _ in snapshot if label and status in GIVEN_UP
+        # Labels of requests that are settled (anything but a create still in flight): an
+        # instance carrying one that is not the row's own instance is a stray.
+        labels_settled = {
+            label
+            for _, status, _, label, _, _ in snapshot
+            if label and status != ServerStatus.CREATING.value
         }
         for server_id, status, provider_id, label, created_at, name in snapshot:
             if status not in IN_FLIGHT:
@@ -110,10 +113,11 @@ class Recovery:
             if (
                 instance.id not in known_ids
                 and label.startswith(f"{LABEL_PREFIX}:")
-                and label in labels_given_up
+                and label in labels_settled
             ):
                 log.warning(
-                    "instance %s carries label %r of a rental that was given up; destroying it",
+                    "instance %s carries label %r of a settled rental but is not its "
+                    "instance; destroying it so it does not bill unknown",
                     instance.id, label,
                 )
                 await ctx.destroy_instance(instance.id)
