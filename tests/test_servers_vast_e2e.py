@@ -537,3 +537,27 @@ async def test_a_create_that_never_reached_vast_is_marked_failed(
                                 20.0, {}, "ssh", [], bid=None)
     await ops.sync()
     assert double.id in vast.destroyed and int(real.provider_id) in vast.instances
+
+
+async def test_pull_errors_never_destroy_a_server_that_ran_before(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """The missing-image rule is for first boots only: a restart that sits in loading with
+    a pull error is reported and kept, like any slow start."""
+    env = await vast_env(
+        fake_discord, tmp_path, vast,
+        vast_settings={"image_pull_timeout": 0.2, "start_timeout": 0.8},
+    )
+    try:
+        ops = env.services.server_ops
+        await ops.rent(ADMIN_ACTOR, await ops.plan(OfferQuery(gpu_name="RTX 3090")), "ran")
+        instance_id = int((await env.services.servers.get("ran")).provider_id)
+        await ops.stop(ADMIN_ACTOR, "ran")
+        vast.remove_image(vast.instances[instance_id].image)  # the tag is gone since
+        with pytest.raises(Exception, match="kept with its disk") as info:
+            await ops.start(ADMIN_ACTOR, "ran")
+        assert "loading" in str(info.value)
+        assert instance_id in vast.instances and not vast.destroyed
+        assert (await env.services.servers.get("ran")).status == "starting"
+    finally:
+        await env.stop()
