@@ -97,8 +97,9 @@ class ServerContext:
         # How long /server start waits; a slower start is kept, never destroyed.
         self.start_timeout = settings.vast.start_timeout
         self.pending = PendingOps(sessions)
-        # Servers with an operation running in this process; recovery leaves them alone.
-        self.busy: set[int] = set()
+        # Servers with operations running in this process (how many); recovery and the
+        # sync leave them alone.
+        self.busy: dict[int, int] = {}
         self.tasks = TaskRegistry("servers")
         self.events = ServerEvents()
         # Hook for the SSH layer: touch the heartbeat file on a running instance.
@@ -112,6 +113,16 @@ class ServerContext:
                 "Vast.ai is not configured: set [vast] api_key (or VAST_AI_API_KEY)."
             )
         return self.vast_client
+
+    def claim(self, server_id: int) -> None:
+        self.busy[server_id] = self.busy.get(server_id, 0) + 1
+
+    def release(self, server_id: int) -> None:
+        left = self.busy.get(server_id, 0) - 1
+        if left > 0:
+            self.busy[server_id] = left
+        else:
+            self.busy.pop(server_id, None)
 
     def lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())

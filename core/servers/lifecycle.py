@@ -56,6 +56,8 @@ class Lifecycle:
         server = await ctx.registry.get(name)
         require_powered(server, "start")
         async with ctx.lock(f"server:{server.id}"):
+            # A restart's background wait for this server gives way to the admin's command.
+            ctx.tasks.cancel(("boot", server.id))
             server = await ctx.registry.get(server.id)
             if server.status == ServerStatus.RUNNING.value:
                 raise ValidationFailed(f"Server '{server.name}' is already running.")
@@ -65,7 +67,7 @@ class Lifecycle:
             await self._states.set(server.id, status=ServerStatus.STARTING)
             await ctx.pending.begin(server.id, "start", message)
             instance_id = int(server.provider_id or 0)
-            ctx.busy.add(server.id)
+            ctx.claim(server.id)
             keep_pending = False
             try:
                 try:
@@ -85,7 +87,7 @@ class Lifecycle:
                 keep_pending = True  # the sync reports to the message when it runs
                 raise
             finally:
-                ctx.busy.discard(server.id)
+                ctx.release(server.id)
                 if not keep_pending:
                     await ctx.pending.take(server.id)
 
@@ -101,18 +103,20 @@ class Lifecycle:
         server = await ctx.registry.get(name)
         require_powered(server, "stop")
         async with ctx.lock(f"server:{server.id}"):
+            # A restart's background wait for this server gives way to the admin's command.
+            ctx.tasks.cancel(("boot", server.id))
             server = await ctx.registry.get(server.id)
             if server.status == ServerStatus.STOPPED.value:
                 raise ValidationFailed(f"Server '{server.name}' is already stopped.")
             await self._states.set(server.id, status=ServerStatus.STOPPING)
             await ctx.pending.begin(server.id, "stop", message)
             instance_id = int(server.provider_id or 0)
-            ctx.busy.add(server.id)
+            ctx.claim(server.id)
             try:
                 await ctx.retry("stop", lambda: ctx.vast.stop_instance(instance_id))
                 await self._states.set(server.id, status=ServerStatus.STOPPED, message=reason)
             finally:
-                ctx.busy.discard(server.id)
+                ctx.release(server.id)
                 await ctx.pending.take(server.id)
         await ctx.audit.record(
             actor,
@@ -135,17 +139,19 @@ class Lifecycle:
         ctx = self._ctx
         server = await ctx.registry.get(name)
         async with ctx.lock(f"server:{server.id}"):
+            # A restart's background wait for this server gives way to the admin's command.
+            ctx.tasks.cancel(("boot", server.id))
             server = await ctx.registry.get(server.id)
             if server.status == ServerStatus.DESTROYED.value:
                 raise ValidationFailed(f"Server '{server.name}' is already destroyed.")
             if provider_for(server).has_instance(server):
                 await self._states.set(server.id, status=ServerStatus.DESTROYING)
                 await ctx.pending.begin(server.id, "destroy", message)
-                ctx.busy.add(server.id)
+                ctx.claim(server.id)
                 try:
                     await ctx.destroy_instance(int(server.provider_id or 0))
                 finally:
-                    ctx.busy.discard(server.id)
+                    ctx.release(server.id)
                     await ctx.pending.take(server.id)
             await self._states.set(server.id, status=ServerStatus.DESTROYED, message=reason)
             # Free the name for reuse; the row keeps its history under a tombstone name.

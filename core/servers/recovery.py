@@ -176,7 +176,7 @@ class Recovery:
 
     async def _finish_boot(self, server_id: int, name: str, note: str) -> None:
         ctx = self._ctx
-        ctx.busy.add(server_id)
+        ctx.claim(server_id)
         try:
             view = await self._boot.wait_running(server_id, first_boot=True)
             text = (
@@ -186,7 +186,7 @@ class Recovery:
         except ComfyVastError as exc:
             text = f"• {note}\n❌ {exc}"
         finally:
-            ctx.busy.discard(server_id)
+            ctx.release(server_id)
         await self._report(server_id, text)
 
     async def _starting(self, server_id: int, name: str, instance: Instance | None) -> None:
@@ -208,7 +208,7 @@ class Recovery:
 
     async def _finish_start(self, server_id: int, name: str) -> None:
         ctx = self._ctx
-        ctx.busy.add(server_id)
+        ctx.claim(server_id)
         try:
             await self._boot.wait_running(server_id, first_boot=False)
             text = f"✅ **{name}** is running."
@@ -217,7 +217,7 @@ class Recovery:
         except ComfyVastError as exc:
             text = f"❌ Starting **{name}** failed: {exc}"
         finally:
-            ctx.busy.discard(server_id)
+            ctx.release(server_id)
         await self._report(server_id, text)
 
     async def _stopping(self, server_id: int, name: str, instance: Instance | None) -> None:

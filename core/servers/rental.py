@@ -122,11 +122,11 @@ class Rental:
             await session.flush()
             server_id = row.id
             await ctx.pending.add(session, server_id, "create", message)
-        ctx.busy.add(server_id)
+        ctx.claim(server_id)
         try:
             return await self._rent(actor, plan, name, server_id, label, image, disk_gb, progress)
         finally:
-            ctx.busy.discard(server_id)
+            ctx.release(server_id)
             await ctx.pending.take(server_id)
 
     async def _rent(
