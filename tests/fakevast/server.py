@@ -5,7 +5,10 @@ Routes, wrappers, field names, status codes and error bodies follow
 (``advance(seconds)`` or an injected callable), so a test can walk an instance through
 ``null -> loading -> running`` without waiting. Faults are switchable per test:
 ``fail_next``, ``fail_ratio``, ``delay``, ``throttle``, ``take_offer``, auth modes,
-credit, boot failures, interruptions.
+credit, boot failures, interruptions, ``remove_image`` (a tag that does not exist stays
+in loading), ``hold_gpu`` (a start waits in scheduling) and ``hold_after`` (act on a call,
+answer only when released: for tests that kill the client in between). Each behaviour's
+source is given beside it.
 
 Usage::
 
