@@ -433,8 +433,13 @@ async def test_start_stuck_in_scheduling_keeps_the_instance(
         assert view.status == "starting" and "GPU to be free" in (view.status_message or "")
 
         vast.release_gpu(instance_id)
-        await env.services.server_ops.sync()
-        await eventually(lambda: _status(env, "sched", "running"), timeout=15)
+
+        async def synced_running() -> bool:
+            # Each sync follows the start again (a loaded machine may need more than one).
+            await env.services.server_ops.sync()
+            return await _status(env, "sched", "running")
+
+        await eventually(synced_running, timeout=15, interval=0.2)
         await env.fake.wait_for(
             lambda: message_with(env, "Starting **sched**", "✅ **sched** is running"),
             timeout=15,
