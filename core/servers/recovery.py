@@ -24,6 +24,7 @@ import logging
 
 from sqlalchemy import select
 
+from core.audit import OUTCOME_ERROR, OUTCOME_OK, SYSTEM
 from core.db.models import Server, ServerStatus
 from core.errors import ComfyVastError
 from core.providers import kinds
@@ -150,6 +151,10 @@ class Recovery:
                 "so nothing was rented (and nothing bills). Rent again if you still need it."
             )
             await self._states.set(server_id, status=ServerStatus.ERROR, message=text)
+            await ctx.audit.record(
+                SYSTEM, "server create", outcome=OUTCOME_ERROR, resource=name,
+                details={"error": "not found at Vast.ai after a restart"},
+            )
             await self._report(server_id, f"❌ {text}")
             return
         log.info("adopting instance %s for server %s after a restart", found.id, name)
@@ -161,6 +166,10 @@ class Recovery:
             if found.dph_total:
                 row.price_per_hour = found.dph_total
             await self._billing.open_interval(session, row, "loading")
+        await ctx.audit.record(
+            SYSTEM, "server create", outcome=OUTCOME_OK, resource=name,
+            details={"instance": found.id, "adopted_after_restart": True},
+        )
         note = f"The bot restarted; found the rental at Vast.ai (instance {found.id})."
         self._resume_boot(server_id, name, note)
 
