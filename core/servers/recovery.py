@@ -121,7 +121,10 @@ class Recovery:
                     "instance; destroying it so it does not bill unknown",
                     instance.id, label,
                 )
-                await ctx.destroy_instance(instance.id)
+                try:
+                    await ctx.destroy_instance(instance.id)
+                except VastError as exc:  # the next sync tries again
+                    log.warning("destroying stray instance %s failed: %s", instance.id, exc)
 
     async def _still(self, server_id: int, status: str, provider_id: str | None) -> bool:
         """The row is as read and no task of this process works on it (checked late:
