@@ -382,8 +382,13 @@ async def run_rent(
 async def run_start(bot: BotContext, actor: Actor, name: str, status: discord.Message) -> None:
     """Start in the background; a start still waiting for its GPU is kept and followed."""
     ref = MessageRef(status.channel.id, status.id, status.content)
+
+    async def progress(text: str) -> None:  # e.g. "waiting for the GPU to be free"
+        content = f"{status.content}\n• {text}"
+        bot.relay.update(status.channel.id, status.id, lambda: _content(content))
+
     try:
-        done = await bot.services.server_ops.start(actor, name, message=ref)
+        done = await bot.services.server_ops.start(actor, name, progress=progress, message=ref)
         text = f"✅ **{done.name}** is running."
     except StillStarting as exc:  # kept, not destroyed; this message is edited when it runs
         text = f"⏳ **{name}**: {exc}"
