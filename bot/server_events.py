@@ -18,6 +18,7 @@ from bot.tree import send_ephemeral
 from core.errors import ComfyVastError
 from core.servers import ServerView
 from core.servers.context import ServerEvents
+from core.servers.pending import MessageRef
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +90,19 @@ class DiscordServerEvents(ServerEvents):
         except discord.HTTPException as exc:
             log.warning("could not post a server notice: %s", exc)
 
+
+    async def operation_done(self, message: MessageRef, text: str) -> None:
+        """Finish the progress message of an operation that outlived its task (a restart,
+        a start still waiting for its GPU); a channel notice when there was no message."""
+        if message.message_id is None:
+            await self.notice(message.channel_id, text)
+            return
+        content = f"{message.header}\n{text}" if message.header else text
+
+        async def payload() -> dict[str, object]:
+            return {"content": content[:2000]}
+
+        try:
+            await self.bot.relay.finish(message.channel_id, message.message_id, payload)
+        except discord.HTTPException as exc:
+            log.warning("could not update the server message: %s", exc)

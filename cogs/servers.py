@@ -22,11 +22,13 @@ from bot.server_render import (
     servers_embed,
     status_embed,
 )
+from core.audit import Actor
 from core.errors import GENERIC_FAILURE, ComfyVastError, ValidationFailed
 from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
 from core.servers import default_name, validate_name
-from core.servers.service import RentPlan
+from core.servers.boot import StillStarting
+from core.servers.service import MessageRef, RentPlan
 
 log = logging.getLogger(__name__)
 
@@ -221,39 +223,9 @@ class Servers(
         )
         await interaction.followup.send(f"Renting: {status.jump_url}", ephemeral=True)
         actor = actor_of(interaction)
-        self.bot.spawn(self._rent(actor, plan, name, disk, image, status), name=f"rent-{name}")
-
-    async def _rent(
-        self,
-        actor,
-        plan: RentPlan,
-        name: str,
-        disk: int | None,  # type: ignore[no-untyped-def]
-        image: str | None,
-        status: discord.Message,
-    ) -> None:
-        lines: list[str] = [status.content]
-
-        async def progress(text: str) -> None:
-            lines.append(f"• {text}")
-            content = "\n".join(lines[-12:])
-            self.bot.relay.update(status.channel.id, status.id, lambda: _content(content))
-
-        try:
-            server = await self.bot.services.server_ops.rent(
-                actor, plan, name, image=image, disk_gb=disk, progress=progress
-            )
-            lines.append(
-                f"✅ **{server.name}** is running ({server.gpu}, "
-                f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run."
-            )
-        except ComfyVastError as exc:
-            lines.append(f"❌ {exc}")
-        except Exception:
-            log.exception("renting %s failed", name)
-            lines.append(f"❌ {GENERIC_FAILURE}")
-        final = "\n".join(lines[-12:])
-        await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
+        self.bot.spawn(
+            run_rent(self.bot, actor, plan, name, disk, image, status), name=f"rent-{name}"
+        )
 
     @app_commands.command(name="start", description="Start a stopped Vast.ai server.")
     @app_commands.describe(server="The server.")
@@ -274,22 +246,16 @@ class Servers(
         await interaction.followup.send(f"Starting: {status.jump_url}", ephemeral=True)
         actor = actor_of(interaction)
 
-        async def run() -> None:
-            try:
-                done = await self.bot.services.server_ops.start(actor, view.name)
-                text = f"✅ **{done.name}** is running."
-            except ComfyVastError as exc:
-                text = f"❌ Starting **{view.name}** failed: {exc}"
-            await self.bot.relay.finish(status.channel.id, status.id, lambda: _content(text))
-
-        self.bot.spawn(run(), name=f"start-{view.name}")
+        self.bot.spawn(run_start(self.bot, actor, view.name, status), name=f"start-{view.name}")
 
     @app_commands.command(name="stop", description="Stop a Vast.ai server (its disk still bills).")
     @app_commands.describe(server="The server.")
     @app_commands.autocomplete(server=server_autocomplete)
     async def stop(self, interaction: discord.Interaction, server: ServerOption) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        view = await self.bot.services.server_ops.stop(actor_of(interaction), server)
+        # A restart mid-stop finishes it and posts the outcome in this channel.
+        ref = MessageRef(interaction.channel_id) if interaction.channel_id else None
+        view = await self.bot.services.server_ops.stop(actor_of(interaction), server, message=ref)
         await interaction.followup.send(
             f"Stopped **{view.name}**. A stopped Vast.ai instance still bills its disk; "
             "/server destroy ends that.",
@@ -312,7 +278,10 @@ class Servers(
         ):
             await interaction.followup.send("Nothing was destroyed.", ephemeral=True)
             return
-        done = await self.bot.services.server_ops.destroy(actor_of(interaction), view.name)
+        ref = MessageRef(interaction.channel_id) if interaction.channel_id else None
+        done = await self.bot.services.server_ops.destroy(
+            actor_of(interaction), view.name, message=ref
+        )
         await interaction.followup.send(
             f"Destroyed **{view.name}** (kept in the records as {done.name}).", ephemeral=True
         )
@@ -373,6 +342,64 @@ class Servers(
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
             embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)
+
+
+async def run_rent(
+    bot: BotContext,
+    actor: Actor,
+    plan: RentPlan,
+    name: str,
+    disk: int | None,
+    image: str | None,
+    status: discord.Message,
+) -> None:
+    """Rent in the background, with the progress in the bot-owned ``status`` message."""
+    lines: list[str] = [status.content]
+
+    async def progress(text: str) -> None:
+        lines.append(f"• {text}")
+        content = "\n".join(lines[-12:])
+        bot.relay.update(status.channel.id, status.id, lambda: _content(content))
+
+    # Kept with the row: after a restart the bot finishes the rent and edits this message.
+    ref = MessageRef(status.channel.id, status.id, status.content)
+    try:
+        server = await bot.services.server_ops.rent(
+            actor, plan, name, image=image, disk_gb=disk, progress=progress, message=ref
+        )
+        lines.append(
+            f"✅ **{server.name}** is running ({server.gpu}, "
+            f"${server.price_per_hour:.3f}/h). Install ComfyUI with /setup run."
+        )
+    except ComfyVastError as exc:
+        lines.append(f"❌ {exc}")
+    except Exception:
+        log.exception("renting %s failed", name)
+        lines.append(f"❌ {GENERIC_FAILURE}")
+    final = "\n".join(lines[-12:])
+    await bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
+
+
+async def run_start(bot: BotContext, actor: Actor, name: str, status: discord.Message) -> None:
+    """Start in the background; a start still waiting for its GPU is kept and followed."""
+    ref = MessageRef(status.channel.id, status.id, status.content)
+
+    async def progress(text: str) -> None:  # e.g. "waiting for the GPU to be free"
+        content = f"{status.content}\n• {text}"
+        bot.relay.update(status.channel.id, status.id, lambda: _content(content))
+
+    try:
+        done = await bot.services.server_ops.start(actor, name, progress=progress, message=ref)
+        text = f"✅ **{done.name}** is running."
+    except StillStarting as exc:  # kept, not destroyed; this message is edited when it runs
+        text = f"⏳ **{name}**: {exc}"
+    except ComfyVastError as exc:
+        text = f"❌ Starting **{name}** failed: {exc}"
+    except Exception:
+        log.exception("starting %s failed", name)
+        text = f"❌ {GENERIC_FAILURE}"
+    final = f"{status.content}\n{text}"
+    await bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
 
 
 async def _content(text: str) -> dict[str, object]:

@@ -70,6 +70,17 @@ class VastSettings(_Section):
     request_timeout: float = Field(default=30.0, gt=0)
     default_image: str = "vastai/comfy:latest"
     default_disk_gb: int = Field(default=60, ge=10)
+    # Seconds a fresh rental may take to reach "running" before it is destroyed.
+    boot_timeout: float = Field(default=900.0, gt=0)
+    # Seconds a first boot may sit in "loading" (pulling the image) before the bot reads it
+    # as a missing image or tag and destroys the instance; an image pull error in Vast's
+    # status message ends the wait at once. First boots only.
+    image_pull_timeout: float = Field(default=600.0, gt=0)
+    # Seconds /server start waits for "running"; a start that takes longer (Vast waiting
+    # for the GPU to be free) is left to finish on its own, never destroyed.
+    start_timeout: float = Field(default=600.0, gt=0)
+    # Seconds between looks at an instance that is booting (Vast's docs suggest 5-10 s).
+    poll_interval: float = Field(default=5.0, gt=0)
 
 
 class ComfySettings(_Section):

@@ -48,13 +48,25 @@ async def vast() -> AsyncIterator[FakeVast]:
     await fake.stop()
 
 
-async def vast_env(fake_discord: Any, tmp_path: Path, vast: FakeVast, **sections: Any) -> BotEnv:
+async def vast_env(
+    fake_discord: Any,
+    tmp_path: Path,
+    vast: FakeVast,
+    *,
+    vast_settings: dict[str, Any] | None = None,
+    **sections: Any,
+) -> BotEnv:
     env = await start_bot(
         fake_discord,
         bot_settings(
             tmp_path,
             fake_discord,
-            vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 1},
+            vast={
+                "api_key": vast.api_key,
+                "base_url": vast.base_url,
+                "request_timeout": 1,
+                **(vast_settings or {}),
+            },
             **sections,
         ),
     )
@@ -379,5 +391,180 @@ async def test_lifetime_cap_stops_the_server(
         ops.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=2, minutes=1)
         assert await ops.autostop_tick() == ["capped"]
         assert await _status(env, "capped", "stopped")
+    finally:
+        await env.stop()
+
+
+def message_with(env: BotEnv, *needles: str) -> Any:
+    """The bot's channel message containing every one of ``needles`` (None while none)."""
+    for message in env.fake.channel_messages(env.channel_id, include_ephemeral=False):
+        if all(n in (message.content or "") for n in needles):
+            return message
+    return None
+
+
+async def test_start_stuck_in_scheduling_keeps_the_instance(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """Issue 11: a start waiting for its GPU stops waiting and says so; nothing is destroyed,
+    and the message follows the instance when Vast.ai finally starts it."""
+    env = await vast_env(fake_discord, tmp_path, vast, vast_settings={"start_timeout": 0.5})
+    try:
+        await rent(env, {"gpu": "RTX 3090", "name": "sched"})
+        await eventually(lambda: _status(env, "sched", "running"), timeout=15)
+        instance_id = int((await env.services.servers.get("sched")).provider_id)
+        await env.slash("server", {"server": "sched"}, user=env.fake.admin, subcommand="stop")
+        await eventually(lambda: _status(env, "sched", "stopped"))
+
+        vast.hold_gpu(instance_id)  # someone else rents the GPU meanwhile
+        start = await env.slash(
+            "server", {"server": "sched"}, user=env.fake.admin, subcommand="start"
+        )
+        await press(env, start, "Start it")
+        message = await env.fake.wait_for(
+            lambda: message_with(
+                env, "Starting **sched**", "waiting for the GPU to be free", "kept with its disk"
+            ),
+            timeout=15,
+        )
+        assert "did not start within" in message.content
+        assert instance_id in vast.instances and instance_id not in vast.destroyed
+        assert not vast.calls(f"DELETE /api/v0/instances/{instance_id}/")
+        assert vast.instances[instance_id].actual_status == "scheduling"
+        view = await env.services.servers.get("sched")
+        assert view.status == "starting" and "GPU to be free" in (view.status_message or "")
+
+        vast.release_gpu(instance_id)
+
+        async def synced_running() -> bool:
+            # Each sync follows the start again (a loaded machine may need more than one).
+            await env.services.server_ops.sync()
+            return await _status(env, "sched", "running")
+
+        await eventually(synced_running, timeout=15, interval=0.2)
+        await env.fake.wait_for(
+            lambda: message_with(env, "Starting **sched**", "✅ **sched** is running"),
+            timeout=15,
+        )
+        assert len(vast.instances) == 1 and not vast.destroyed
+    finally:
+        await env.stop()
+
+
+@pytest.mark.parametrize("daemon_error", [True, False])
+async def test_missing_image_tag_is_destroyed_with_the_reason(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast, daemon_error: bool
+) -> None:
+    """Issue 11: a first boot that cannot pull its image (an error in status_msg, or
+    loading past vast.image_pull_timeout) is destroyed, and the admin reads why."""
+    image = "vastai/comfy:no-such-tag"
+    vast.remove_image(image)
+    if not daemon_error:
+        vast.missing_image_message = None  # only "pulling" forever: the timeout decides
+    env = await vast_env(
+        fake_discord, tmp_path, vast, vast_settings={"image_pull_timeout": 0.5}
+    )
+    try:
+        await rent(env, {"gpu": "RTX 3090", "name": "notag", "image": image})
+        needle = "could not pull" if daemon_error else "did not load within"
+        message = await env.fake.wait_for(
+            lambda: message_with(env, "Renting **notag**", needle), timeout=15
+        )
+        assert image in message.content and "destroyed so it does not bill" in message.content
+        assert "check the image name and tag" in message.content
+        if daemon_error:
+            assert "manifest unknown" in message.content
+        (instance_id,) = vast.destroyed
+        assert vast.destroyed[instance_id].image == image and vast.instances == {}
+        view = await env.services.servers.get("notag")
+        assert view.status == "error" and image in (view.status_message or "")
+    finally:
+        await env.stop()
+
+
+async def test_a_server_that_ran_is_never_destroyed_by_a_failed_start(
+    venv: BotEnv, vast: FakeVast
+) -> None:
+    """A restart that fails (the container exits) is reported; the disk is kept."""
+    await rent(venv, {"gpu": "RTX 3090", "name": "kept"})
+    await eventually(lambda: _status(venv, "kept", "running"), timeout=15)
+    instance_id = int((await venv.services.servers.get("kept")).provider_id)
+    ops = venv.services.server_ops
+    await ops.stop(ADMIN_ACTOR, "kept")
+    await ops.start(ADMIN_ACTOR, "kept")  # comes back
+    await ops.stop(ADMIN_ACTOR, "kept")
+    vast.instances[instance_id].boot_failure = "exited"
+    with pytest.raises(Exception, match="kept with its disk"):
+        await ops.start(ADMIN_ACTOR, "kept")
+    assert instance_id in vast.instances and not vast.destroyed
+
+
+async def test_a_create_that_never_reached_vast_is_marked_failed(
+    venv: BotEnv, vast: FakeVast
+) -> None:
+    """A row left ``creating`` by a dead process whose label Vast.ai does not know, once
+    the create can no longer land, is marked failed and its message says why; a late
+    instance carrying that given-up label is destroyed (it would bill unknown)."""
+    from core.db.models import Server
+    from core.servers.pending import MessageRef
+
+    ops = venv.services.server_ops
+    status = await venv.bot.get_partial_messageable(venv.channel_id).send("⏳ Renting **lost**…")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    async with venv.services.sessions.begin() as session:
+        row = Server(provider="vast", name="lost", request_label="comfyvast:lost:0badc0de",
+                     status="creating", created_at=long_ago)
+        session.add(row)
+        await session.flush()
+        await ops._ctx.pending.add(
+            session, row.id, "create", MessageRef(venv.channel_id, status.id, status.content)
+        )
+    await ops.sync()
+    view = await venv.services.servers.get("lost")
+    assert view.status == "error" and "nothing was rented" in (view.status_message or "")
+    await venv.fake.wait_for(lambda: message_with(venv, "Renting **lost**", "❌", "nothing was"))
+
+    # The create landed after all (say, Vast was slow): the instance is nobody's, destroy it.
+    offer = vast.offers[201]
+    late = vast._new_instance(offer, {"label": "comfyvast:lost:0badc0de", "image": "x"}, 20.0,
+                              {}, "ssh", [], bid=None)
+    stranger = vast._new_instance(vast.offers[102], {"label": "comfyvast:other:1", "image": "x"},
+                                  20.0, {}, "ssh", [], bid=None)
+    await ops.sync()
+    assert late.id in vast.destroyed
+    assert stranger.id in vast.instances  # not a label this bot handed out: left alone
+
+    # A second instance under the label of a settled rental (a double create) goes too;
+    # the rental's own instance stays.
+    await ops.rent(ADMIN_ACTOR, await ops.plan(OfferQuery(gpu_name="RTX 4090")), "real")
+    real = await venv.services.servers.get("real")
+    async with venv.services.sessions() as session:
+        real_label = (await session.get(Server, real.id)).request_label
+    double = vast._new_instance(vast.offers[103], {"label": real_label, "image": "x"},
+                                20.0, {}, "ssh", [], bid=None)
+    await ops.sync()
+    assert double.id in vast.destroyed and int(real.provider_id) in vast.instances
+
+
+async def test_pull_errors_never_destroy_a_server_that_ran_before(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """The missing-image rule is for first boots only: a restart that sits in loading with
+    a pull error is reported and kept, like any slow start."""
+    env = await vast_env(
+        fake_discord, tmp_path, vast,
+        vast_settings={"image_pull_timeout": 0.2, "start_timeout": 0.8},
+    )
+    try:
+        ops = env.services.server_ops
+        await ops.rent(ADMIN_ACTOR, await ops.plan(OfferQuery(gpu_name="RTX 3090")), "ran")
+        instance_id = int((await env.services.servers.get("ran")).provider_id)
+        await ops.stop(ADMIN_ACTOR, "ran")
+        vast.remove_image(vast.instances[instance_id].image)  # the tag is gone since
+        with pytest.raises(Exception, match="kept with its disk") as info:
+            await ops.start(ADMIN_ACTOR, "ran")
+        assert "loading" in str(info.value)
+        assert instance_id in vast.instances and not vast.destroyed
+        assert (await env.services.servers.get("ran")).status == "starting"
     finally:
         await env.stop()

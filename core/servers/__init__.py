@@ -3,7 +3,8 @@
 ``validation`` checks names and addresses; ``registry`` owns the rows and views. Above
 them, one module per concern of :class:`core.servers.service.ServerService`: ``context``
 (the shared handles), ``billing``, ``state`` (status writes with their billing intervals),
-``boot`` (waiting for an instance), ``rental``, ``lifecycle``, ``sync``, ``autostop``,
+``boot`` (waiting for an instance), ``rental``, ``lifecycle``, ``pending`` and ``recovery``
+(operations in flight, finished after a restart), ``sync``, ``autostop``,
 ``own_hosts`` (adding a URL or an SSH host the team has), and ``service``, the facade.
 
 The registry's names are re-exported here; import the service from ``core.servers.service``

@@ -21,7 +21,9 @@ from core.db.engine import SessionFactory
 from core.errors import ValidationFailed
 from core.providers.vast import transient
 from core.retry import Backoff
+from core.servers.pending import MessageRef, PendingOps
 from core.servers.registry import ServerRegistry, ServerView
+from core.tasks import TaskRegistry
 from core.vast import VastClient, VastError, VastNotFound
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ class ServerEvents:
     async def notice(self, channel_id: int, text: str) -> None:
         return None
 
+    async def operation_done(self, message: MessageRef, text: str) -> None:
+        """An operation that outlived its caller (a restart, a slow start) has ended."""
+        return None
+
 
 class ServerContext:
     def __init__(
@@ -86,6 +92,15 @@ class ServerContext:
         self.sleep = sleep
         self.poll_interval = poll_interval
         self.boot_timeout = boot_timeout
+        # A first boot stuck in "loading" this long is read as a missing image or tag.
+        self.pull_timeout = settings.vast.image_pull_timeout
+        # How long /server start waits; a slower start is kept, never destroyed.
+        self.start_timeout = settings.vast.start_timeout
+        self.pending = PendingOps(sessions)
+        # Servers with operations running in this process (how many); recovery and the
+        # sync leave them alone.
+        self.busy: dict[int, int] = {}
+        self.tasks = TaskRegistry("servers")
         self.events = ServerEvents()
         # Hook for the SSH layer: touch the heartbeat file on a running instance.
         self.heartbeat: Callable[[ServerView], Awaitable[None]] | None = None
@@ -98,6 +113,16 @@ class ServerContext:
                 "Vast.ai is not configured: set [vast] api_key (or VAST_AI_API_KEY)."
             )
         return self.vast_client
+
+    def claim(self, server_id: int) -> None:
+        self.busy[server_id] = self.busy.get(server_id, 0) + 1
+
+    def release(self, server_id: int) -> None:
+        left = self.busy.get(server_id, 0) - 1
+        if left > 0:
+            self.busy[server_id] = left
+        else:
+            self.busy.pop(server_id, None)
 
     def lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())

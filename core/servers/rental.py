@@ -18,6 +18,7 @@ from core.providers.vast import LABEL_PREFIX, onstart_script, transient, watchdo
 from core.servers.billing import Billing
 from core.servers.boot import BootWait
 from core.servers.context import CREATE_BACKOFF, Progress, ServerContext, no_progress, spread
+from core.servers.pending import MessageRef
 from core.servers.registry import ServerView
 from core.servers.state import ServerStates
 from core.servers.validation import validate_name
@@ -89,11 +90,14 @@ class Rental:
         image: str | None = None,
         disk_gb: int | None = None,
         progress: Progress = no_progress,
+        message: MessageRef | None = None,
     ) -> ServerView:
+        """Rent and boot; ``message`` is where a restart reports the outcome if this
+        process dies before it could (the row and the record are written first)."""
         ctx = self._ctx
         name = validate_name(name)
         await ctx.registry.ensure_name_free(name)
-        vast = ctx.vast
+        _ = ctx.vast  # refuses before any row is written when Vast.ai is not configured
         await self._billing.check_budget(plan.offer.price_per_hour, "Renting this server")
         label = f"{LABEL_PREFIX}:{name}:{secrets.token_hex(4)}"
         async with ctx.sessions.begin() as session:
@@ -117,6 +121,27 @@ class Rental:
             session.add(row)
             await session.flush()
             server_id = row.id
+            await ctx.pending.add(session, server_id, "create", message)
+        ctx.claim(server_id)
+        try:
+            return await self._rent(actor, plan, name, server_id, label, image, disk_gb, progress)
+        finally:
+            ctx.release(server_id)
+            await ctx.pending.take(server_id)
+
+    async def _rent(
+        self,
+        actor: Actor,
+        plan: RentPlan,
+        name: str,
+        server_id: int,
+        label: str,
+        image: str | None,
+        disk_gb: int | None,
+        progress: Progress,
+    ) -> ServerView:
+        ctx = self._ctx
+        vast = ctx.vast
         try:
             instance_id, offer = await self._create_with_fallback(
                 plan, label, image, disk_gb, progress
@@ -160,7 +185,7 @@ class Rental:
             except VastError as exc:  # onstart also installs the key
                 log.warning("attaching the SSH key to %s failed: %s", instance_id, exc)
         await progress(f"Instance {instance_id} rented; waiting for it to start…")
-        return await self._boot.wait_running(server_id, progress=progress)
+        return await self._boot.wait_running(server_id, progress=progress, first_boot=True)
 
     async def _create_with_fallback(
         self,

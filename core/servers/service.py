@@ -26,16 +26,17 @@ from core.servers.boot import BootWait
 from core.servers.context import Progress, ServerContext, ServerEvents, no_progress
 from core.servers.lifecycle import Lifecycle
 from core.servers.own_hosts import AddedHost, AddedURL, add_direct_host, add_ssh_host
+from core.servers.pending import MessageRef
+from core.servers.recovery import Recovery
 from core.servers.registry import ServerRegistry, ServerView
 from core.servers.rental import Rental, RentPlan
 from core.servers.state import ServerStates
 from core.servers.sync import ProviderSync
-from core.tasks import TaskRegistry
 from core.vast import Offer, OfferQuery, VastClient
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RentPlan", "ServerEvents", "ServerService"]
+__all__ = ["MessageRef", "RentPlan", "ServerEvents", "ServerService"]
 
 
 class ServerService:
@@ -52,13 +53,14 @@ class ServerService:
         public_key: Callable[[], str] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        poll_interval: float = 5.0,
-        boot_timeout: float = 900.0,
+        poll_interval: float | None = None,
+        boot_timeout: float | None = None,
     ) -> None:
         self._ctx = ctx = ServerContext(
             settings, sessions, registry, audit, vast,
             public_key=public_key, clock=clock, sleep=sleep,
-            poll_interval=poll_interval, boot_timeout=boot_timeout,
+            poll_interval=settings.vast.poll_interval if poll_interval is None else poll_interval,
+            boot_timeout=settings.vast.boot_timeout if boot_timeout is None else boot_timeout,
         )
         self._remote = remote
         self._comfy_client_for = comfy_client_for
@@ -67,10 +69,11 @@ class ServerService:
         boot = BootWait(ctx, states)
         self.rental = Rental(ctx, self.billing, states, boot)
         self.lifecycle = Lifecycle(ctx, self.billing, states, boot)
-        self.provider_sync = ProviderSync(ctx, states)
+        self.recovery = Recovery(ctx, states, self.billing, boot)
+        self.provider_sync = ProviderSync(ctx, states, self.recovery)
         self.autostop = Autostop(ctx, self.lifecycle)
         self._wait_running = boot.wait_running
-        self._tasks = TaskRegistry("servers")
+        self._tasks = ctx.tasks
 
     # The knobs tests and the wiring set on the service reach every part.
 
@@ -158,9 +161,10 @@ class ServerService:
         image: str | None = None,
         disk_gb: int | None = None,
         progress: Progress = no_progress,
+        message: MessageRef | None = None,
     ) -> ServerView:
         return await self.rental.rent(
-            actor, plan, name, image=image, disk_gb=disk_gb, progress=progress
+            actor, plan, name, image=image, disk_gb=disk_gb, progress=progress, message=message
         )
 
     async def wait_running(
@@ -171,15 +175,34 @@ class ServerService:
     # ------------------------------------------------------------------ life cycle
 
     async def start(
-        self, actor: Actor, name: str, *, progress: Progress = no_progress
+        self,
+        actor: Actor,
+        name: str,
+        *,
+        progress: Progress = no_progress,
+        message: MessageRef | None = None,
     ) -> ServerView:
-        return await self.lifecycle.start(actor, name, progress=progress)
+        return await self.lifecycle.start(actor, name, progress=progress, message=message)
 
-    async def stop(self, actor: Actor, name: str, *, reason: str = "stopped") -> ServerView:
-        return await self.lifecycle.stop(actor, name, reason=reason)
+    async def stop(
+        self,
+        actor: Actor,
+        name: str,
+        *,
+        reason: str = "stopped",
+        message: MessageRef | None = None,
+    ) -> ServerView:
+        return await self.lifecycle.stop(actor, name, reason=reason, message=message)
 
-    async def destroy(self, actor: Actor, name: str, *, reason: str = "destroyed") -> ServerView:
-        return await self.lifecycle.destroy(actor, name, reason=reason)
+    async def destroy(
+        self,
+        actor: Actor,
+        name: str,
+        *,
+        reason: str = "destroyed",
+        message: MessageRef | None = None,
+    ) -> ServerView:
+        return await self.lifecycle.destroy(actor, name, reason=reason, message=message)
 
     async def set_autostop(self, actor: Actor, name: str, minutes: int) -> ServerView:
         return await self.lifecycle.set_autostop(actor, name, minutes)

@@ -73,3 +73,10 @@ class ServerStates:
             assert row is not None
             row.price_per_hour = price_per_hour
             await self._billing.open_interval(session, row, "running")
+
+    async def tombstone(self, server_id: int) -> None:
+        """Free a destroyed server's name for reuse; the row keeps its history."""
+        async with self._ctx.sessions.begin() as session:
+            row = await session.get(Server, server_id)
+            if row is not None and "~" not in row.name:
+                row.name = f"{row.name[:20]}~{row.id}"

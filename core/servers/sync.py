@@ -1,7 +1,8 @@
 """Keeping rows true to the provider: the provider is the truth, rows follow it.
 
-Run at start-up and every minute: instances that vanished, were stopped outside the bot
-or re-priced are written back, and running instances get their heartbeat.
+Run at start-up and every minute: operations a dead process left in flight are finished
+(:mod:`core.servers.recovery`), instances that vanished, were stopped outside the bot or
+re-priced are written back, and running instances get their heartbeat.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlalchemy import select
 from core.db.models import Server, ServerStatus
 from core.providers import kinds
 from core.servers.context import ServerContext
+from core.servers.recovery import IN_FLIGHT, Recovery
 from core.servers.state import ServerStates
 from core.vast import VastError
 
@@ -20,9 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class ProviderSync:
-    def __init__(self, ctx: ServerContext, states: ServerStates) -> None:
+    def __init__(self, ctx: ServerContext, states: ServerStates, recovery: Recovery) -> None:
         self._ctx = ctx
         self._states = states
+        self._recovery = recovery
 
     async def register_key(self) -> bool:
         """Register the bot's public key with the Vast.ai account (idempotent).
@@ -46,26 +49,28 @@ class ProviderSync:
         ctx = self._ctx
         if ctx.vast_client is None:
             return
-        async with ctx.sessions() as session:
-            rows = (
-                await session.scalars(
-                    select(Server)
-                    .where(Server.provider.in_(kinds(synced=True)))
-                    .where(
-                        Server.status.not_in(
-                            [ServerStatus.DESTROYED.value, ServerStatus.CREATING.value]
-                        )
-                    )
-                    .where(Server.provider_id.is_not(None))
-                )
-            ).all()
-            targets = [(r.id, int(r.provider_id or 0), r.status, r.price_per_hour) for r in rows]
         try:
             instances = {i.id: i for i in await ctx.vast.list_instances()}
         except VastError as exc:
             # An error is not "no instances": change nothing (vast.md pitfall 1).
             log.warning("sync skipped: listing instances failed: %s", exc)
             return
+        await self._recovery.reconcile(instances)
+        async with ctx.sessions() as session:
+            rows = (
+                await session.scalars(
+                    select(Server)
+                    .where(Server.provider.in_(kinds(synced=True)))
+                    # In-flight rows belong to their operation, or to the recovery above.
+                    .where(Server.status.not_in([ServerStatus.DESTROYED.value, *IN_FLIGHT]))
+                    .where(Server.provider_id.is_not(None))
+                )
+            ).all()
+            targets = [
+                (r.id, int(r.provider_id or 0), r.status, r.price_per_hour)
+                for r in rows
+                if r.id not in ctx.busy
+            ]
         for server_id, instance_id, status, price in targets:
             instance = instances.get(instance_id)
             if instance is None:

@@ -5,7 +5,10 @@ Routes, wrappers, field names, status codes and error bodies follow
 (``advance(seconds)`` or an injected callable), so a test can walk an instance through
 ``null -> loading -> running`` without waiting. Faults are switchable per test:
 ``fail_next``, ``fail_ratio``, ``delay``, ``throttle``, ``take_offer``, auth modes,
-credit, boot failures, interruptions.
+credit, boot failures, interruptions, ``remove_image`` (a tag that does not exist stays
+in loading), ``hold_gpu`` (a start waits in scheduling) and ``hold_after`` (act on a call,
+answer only when released: for tests that kill the client in between). Each behaviour's
+source is given beside it.
 
 Usage::
 
@@ -138,6 +141,24 @@ class Fault:
     body: Any = None
     headers: Mapping[str, str] | None = None
     after: bool = False  # process the request for real, then fail the response
+
+
+@dataclass
+class Hold:
+    """A request that is carried out, then answered only when the test releases it.
+
+    ``arrived`` is set once Vast has acted on the request (the instance exists, the state
+    changed): the moment a test kills the client to leave the outcome unknown to it.
+    """
+
+    route: str
+    count: int
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    requests: list[str] = field(default_factory=list)
+
+    def release(self) -> None:
+        self.released.set()
 
 
 @dataclass
@@ -339,6 +360,11 @@ class FakeVast:
         self.rented_offers: dict[int, int] = {}  # offer id -> our instance id
         self.forbidden: list[str] = []  # route fragments a scoped key may not call
         self.search_quota_reset: float | None = None  # epoch s; set = quota used up
+        # Images whose tag does not exist: the create is accepted, the pull never ends.
+        self.missing_images: set[str] = set()
+        # Instances whose next start waits for the GPU ("scheduling") until release_gpu().
+        self.gpu_busy: set[int] = set()
+        self.holds: list[Hold] = []
 
         self._clock = clock
         self._t0 = time.time()
@@ -461,6 +487,58 @@ class FakeVast:
     def exhaust_search_quota(self, reset_in: float = 3600.0) -> None:
         self.search_quota_reset = time.time() + reset_in
 
+    def hold_after(self, route: str, count: int = 1) -> Hold:
+        """Carry out the next ``count`` calls matching ``route``, then hold each answer
+        until ``hold.release()`` (or the server stops). ``hold.arrived`` is set when the
+        first one has taken effect: kill the client there and the outcome is unknown to it.
+        """
+        hold = Hold(route, count)
+        self.holds.append(hold)
+        return hold
+
+    def remove_image(self, image: str) -> None:
+        """``image`` (with its tag) does not exist on the registry.
+
+        Vast.ai accepts the create (it does not check the registry) and the instance sits
+        in ``loading`` while its storage bills (issue 11, from a rental with
+        ``vastai/comfy:latest``, a tag Vast does not publish). Its ``status_msg`` carries
+        the Docker daemon's pull error. Vast's own wording around it could not be found in
+        Vast's docs, CLI or issues (searched 2026-12); the text is Docker's message for a
+        missing tag ("Error response from daemon: manifest for <image> not found: manifest
+        unknown: manifest unknown", e.g. portainer/portainer#12908, docker-on-windows#13),
+        which Vast passes on like the OCI errors dstack reads from status_msg (vast.md 3).
+        ``missing_image_message = None`` leaves the generic pull message instead.
+        """
+        self.missing_images.add(image)
+
+    missing_image_message: str | None = (
+        "Error response from daemon: manifest for {image} not found: manifest unknown: "
+        "manifest unknown"
+    )
+
+    def hold_gpu(self, instance_id: int) -> None:
+        """The instance's GPU is taken by another renter: a start waits in "scheduling".
+
+        Source: docs guides/reference/troubleshooting.mdx ("When you stop an instance, the
+        gpu(s) it was using may get reassigned ... your instance will be stuck in
+        'scheduling' phase until the conflicting jobs are done") and vast.md section 7.
+        The API's spelling of the phase is not documented (the console shows
+        "Scheduling"); modelled as ``actual_status`` "scheduling" with the contract
+        moving to running (``intended_status``/``next_state`` running, ``cur_state``
+        stopped), no ports, and no GPU billing (GPU bills only while running, vast.md 3).
+        """
+        self.gpu_busy.add(instance_id)
+
+    def release_gpu(self, instance_id: int) -> None:
+        """The other renter is done: a scheduled start goes on to loading and running."""
+        self.gpu_busy.discard(instance_id)
+        inst = self.instances.get(instance_id)
+        if inst is not None and inst.actual_status == "scheduling":
+            inst.actual_status = "loading"
+            inst.cur_state = "running"
+            inst.status_msg = "Starting container"
+            inst.ready_at = self.now() + self.restart_seconds
+
     def fail_next_boot(self, kind: str) -> None:
         """The next created instance fails to boot: one of BOOT_FAILURES."""
         if kind not in BOOT_FAILURES:
@@ -515,11 +593,16 @@ class FakeVast:
         self._bill(now)
 
     def _progress(self, inst: FakeInstance, now: float) -> None:
-        if inst.intended_status != "running":
+        if inst.intended_status != "running" or inst.actual_status == "scheduling":
             return
         if inst.actual_status is None and inst.loading_at is not None and now >= inst.loading_at:
             inst.actual_status = "loading"
             inst.status_msg = f"Pulling image {inst.image}: downloading layers"
+        if inst.image in self.missing_images and inst.actual_status == "loading":
+            # The pull fails and is retried; the instance never leaves loading.
+            if self.missing_image_message is not None:
+                inst.status_msg = self.missing_image_message.format(image=inst.image)
+            return
         if (inst.actual_status in ("loading", "rebooting", None) and inst.ready_at is not None
                 and now >= inst.ready_at):
             if inst.boot_failure:
@@ -822,6 +905,19 @@ class FakeVast:
                 return await self._hang()
             return self._fault_response(int(fault.status), fault.body, fault.headers)
         response = await handler(request)
+        hold = next((h for h in self.holds if h.count > 0 and self._matches(h.route, line)),
+                    None)
+        if hold is not None:
+            hold.count -= 1
+            hold.requests.append(line)
+            hold.arrived.set()
+            stop = asyncio.ensure_future(self._stopping.wait())
+            release = asyncio.ensure_future(hold.released.wait())
+            try:
+                await asyncio.wait({stop, release}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                release.cancel()
         if fault is not None:
             rec.fault = f"{fault.status} after commit"
             if fault.status == "timeout":
@@ -1212,6 +1308,11 @@ class FakeVast:
                                            "start instances."))
                 now = self.now()
                 inst.intended_status = inst.next_state = "running"
+                if inst.id in self.gpu_busy:
+                    inst.actual_status = "scheduling"  # see hold_gpu()
+                    inst.status_msg = "Waiting for the GPU to be free (scheduling)"
+                    inst.ready_at = None
+                    return _json(200, {"success": True})
                 inst.cur_state = "running"
                 inst.actual_status = "loading"
                 inst.status_msg = "Starting container"

@@ -244,3 +244,47 @@ async def test_fake_rejects_env_as_docker_flag_string(fake: FakeVast, session: o
                            headers={"Authorization": f"Bearer {fake.api_key}"}) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_args"
+
+
+async def test_missing_image_tag_is_accepted_then_stays_loading(client: VastClient,
+                                                                fake: FakeVast) -> None:
+    """Vast does not check the registry at create: the instance bills its disk in
+    loading, with the daemon's pull error in status_msg (issue 11; see remove_image)."""
+    image = "vastai/comfy:latest"
+    fake.remove_image(image)
+    iid = await client.create_instance(OFFER, comfy_request(image=image))
+    credit = fake.credit
+    fake.advance(3600)
+    inst = await client.show_instance(iid)
+    assert inst.actual_status == "loading" and not inst.ports
+    assert f"manifest for {image} not found: manifest unknown" in (inst.status_msg or "")
+    assert fake.credit < credit  # storage bills meanwhile
+
+
+async def test_start_waits_in_scheduling_while_the_gpu_is_taken(client: VastClient,
+                                                                 fake: FakeVast) -> None:
+    iid = await client.create_instance(OFFER, comfy_request())
+    fake.advance(60)
+    await client.stop_instance(iid)
+    fake.hold_gpu(iid)
+    await client.start_instance(iid)
+    fake.advance(3600)
+    inst = await client.show_instance(iid)
+    assert inst.actual_status == "scheduling" and inst.intended_status == "running"
+    assert fake.instances[iid].running_since is None  # no GPU billing while waiting
+    fake.release_gpu(iid)
+    fake.advance(60)
+    assert (await client.show_instance(iid)).is_running
+
+
+async def test_hold_after_acts_first_and_answers_on_release(client: VastClient,
+                                                            fake: FakeVast) -> None:
+    import asyncio
+
+    hold = fake.hold_after("PUT /api/v0/asks/")
+    create = asyncio.ensure_future(client.create_instance(OFFER, comfy_request(label="h:1")))
+    await asyncio.wait_for(hold.arrived.wait(), 30)
+    assert not create.done()
+    assert [i.label for i in fake.instances.values()] == ["h:1"]  # Vast already acted
+    hold.release()
+    assert await asyncio.wait_for(create, 30) in fake.instances

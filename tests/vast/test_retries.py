@@ -94,9 +94,10 @@ async def test_4xx_is_not_retried(client: VastClient, fake: FakeVast, iid: int) 
     assert len(fake.calls(f"GET /api/v0/instances/{iid}/")) == 1
 
 
-async def test_get_timeout_is_retried(client: VastClient, fake: FakeVast, iid: int) -> None:
+async def test_get_timeout_is_retried(timeout_client: VastClient, fake: FakeVast,
+                                      iid: int) -> None:
     fake.fail_next(f"GET /api/v0/instances/{iid}/", "timeout")
-    assert (await client.show_instance(iid)).id == iid
+    assert (await timeout_client.show_instance(iid)).id == iid
     assert len(fake.calls(f"GET /api/v0/instances/{iid}/")) == 2
 
 
@@ -139,10 +140,10 @@ async def test_create_is_never_retried(client: VastClient, fake: FakeVast, statu
 
 
 async def test_create_timeout_after_commit_can_be_reconciled_by_label(
-        client: VastClient, fake: FakeVast) -> None:
+        timeout_client: VastClient, client: VastClient, fake: FakeVast) -> None:
     fake.fail_next("/asks/", "timeout", after=True)
     with pytest.raises(VastTimeout) as info:
-        await client.create_instance(18822341, comfy_request(label="comfybot:g1:u2:req9"))
+        await timeout_client.create_instance(18822341, comfy_request(label="comfybot:g1:u2:req9"))
     assert info.value.may_have_succeeded
     assert len(fake.calls("PUT /api/v0/asks/")) == 1
     # The rental happened; the service layer finds it instead of renting again.
@@ -178,9 +179,10 @@ async def test_connection_refused_is_connection_error(session: object) -> None:
     assert not info.value.may_have_succeeded  # never connected, so nothing was rented
 
 
-async def test_chaos_reconciliation_never_double_rents(client: VastClient,
+async def test_chaos_reconciliation_never_double_rents(timeout_client: VastClient,
                                                        fake: FakeVast) -> None:
     """A service-style loop under random faults: check by label before renting again."""
+    client = timeout_client
     fake.fail_ratio(0.3, seed=7, statuses=(500, 502, 503, 429, "timeout"))
     label = "comfybot:chaos"
     instance_id = None

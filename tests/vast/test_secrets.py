@@ -18,7 +18,7 @@ SECRET = "sk-very-secret-0123456789abcdef"
 
 @pytest.fixture
 async def secret_fake() -> FakeVast:
-    fake = FakeVast(api_key=SECRET, timeout_hang=2.0)
+    fake = FakeVast(api_key=SECRET, timeout_hang=60.0)  # outlasts the client timeout
     await fake.start()
     yield fake  # type: ignore[misc]
     await fake.stop()
@@ -33,7 +33,8 @@ async def test_key_never_leaks(secret_fake: FakeVast, session: aiohttp.ClientSes
     async def no_sleep(_: float) -> None:
         return None
 
-    client = VastClient(SecretStr(SECRET), session, base_url=fake.base_url, timeout=0.5,
+    # 2 s: the injected timeout hangs until the fake stops; real answers come well within.
+    client = VastClient(SecretStr(SECRET), session, base_url=fake.base_url, timeout=2.0,
                         max_retries=1, sleep=no_sleep)
     seen.append(repr(client))
     offers = await client.search_offers(OfferQuery())
