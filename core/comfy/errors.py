@@ -51,6 +51,45 @@ class ComfyProtocolError(ComfyError):
     """The server's answer did not have the shape ComfyUI's protocol promises."""
 
 
+class ComfyMalformed(ComfyProtocolError):
+    """One message, row, entry or response from ComfyUI has the wrong shape.
+
+    A rented server is untrusted: the stream and the poll loop skip such input (logged
+    once per kind, see :class:`core.comfy.limits.MalformedLog`); a request whose answer is
+    unusable fails with this sentence.
+    """
+
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(f"ComfyUI sent a malformed {kind} ({problem}).")
+        self.kind = kind
+        self.problem = problem
+
+
+class ComfyResponseTooLarge(ComfyProtocolError):
+    """An answer was larger than the cap for its kind (:class:`ResponseLimits`)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        super().__init__(
+            f"ComfyUI's answer to {path} is larger than {limit // (1024 * 1024) or 1} MiB; "
+            "the bot does not read it."
+        )
+        self.path = path
+        self.limit = limit
+
+
+class ComfyRedirectRefused(ComfyHTTPError):
+    """ComfyUI answered with a redirect. Its API never redirects, and following one would
+    let a hostile server make the bot fetch some other (internal) URL, so none is followed."""
+
+    def __init__(self, method: str, path: str, status: int) -> None:
+        super().__init__(method, path, status, "")
+        self.message = (
+            f"ComfyUI answered {method} {path} with a redirect (HTTP {status}); the bot "
+            "does not follow redirects from a server."
+        )
+        self.args = (self.message,)
+
+
 class ComfyValidationError(ComfyError):
     """POST /prompt was rejected (HTTP 400): the workflow did not validate.
 
