@@ -247,7 +247,7 @@ class ComfyEventStream:
                     )
                     self._fanout.dispatch(Reconnected(attempt, downtime))
                 attempt = 0
-                await self._read(ws)
+                reason = await self._read(ws) or reason
                 if ws.exception() is not None:
                     reason = f"error: {ws.exception()}"
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -271,9 +271,9 @@ class ComfyEventStream:
             self._fanout.dispatch(Disconnected(reason))
             await asyncio.sleep(self._reconnect.delay(1))
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str | None:
         """Read until the socket ends. A malformed frame is logged (once per kind) and
-        skipped; it never ends the connection."""
+        skipped; it never ends the connection. Returns why the socket failed, if it did."""
         first_status = True
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
@@ -307,8 +307,8 @@ class ComfyEventStream:
                 self._fanout.dispatch(decoded)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 # e.g. a frame over the cap: aiohttp closes with 1009 and we reconnect.
-                log.warning("ComfyUI WebSocket %s failed: %s", self.base_url, msg.data)
-                break
+                return f"error: {msg.data}"
+        return None
 
     def _decode_text(self, text: str) -> ComfyEvent | None:
         try:
