@@ -52,6 +52,9 @@ from core.comfy.responses import (
     clean_object_info,
     parse_history_entry,
     parse_queue_items,
+    parse_queued,
+    parse_system_stats,
+    parse_uploaded,
 )
 
 log = logging.getLogger(__name__)
@@ -196,26 +199,7 @@ class ComfyClient:
         raw = await self._get_json("/system_stats")
         if not isinstance(raw, dict):
             raise ComfyProtocolError("ComfyUI sent /system_stats in an unexpected shape.")
-        system = raw.get("system")
-        system = system if isinstance(system, dict) else {}
-        devices_raw = raw.get("devices")
-        devices = tuple(
-            DeviceStats(
-                name=str(d.get("name", ""))[:200],
-                type=str(d.get("type", ""))[:50],
-                vram_total=_byte_count(d.get("vram_total")),
-                vram_free=_byte_count(d.get("vram_free")),
-            )
-            for d in (devices_raw if isinstance(devices_raw, list) else [])
-            if isinstance(d, dict)
-        )
-        return SystemStats(
-            comfyui_version=str(system.get("comfyui_version", "")),
-            python_version=str(system.get("python_version", "")),
-            pytorch_version=str(system.get("pytorch_version", "")),
-            devices=devices,
-            raw=raw,
-        )
+        return parse_system_stats(raw)
 
     async def check_status(self, *, timeout: float = 5.0) -> bool:
         """True if the server answers ``/system_stats``; never raises."""
@@ -274,19 +258,7 @@ class ComfyClient:
         status, raw, _ctype = await self._request(
             "POST", "/prompt", json_body=body, ok=(200, 400)
         )
-        data = self._json_object(raw, "/prompt")
-        node_errors = data.get("node_errors") or {}
-        if not isinstance(node_errors, dict):
-            raise ComfyMalformed("answer to /prompt", "node_errors is not an object")
-        if status == 400:
-            error = data.get("error")
-            raise ComfyValidationError(node_errors, error if isinstance(error, dict) else None)
-        number = data.get("number", 0)
-        if not isinstance(data.get("prompt_id"), str) or not _is_number(number):
-            raise ComfyMalformed("answer to /prompt", "no prompt_id or number")
-        queued = QueuedPrompt(
-            prompt_id=data["prompt_id"], number=int(number), node_errors=node_errors
-        )
+        queued = parse_queued(status, self._json_object(raw, "/prompt"))
         if queued.partial:
             log.warning(
                 "ComfyUI queued prompt %s without its invalid outputs: %s",
@@ -389,20 +361,7 @@ class ComfyClient:
         _s, body, _c = await self._request(
             "POST", "/upload/image", data=form, timeout=max(self._timeout, 120.0)
         )
-        raw = self._json_object(body, "/upload/image")
-        name, sub, kind = raw.get("name"), raw.get("subfolder") or "", raw.get("type")
-        if not (isinstance(name, str) and isinstance(sub, str) and isinstance(kind, str)):
-            raise ComfyMalformed("answer to /upload/image", "no name, subfolder or type")
-        return UploadedImage(name=name, subfolder=sub, type=kind)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 2**63
-
-
-def _byte_count(value: Any) -> int:
-    """A VRAM size from /system_stats; junk counts as 0 (it is only shown)."""
-    return int(value) if _is_number(value) and value >= 0 else 0
+        return parse_uploaded(self._json_object(body, "/upload/image"))
 
 
 def _mime_for(name: str) -> str:

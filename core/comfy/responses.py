@@ -8,7 +8,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from core.comfy.errors import ComfyExecutionError, ComfyInterrupted, ComfyMalformed
+from core.comfy.errors import (
+    ComfyExecutionError,
+    ComfyInterrupted,
+    ComfyMalformed,
+    ComfyValidationError,
+)
 
 ImageType = Literal["output", "input", "temp"]
 PromptStatus = Literal["success", "error", "interrupted"]
@@ -147,6 +152,60 @@ def _opt_text(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 2**63
+
+
+def _byte_count(value: Any) -> int:
+    """A VRAM size from /system_stats; junk counts as 0 (it is only shown)."""
+    return int(value) if _is_number(value) and value >= 0 else 0
+
+
+def parse_system_stats(raw: dict[str, Any]) -> SystemStats:
+    """``GET /system_stats``; fields of the wrong type read as empty (they are only shown)."""
+    system = raw.get("system")
+    system = system if isinstance(system, dict) else {}
+    devices_raw = raw.get("devices")
+    devices = tuple(
+        DeviceStats(
+            name=str(d.get("name", ""))[:200],
+            type=str(d.get("type", ""))[:50],
+            vram_total=_byte_count(d.get("vram_total")),
+            vram_free=_byte_count(d.get("vram_free")),
+        )
+        for d in (devices_raw if isinstance(devices_raw, list) else [])
+        if isinstance(d, dict)
+    )
+    return SystemStats(
+        comfyui_version=str(system.get("comfyui_version", ""))[:80],
+        python_version=str(system.get("python_version", ""))[:200],
+        pytorch_version=str(system.get("pytorch_version", ""))[:80],
+        devices=devices,
+        raw=raw,
+    )
+
+
+def parse_queued(status: int, data: dict[str, Any]) -> QueuedPrompt:
+    """The answer of ``POST /prompt``: 200 queued, 400 :class:`ComfyValidationError`."""
+    node_errors = data.get("node_errors") or {}
+    if not isinstance(node_errors, dict):
+        raise ComfyMalformed("answer to /prompt", "node_errors is not an object")
+    if status == 400:
+        error = data.get("error")
+        raise ComfyValidationError(node_errors, error if isinstance(error, dict) else None)
+    number = data.get("number", 0)
+    if not isinstance(data.get("prompt_id"), str) or not _is_number(number):
+        raise ComfyMalformed("answer to /prompt", "no prompt_id or number")
+    return QueuedPrompt(prompt_id=data["prompt_id"], number=int(number), node_errors=node_errors)
+
+
+def parse_uploaded(raw: dict[str, Any]) -> UploadedImage:
+    name, sub, kind = raw.get("name"), raw.get("subfolder") or "", raw.get("type")
+    if not (isinstance(name, str) and isinstance(sub, str) and isinstance(kind, str)):
+        raise ComfyMalformed("answer to /upload/image", "no name, subfolder or type")
+    return UploadedImage(name=name, subfolder=sub, type=kind)
 
 
 def parse_images(node_id: str | None, output: Any) -> list[OutputImage]:
