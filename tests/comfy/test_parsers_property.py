@@ -8,14 +8,19 @@ past the first shape check and exercise the field parsing behind it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.comfy.errors import ComfyMalformed
+from core.comfy.client import ComfyClient
+from core.comfy.errors import ComfyError, ComfyMalformed
 from core.comfy.events import (
     ExecutionCached,
     NodeProgress,
@@ -37,7 +42,7 @@ from core.comfy.responses import (
 from core.comfy.workflows import load_api_workflow, required_models, validate_against_object_info
 from core.errors import ValidationFailed
 from core.workflow_store import infer_param_map
-from tests.fakecomfy import facts
+from tests.fakecomfy import FakeComfy, facts
 
 PROFILE = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -242,3 +247,55 @@ def test_workflow_uploads_raise_only_validation_errors(text: str) -> None:
         load_api_workflow(text)
     except ValidationFailed:
         pass
+
+
+# --------------------------------------------------------------------------- over a socket
+
+answers = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"p": history_entries}),
+    st.fixed_dictionaries({"queue_running": queue_rows, "queue_pending": queue_rows}),
+    object_infos,
+    st.fixed_dictionaries({"exec_info": json_values}),
+)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[asyncio.AbstractEventLoop, FakeComfy, ComfyClient]]:
+    """One FakeComfy and one real client for every example (a loop of their own, since
+    Hypothesis calls the test synchronously)."""
+    loop = asyncio.new_event_loop()
+    fake = FakeComfy()
+    loop.run_until_complete(fake.start())
+
+    async def session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
+
+    http = loop.run_until_complete(session())
+    yield loop, fake, ComfyClient(fake.url, http, timeout=30.0, get_retries=0)
+    loop.run_until_complete(http.close())
+    loop.run_until_complete(fake.stop())
+    loop.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(answers)
+def test_the_client_raises_only_comfy_errors_for_any_answer(
+    served: tuple[asyncio.AbstractEventLoop, FakeComfy, ComfyClient], body: Any
+) -> None:
+    loop, fake, client = served
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "/queue": client.get_queue,
+        "/history/p": lambda: client.get_prompt_result("p"),
+        "/object_info": client.object_info,
+        "/system_stats": client.system_stats,
+        "/prompt": client.queue_remaining,
+        "/models": client.list_model_folders,
+        "/features": client.features,
+    }
+    for path, call in calls.items():
+        fake.hostile.junk_json = {path: body}
+        try:
+            loop.run_until_complete(call())
+        except ComfyError as exc:
+            assert str(exc)
