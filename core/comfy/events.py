@@ -93,8 +93,8 @@ class ProgressState:
 class Progress:
     prompt_id: str | None
     node: str | None
-    value: int
-    max: int
+    value: float  # ComfyUI sends ints for samplers; custom nodes may send floats
+    max: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,10 +272,16 @@ def _text(value: Any) -> str:
 
 
 def _number(value: Any) -> int | float:
-    """A progress value: a finite number (a string here once raised TypeError downstream)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 2**63:
+    """A progress value or count: a finite number >= 0 (a string here once raised
+    TypeError in the progress display)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value
-    raise _Bad(f"{type(value).__name__} where a number belongs")
+    what = "a negative number" if _finite(value) else type(value).__name__
+    raise _Bad(f"{what} where a count belongs")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 2**63
 
 
 def _strings(value: Any) -> tuple[str, ...]:

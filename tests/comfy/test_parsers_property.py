@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.comfy.client import ComfyClient
-from core.comfy.errors import ComfyError, ComfyMalformed
+from core.comfy.errors import ComfyError, ComfyMalformed, ComfyValidationError
 from core.comfy.events import (
     ExecutionCached,
     NodeProgress,
@@ -38,6 +38,7 @@ from core.comfy.responses import (
     clean_object_info,
     parse_history_entry,
     parse_queue_items,
+    parse_queued,
 )
 from core.comfy.workflows import load_api_workflow, required_models, validate_against_object_info
 from core.errors import ValidationFailed
@@ -82,7 +83,7 @@ def mostly(good: st.SearchStrategy[Any], junk: st.SearchStrategy[Any]) -> st.Sea
 # Fields with values of the right type most of the time, junk (any JSON) otherwise: so
 # many messages decode, and each field's check is met by wrong types one at a time.
 ids = st.sampled_from(["p", "3", "9"]) | st.integers(0, 20)
-counts = st.integers(0, 30) | st.floats(0, 30)
+counts = st.integers(-2, 30) | st.floats(-1, 30)
 images = st.lists(st.fixed_dictionaries(
     {"filename": st.text(max_size=5)},
     optional={"subfolder": st.text(max_size=3), "type": st.sampled_from(["output", "temp"])},
@@ -125,6 +126,7 @@ def test_decode_message_raises_only_malformed(message: Any) -> None:
     # What is decoded has the types the consumers rely on.
     if isinstance(event, Progress):
         assert _number(event.value) and _number(event.max)
+        assert event.value >= 0 and event.max >= 0
     elif isinstance(event, Status):
         assert isinstance(event.queue_remaining, int) and event.queue_remaining >= 0
     elif isinstance(event, ProgressState):
@@ -195,6 +197,41 @@ def test_history_entries_raise_only_malformed(entry: dict[str, Any]) -> None:
         result.raise_for_status()
     except Exception as exc:  # noqa: BLE001 - the error must be a sentence, not a crash
         assert str(exc)
+
+
+node_errors = st.dictionaries(ids.map(str), mostly(st.fixed_dictionaries({}, optional={
+    "class_type": mostly(st.text(max_size=8), json_values),
+    "errors": mostly(st.lists(mostly(st.fixed_dictionaries({}, optional={
+        "type": st.sampled_from([
+            "value_not_in_list", "required_input_missing", "value_bigger_than_max",
+            "value_smaller_than_min", "invalid_input_type", "return_type_mismatch",
+            "exception_during_inner_validation", "custom_validation_failed", "other"]),
+        "message": mostly(st.text(max_size=8), json_values),
+        "details": mostly(st.text(max_size=8), json_values),
+        "extra_info": mostly(st.fixed_dictionaries({}, optional={
+            "input_name": mostly(st.text(max_size=5), json_values),
+            "input_config": json_values, "received_value": json_values,
+            "received_type": json_values}), json_values),
+    }), json_values), max_size=3), json_values),
+}), json_values), max_size=3)
+
+
+@PROFILE
+@given(st.sampled_from([200, 400]), st.fixed_dictionaries({}, optional={
+    "node_errors": mostly(node_errors, json_values), "error": json_values,
+    "prompt_id": mostly(st.text(max_size=5), json_values), "number": json_values}))
+def test_prompt_answers_raise_only_documented_errors(status: int, data: dict[str, Any]) -> None:
+    try:
+        queued = parse_queued(status, data)
+    except ComfyValidationError as exc:
+        assert str(exc).startswith("ComfyUI rejected the workflow")
+        assert all(isinstance(p, str) for p in exc.problems()) and isinstance(exc.error_type, str)
+        return
+    except ComfyMalformed:
+        return
+    assert status == 200 and isinstance(queued.prompt_id, str)
+    if queued.partial:
+        str(ComfyValidationError(queued.node_errors, None))
 
 
 queue_rows = st.lists(
