@@ -191,7 +191,9 @@ class Diagnostics:
             return checks
         try:
             async with asyncio.timeout(HTTP_TIMEOUT):
-                async with self._http.get(f"{url}/system_stats") as resp:
+                # No redirects: ComfyUI never sends one, and a hostile server could point
+                # the bot at an internal URL (core/comfy/limits.py).
+                async with self._http.get(f"{url}/system_stats", allow_redirects=False) as resp:
                     status = resp.status
                     body = await resp.content.read(MAX_HTTP_BYTES)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -340,13 +342,21 @@ def _stats(status: int, body: bytes) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) and "system" in data else None
+    if not isinstance(data, dict) or not isinstance(data.get("system"), dict):
+        return None  # a server's junk is "not ComfyUI", never a crash of the command
+    return data
 
 
 def _version(stats: Mapping[str, Any]) -> str:
-    return str((stats.get("system") or {}).get("comfyui_version") or "(version unknown)")
+    return str(stats["system"].get("comfyui_version") or "(version unknown)")[:80]
+
+
+def _mib(value: Any) -> int:
+    """A VRAM byte count from /system_stats in MiB; junk counts as 0."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**63
+    return int(value) // 2**20 if ok else 0
 
 
 def _service_check(view: ServerView, probe: _Probe, *, port_ok: bool) -> Check:
@@ -386,14 +396,15 @@ def _install_check(view: ServerView, probe: _Probe, profile: str) -> Check:
 
 
 def _gpu_from_stats(stats: Mapping[str, Any]) -> Check:
-    devices = [d for d in stats.get("devices") or [] if isinstance(d, dict)]
+    raw = stats.get("devices")
+    devices = [d for d in (raw if isinstance(raw, list) else []) if isinstance(d, dict)]
     gpus = [d for d in devices if d.get("type") not in ("cpu", None)] or devices
     if not gpus:
         return Check(GPU, None, "ComfyUI reports no device",
                      "ComfyUI may be running on the CPU; check the driver and PyTorch.")
     parts = [
-        f"{d.get('name', '?')}: {int(d.get('vram_free', 0)) // 2**20} of "
-        f"{int(d.get('vram_total', 0)) // 2**20} MiB free"
+        f"{str(d.get('name', '?'))[:80]}: {_mib(d.get('vram_free'))} of "
+        f"{_mib(d.get('vram_total'))} MiB free"
         for d in gpus
     ]
     if all(d.get("type") == "cpu" for d in gpus):

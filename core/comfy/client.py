@@ -33,11 +33,14 @@ import aiohttp
 from core.comfy.errors import (
     ComfyError,
     ComfyHTTPError,
+    ComfyMalformed,
     ComfyNotFound,
     ComfyProtocolError,
+    ComfyRedirectRefused,
     ComfyUnreachable,
     ComfyValidationError,
 )
+from core.comfy.limits import DEFAULT_LIMITS, MalformedLog, ResponseLimits, read_capped, read_prefix
 from core.comfy.responses import (
     DeviceStats,
     OutputImage,
@@ -46,8 +49,12 @@ from core.comfy.responses import (
     QueueState,
     SystemStats,
     UploadedImage,
+    clean_object_info,
     parse_history_entry,
     parse_queue_items,
+    parse_queued,
+    parse_system_stats,
+    parse_uploaded,
 )
 
 log = logging.getLogger(__name__)
@@ -80,8 +87,11 @@ class ComfyClient:
         timeout: float = 30.0,
         client_id: str | None = None,
         get_retries: int = 1,
+        limits: ResponseLimits = DEFAULT_LIMITS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.limits = limits
+        self.malformed = MalformedLog(log, self.base_url)
         self._session = session
         self._timeout = timeout
         # The same id must be used for ?clientId= on the WebSocket (see ComfyEventStream).
@@ -103,8 +113,13 @@ class ComfyClient:
         data: Any = None,
         timeout: float | None = None,
         ok: tuple[int, ...] = (200,),
+        max_bytes: int | None = None,
     ) -> tuple[int, bytes, str]:
-        """Send one request; return (status, body, content type). Maps transport errors."""
+        """Send one request; return (status, body, content type). Maps transport errors.
+
+        Redirects are refused and the body is read against ``max_bytes`` (default: the
+        JSON cap), see :mod:`core.comfy.limits`."""
+        cap = self.limits.json if max_bytes is None else max_bytes
         url = self.base_url + path
         limit = aiohttp.ClientTimeout(total=timeout if timeout is not None else self._timeout)
         # Only GETs are retried: they are idempotent, and a lost POST /prompt must never
@@ -113,11 +128,18 @@ class ComfyClient:
         for attempt in range(attempts):
             try:
                 async with self._session.request(
-                    method, url, params=params, json=json_body, data=data, timeout=limit
+                    method, url, params=params, json=json_body, data=data, timeout=limit,
+                    allow_redirects=False,
                 ) as resp:
-                    body = await resp.read()
                     ctype = resp.headers.get("Content-Type", "")
                     status = resp.status
+                    if 300 <= status < 400:
+                        resp.close()
+                        raise ComfyRedirectRefused(method, path, status)
+                    if status in ok:
+                        body = await read_capped(resp, cap, path)
+                    else:
+                        body = await read_prefix(resp, self.limits.error_body)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
                 if attempt + 1 < attempts and not isinstance(exc, TimeoutError):
@@ -144,13 +166,32 @@ class ComfyClient:
     def _json(body: bytes, path: str) -> Any:
         try:
             return json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: JSON nested thousands deep is no ComfyUI answer either.
             message = f"ComfyUI sent a response to {path} that is not JSON."
             raise ComfyProtocolError(message) from exc
+
+    def _json_object(self, body: bytes, path: str) -> dict[str, Any]:
+        data = self._json(body, path)
+        if not isinstance(data, dict):
+            raise ComfyMalformed(f"answer to {path}", "not a JSON object")
+        return data
 
     async def _get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         _status, body, _ctype = await self._request("GET", path, params=params)
         return self._json(body, path)
+
+    async def _get_object(
+        self, path: str, params: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        _status, body, _ctype = await self._request("GET", path, params=params)
+        return self._json_object(body, path)
+
+    async def _get_names(self, path: str) -> list[str]:
+        raw = await self._get_json(path)
+        if not isinstance(raw, list):
+            raise ComfyMalformed(f"answer to {path}", "not a list")
+        return [x for x in raw if isinstance(x, str)]
 
     # -- server --------------------------------------------------------------------------
 
@@ -158,24 +199,7 @@ class ComfyClient:
         raw = await self._get_json("/system_stats")
         if not isinstance(raw, dict):
             raise ComfyProtocolError("ComfyUI sent /system_stats in an unexpected shape.")
-        system = raw.get("system") or {}
-        devices = tuple(
-            DeviceStats(
-                name=str(d.get("name", "")),
-                type=str(d.get("type", "")),
-                vram_total=int(d.get("vram_total") or 0),
-                vram_free=int(d.get("vram_free") or 0),
-            )
-            for d in raw.get("devices") or []
-            if isinstance(d, dict)
-        )
-        return SystemStats(
-            comfyui_version=str(system.get("comfyui_version", "")),
-            python_version=str(system.get("python_version", "")),
-            pytorch_version=str(system.get("pytorch_version", "")),
-            devices=devices,
-            raw=raw,
-        )
+        return parse_system_stats(raw)
 
     async def check_status(self, *, timeout: float = 5.0) -> bool:
         """True if the server answers ``/system_stats``; never raises."""
@@ -187,21 +211,25 @@ class ComfyClient:
         return True
 
     async def features(self) -> dict[str, Any]:
-        return dict(await self._get_json("/features"))
+        return await self._get_object("/features")
 
     async def object_info(self, node_class: str | None = None) -> dict[str, Any]:
         """All node definitions, or one (``{}`` if ComfyUI does not know the class)."""
         path = "/object_info" if node_class is None else f"/object_info/{node_class}"
         # The full object_info is ~500 KB and takes ~100 ms to build on the server.
-        _s, body, _c = await self._request("GET", path, timeout=max(self._timeout, 60.0))
-        return dict(self._json(body, path))
+        _s, body, _c = await self._request(
+            "GET", path, timeout=max(self._timeout, 60.0), max_bytes=self.limits.object_info
+        )
+        # Node definitions that are not objects (or have junk inputs) are dropped here, so
+        # workflow checks only ever see the shapes ComfyUI documents.
+        return clean_object_info(self._json_object(body, path), self.malformed.report)
 
     async def list_model_folders(self) -> list[str]:
-        return [str(x) for x in await self._get_json("/models")]
+        return await self._get_names("/models")
 
     async def list_models(self, folder: str) -> list[str]:
         """Files in one model folder; :class:`ComfyNotFound` if the folder is unknown."""
-        return [str(x) for x in await self._get_json(f"/models/{folder}")]
+        return await self._get_names(f"/models/{folder}")
 
     async def free(self, *, unload_models: bool = True, free_memory: bool = True) -> None:
         body = {"unload_models": unload_models, "free_memory": free_memory}
@@ -230,14 +258,7 @@ class ComfyClient:
         status, raw, _ctype = await self._request(
             "POST", "/prompt", json_body=body, ok=(200, 400)
         )
-        data = self._json(raw, "/prompt")
-        if status == 400:
-            raise ComfyValidationError(data.get("node_errors") or {}, data.get("error"))
-        queued = QueuedPrompt(
-            prompt_id=str(data["prompt_id"]),
-            number=int(data.get("number", 0)),
-            node_errors=dict(data.get("node_errors") or {}),
-        )
+        queued = parse_queued(status, self._json_object(raw, "/prompt"))
         if queued.partial:
             log.warning(
                 "ComfyUI queued prompt %s without its invalid outputs: %s",
@@ -247,14 +268,20 @@ class ComfyClient:
         return queued
 
     async def queue_remaining(self) -> int:
-        data = await self._get_json("/prompt")
-        return int((data.get("exec_info") or {}).get("queue_remaining", 0))
+        data = await self._get_object("/prompt")
+        info = data.get("exec_info")
+        remaining = info.get("queue_remaining", 0) if isinstance(info, dict) else None
+        if not isinstance(remaining, int) or isinstance(remaining, bool) or remaining < 0:
+            raise ComfyMalformed("answer to /prompt", "no queue_remaining count")
+        return remaining
 
     async def get_queue(self) -> QueueState:
-        data = await self._get_json("/queue")
+        data = await self._get_object("/queue")
+        # Junk rows are skipped (and logged once), the rest of the queue still counts.
+        report = self.malformed.report
         return QueueState(
-            running=parse_queue_items(data.get("queue_running")),
-            pending=parse_queue_items(data.get("queue_pending")),
+            running=parse_queue_items(data.get("queue_running"), report),
+            pending=parse_queue_items(data.get("queue_pending"), report),
         )
 
     async def delete_from_queue(self, prompt_ids: Iterable[str]) -> None:
@@ -274,9 +301,9 @@ class ComfyClient:
         self, prompt_id: str | None = None, max_items: int | None = None
     ) -> dict[str, Any]:
         if prompt_id is not None:
-            return dict(await self._get_json(f"/history/{prompt_id}"))
+            return await self._get_object(f"/history/{prompt_id}")
         params = {"max_items": str(max_items)} if max_items is not None else None
-        return dict(await self._get_json("/history", params=params))
+        return await self._get_object("/history", params=params)
 
     async def delete_history(self, prompt_ids: Iterable[str]) -> None:
         await self._request("POST", "/history", json_body={"delete": list(prompt_ids)})
@@ -285,8 +312,10 @@ class ComfyClient:
         """The finished prompt's result, or None while it is queued/running/unknown."""
         history = await self.get_history(prompt_id)
         entry = history.get(prompt_id)
-        if not isinstance(entry, dict):
+        if entry is None:
             return None
+        if not isinstance(entry, dict):
+            raise ComfyMalformed("history entry", "not a JSON object")
         return parse_history_entry(prompt_id, entry)
 
     async def get_prompt_outputs(self, prompt_id: str) -> list[OutputImage]:
@@ -302,7 +331,8 @@ class ComfyClient:
     async def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         params = {"filename": filename, "subfolder": subfolder, "type": type}
         _s, body, _c = await self._request(
-            "GET", "/view", params=params, timeout=max(self._timeout, 60.0)
+            "GET", "/view", params=params, timeout=max(self._timeout, 60.0),
+            max_bytes=self.limits.view,
         )
         return body
 
@@ -331,10 +361,7 @@ class ComfyClient:
         _s, body, _c = await self._request(
             "POST", "/upload/image", data=form, timeout=max(self._timeout, 120.0)
         )
-        raw = self._json(body, "/upload/image")
-        return UploadedImage(
-            name=str(raw["name"]), subfolder=str(raw.get("subfolder") or ""), type=str(raw["type"])
-        )
+        return parse_uploaded(self._json_object(body, "/upload/image"))
 
 
 def _mime_for(name: str) -> str:

@@ -51,6 +51,45 @@ class ComfyProtocolError(ComfyError):
     """The server's answer did not have the shape ComfyUI's protocol promises."""
 
 
+class ComfyMalformed(ComfyProtocolError):
+    """One message, row, entry or response from ComfyUI has the wrong shape.
+
+    A rented server is untrusted: the stream and the poll loop skip such input (logged
+    once per kind, see :class:`core.comfy.limits.MalformedLog`); a request whose answer is
+    unusable fails with this sentence.
+    """
+
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(f"ComfyUI sent a malformed {kind} ({problem}).")
+        self.kind = kind
+        self.problem = problem
+
+
+class ComfyResponseTooLarge(ComfyProtocolError):
+    """An answer was larger than the cap for its kind (:class:`ResponseLimits`)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        super().__init__(
+            f"ComfyUI's answer to {path} is larger than {limit // (1024 * 1024) or 1} MiB; "
+            "the bot does not read it."
+        )
+        self.path = path
+        self.limit = limit
+
+
+class ComfyRedirectRefused(ComfyHTTPError):
+    """ComfyUI answered with a redirect. Its API never redirects, and following one would
+    let a hostile server make the bot fetch some other (internal) URL, so none is followed."""
+
+    def __init__(self, method: str, path: str, status: int) -> None:
+        super().__init__(method, path, status, "")
+        self.message = (
+            f"ComfyUI answered {method} {path} with a redirect (HTTP {status}); the bot "
+            "does not follow redirects from a server."
+        )
+        self.args = (self.message,)
+
+
 class ComfyValidationError(ComfyError):
     """POST /prompt was rejected (HTTP 400): the workflow did not validate.
 
@@ -65,7 +104,7 @@ class ComfyValidationError(ComfyError):
 
     @property
     def error_type(self) -> str:
-        return str(self.error.get("type", ""))
+        return _name(self.error.get("type"))
 
     def problems(self) -> list[str]:
         """Every node error as a short phrase, for logs or a detailed embed."""
@@ -140,16 +179,30 @@ def _end_sentence(text: str) -> str:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, list | dict):
+        # A server's value may be nested hundreds deep: str() would recurse into all of it.
+        return "a list" if isinstance(value, list) else "an object"
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _type_name(value: Any) -> str:
+    """A ComfyUI type ("INT", "LATENT") as written; anything else shortened."""
+    return value[:80] if isinstance(value, str) else _short(value)
+
+
+def _name(value: Any, limit: int = 80) -> str:
+    """A name or text from ComfyUI's answer; anything but a string is junk."""
+    return value[:limit] if isinstance(value, str) else ""
 
 
 def describe_node_error(err: dict[str, Any]) -> str:
     """One phrase for one entry of ``node_errors[id]["errors"]`` (types from trace 08)."""
     kind = err.get("type", "")
-    extra = err.get("extra_info") or {}
-    name = extra.get("input_name") or ""
-    details = str(err.get("details") or "")
+    extra = err.get("extra_info")
+    extra = extra if isinstance(extra, dict) else {}
+    name = _name(extra.get("input_name"))
+    details = _name(err.get("details"), 2000)
     received = extra.get("received_value")
     config = extra.get("input_config")
     limits = config[1] if isinstance(config, list) and len(config) > 1 else {}
@@ -161,18 +214,20 @@ def describe_node_error(err: dict[str, Any]) -> str:
         return f"required input {name!r} is missing"
     if kind == "value_bigger_than_max":
         bound = limits.get("max")
-        tail = f" of {bound}" if bound is not None else ""
+        tail = f" of {_short(bound)}" if bound is not None else ""
         return f"{name} {_short(received)} is bigger than the maximum{tail}"
     if kind == "value_smaller_than_min":
         bound = limits.get("min")
-        tail = f" of {bound}" if bound is not None else ""
+        tail = f" of {_short(bound)}" if bound is not None else ""
         return f"{name} {_short(received)} is smaller than the minimum{tail}"
     if kind == "invalid_input_type":
-        wanted = config[0] if isinstance(config, list) and config else "the expected type"
+        wanted = (
+            _type_name(config[0]) if isinstance(config, list) and config else "the expected type"
+        )
         return f"{name} {_short(received)} is not a valid {wanted}"
     if kind == "return_type_mismatch":
-        got = extra.get("received_type", "?")
-        wanted = config[0] if isinstance(config, list) and config else "?"
+        got = _type_name(extra.get("received_type", "?"))
+        wanted = _type_name(config[0]) if isinstance(config, list) and config else "?"
         return f"input {name!r} expects {wanted} but is linked to a {got} output"
     if kind == "exception_during_inner_validation":
         return f"input {name!r} is linked to a node that does not exist ({details})"
@@ -180,7 +235,7 @@ def describe_node_error(err: dict[str, Any]) -> str:
         # details look like "image - Invalid image file: not_uploaded.png"
         text = details.split(" - ", 1)[1] if " - " in details else details
         return f"{name}: {text}" if name else text
-    message = str(err.get("message") or kind or "invalid")
+    message = _name(err.get("message"), 2000) or _name(kind) or "invalid"
     if details:
         return f"{message.rstrip('.')} ({_gist(details)})"
     return message.rstrip(".")
@@ -191,8 +246,9 @@ def _node_error_phrases(node_errors: dict[str, Any]) -> list[tuple[str, str]]:
     for node_id, entry in node_errors.items():
         if not isinstance(entry, dict):
             continue
-        label = _node_label(str(node_id), entry.get("class_type"))
-        for err in entry.get("errors") or []:
+        label = _node_label(str(node_id), _name(entry.get("class_type")) or None)
+        errors = entry.get("errors")
+        for err in errors if isinstance(errors, list) else []:
             if isinstance(err, dict):
                 out.append((str(node_id), f"{label}: {describe_node_error(err)}"))
     return out
@@ -206,8 +262,8 @@ def describe_validation_failure(error: dict[str, Any], node_errors: dict[str, An
         more = len(phrases) - 1
         tail = f" (and {more} more problem{'s' if more != 1 else ''})" if more else ""
         return f"ComfyUI rejected the workflow: {first}{tail}."
-    message = str(error.get("message") or "the workflow is invalid").rstrip(".")
-    details = str(error.get("details") or "")
+    message = (_name(error.get("message"), 2000) or "the workflow is invalid").rstrip(".")
+    details = _name(error.get("details"), 2000)
     # invalid_prompt carries the node in details ("Node ID '#2'"); no_prompt repeats itself.
     if details and details != message:
         message = f"{message} ({details})"

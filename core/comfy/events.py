@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from core.comfy.errors import ComfyError, ComfyExecutionError
+from core.comfy.errors import ComfyError, ComfyExecutionError, ComfyMalformed
 from core.comfy.responses import OutputImage, parse_images
 
 # Binary event types (comfy server.py BinaryEventTypes).
@@ -93,8 +93,8 @@ class ProgressState:
 class Progress:
     prompt_id: str | None
     node: str | None
-    value: int
-    max: int
+    value: float  # ComfyUI sends ints for samplers; custom nodes may send floats
+    max: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,110 +236,202 @@ Listener = Callable[[ComfyEvent], None]
 # Decoding (pure functions)
 
 
+# Known message types: the wrong shape for one of these is malformed; an unknown type is
+# passed on as UnknownMessage (ComfyUI and its extensions add types).
+_KNOWN = frozenset({
+    "status", "feature_flags", "execution_start", "execution_cached", "executing", "progress",
+    "progress_state", "executed", "execution_success", "execution_error",
+    "execution_interrupted",
+})
+_PREVIEW_MIMES = frozenset({"image/jpeg", "image/png", "image/webp"})
+
+
+class _Bad(Exception):
+    """A field of the wrong type; decode_message turns it into ComfyMalformed."""
+
+
 def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
+    """An id or name: ComfyUI sends strings (node ids may be numbers in old extensions)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise _Bad(f"{type(value).__name__} where a string belongs")
 
 
-def decode_message(message: dict[str, Any]) -> ComfyEvent:
-    """Decode one text frame ``{"type":..., "data":...}``."""
-    kind = str(message.get("type", ""))
+def _str(value: Any) -> str:
+    text = _opt_str(value)
+    if text is None:
+        raise _Bad("a string is missing")
+    return text
+
+
+def _text(value: Any) -> str:
+    """Free text (an exception message): absent is empty."""
+    return _opt_str(value) or ""
+
+
+def _number(value: Any) -> int | float:
+    """A progress value or count: a finite number >= 0 (a string here once raised
+    TypeError in the progress display)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    what = "a negative number" if _finite(value) else type(value).__name__
+    raise _Bad(f"{what} where a count belongs")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 2**63
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _Bad("a list is missing")
+    return tuple(_str(item) for item in value)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Bad(f"{type(value).__name__} where an object belongs")
+    return value
+
+
+def _timestamp(value: Any) -> int | None:
+    # Only informative: junk becomes None instead of refusing the message.
+    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 2**63:
+        return int(value)
+    return None
+
+
+def decode_message(message: Any) -> ComfyEvent:
+    """Decode one text frame ``{"type":..., "data":...}``.
+
+    Raises :class:`ComfyMalformed` (and nothing else) when the frame is not an object or
+    a known message type has the wrong shape; the stream logs and skips it.
+    """
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ComfyMalformed("WebSocket message", "not an object with a type")
+    kind: str = message["type"]
     data = message.get("data")
-    if not isinstance(data, dict):
-        return UnknownMessage(kind, data)
+    if kind not in _KNOWN:
+        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+        return UnknownMessage(kind, data, prompt_id if isinstance(prompt_id, str) else None)
+    try:
+        if not isinstance(data, dict):
+            raise _Bad("data is not an object")
+        return _decode(kind, data)
+    except _Bad as exc:
+        raise ComfyMalformed(f"{kind[:40]} message", str(exc)) from None
+
+
+def _decode(kind: str, data: dict[str, Any]) -> ComfyEvent:
     pid = _opt_str(data.get("prompt_id"))
-    ts = data.get("timestamp")
+    ts = _timestamp(data.get("timestamp"))
     if kind == "status":
-        info = (data.get("status") or {}).get("exec_info") or {}
-        return Status(int(info.get("queue_remaining", 0)), _opt_str(data.get("sid")))
+        info = _object(_object(data.get("status")).get("exec_info"))
+        remaining = _number(info.get("queue_remaining", 0))
+        return Status(max(0, int(remaining)), _opt_str(data.get("sid")))
     if kind == "feature_flags":
         return FeatureFlags(dict(data))
     if pid is None and kind != "executing" and kind != "progress":
-        return UnknownMessage(kind, data)
+        raise _Bad("prompt_id is missing")
     if kind == "execution_start":
-        return ExecutionStart(str(pid), ts)
+        return ExecutionStart(_str(pid), ts)
     if kind == "execution_cached":
-        return ExecutionCached(str(pid), tuple(str(n) for n in data.get("nodes") or ()), ts)
+        return ExecutionCached(_str(pid), _strings(data.get("nodes")), ts)
     if kind == "executing":
         return Executing(pid, _opt_str(data.get("node")), _opt_str(data.get("display_node")))
     if kind == "progress":
-        return Progress(pid, _opt_str(data.get("node")), data.get("value", 0), data.get("max", 0))
+        return Progress(
+            pid, _opt_str(data.get("node")),
+            _number(data.get("value", 0)), _number(data.get("max", 0)),
+        )
     if kind == "progress_state":
-        nodes = {
-            str(node_id): NodeProgress(
-                node_id=str(info.get("node_id", node_id)),
-                value=info.get("value", 0),
-                max=info.get("max", 0),
-                state=str(info.get("state", "")),
+        nodes: dict[str, NodeProgress] = {}
+        for node_id, info in _object(data.get("nodes")).items():
+            info = _object(info)
+            nodes[node_id] = NodeProgress(
+                node_id=_str(info.get("node_id", node_id)),
+                value=_number(info.get("value", 0)),
+                max=_number(info.get("max", 0)),
+                state=_text(info.get("state")),
                 display_node_id=_opt_str(info.get("display_node_id")),
                 parent_node_id=_opt_str(info.get("parent_node_id")),
                 real_node_id=_opt_str(info.get("real_node_id")),
             )
-            for node_id, info in (data.get("nodes") or {}).items()
-            if isinstance(info, dict)
-        }
-        return ProgressState(str(pid), nodes)
+        return ProgressState(_str(pid), nodes)
     if kind == "executed":
-        node = str(data.get("node"))
-        output = data.get("output") or {}
+        node = _str(data.get("node"))
+        output = _object(data.get("output"))
         return Executed(
-            str(pid),
-            node,
-            _opt_str(data.get("display_node")),
-            dict(output),
+            _str(pid), node, _opt_str(data.get("display_node")), dict(output),
             tuple(parse_images(node, output)),
         )
     if kind == "execution_success":
-        return ExecutionSuccess(str(pid), ts)
+        return ExecutionSuccess(_str(pid), ts)
     if kind == "execution_error":
+        traceback = data.get("traceback")
         return ExecutionError(
-            prompt_id=str(pid),
+            prompt_id=_str(pid),
             node_id=_opt_str(data.get("node_id")),
             node_type=_opt_str(data.get("node_type")),
-            exception_message=str(data.get("exception_message") or ""),
-            exception_type=str(data.get("exception_type") or ""),
-            executed=tuple(str(n) for n in data.get("executed") or ()),
-            traceback=tuple(str(line) for line in data.get("traceback") or ()),
+            exception_message=_text(data.get("exception_message")),
+            exception_type=_text(data.get("exception_type")),
+            executed=_strings(data.get("executed")),
+            # Only logged: lines that are not strings are dropped rather than refused.
+            traceback=tuple(
+                line for line in (traceback if isinstance(traceback, list) else [])
+                if isinstance(line, str)
+            ),
             timestamp=ts,
         )
-    if kind == "execution_interrupted":
-        return ExecutionInterrupted(
-            prompt_id=str(pid),
-            node_id=_opt_str(data.get("node_id")),
-            node_type=_opt_str(data.get("node_type")),
-            executed=tuple(str(n) for n in data.get("executed") or ()),
-            timestamp=ts,
-        )
-    return UnknownMessage(kind, data, pid)
+    # execution_interrupted (the last of _KNOWN)
+    return ExecutionInterrupted(
+        prompt_id=_str(pid),
+        node_id=_opt_str(data.get("node_id")),
+        node_type=_opt_str(data.get("node_type")),
+        executed=_strings(data.get("executed")),
+        timestamp=ts,
+    )
 
 
 def decode_binary(
     frame: bytes, *, current_prompt: str | None = None, current_node: str | None = None
 ) -> PreviewEvent | TextEvent | None:
-    """Decode one binary frame; None for types we do not understand."""
+    """Decode one binary frame; None for types we do not understand.
+
+    Raises :class:`ComfyMalformed` for a known type whose header or metadata is junk.
+    """
     if len(frame) < 8:
         return None
-    (event_type,) = struct.unpack(">I", frame[:4])
+    event_type, second = struct.unpack(">II", frame[:8])
     if event_type == BINARY_PREVIEW_IMAGE:
-        (fmt,) = struct.unpack(">I", frame[4:8])
-        mime = _PREVIEW_FORMATS.get(fmt, "application/octet-stream")
+        mime = _PREVIEW_FORMATS.get(second)
+        if mime is None:
+            raise ComfyMalformed("preview frame", f"unknown image format {second}")
         return PreviewEvent(current_prompt, current_node, frame[8:], mime)
     if event_type == BINARY_PREVIEW_IMAGE_WITH_METADATA:
-        (length,) = struct.unpack(">I", frame[4:8])
+        if 8 + second > len(frame):
+            raise ComfyMalformed("preview frame", "metadata longer than the frame")
         try:
-            meta = json.loads(frame[8 : 8 + length])
-        except ValueError:
-            return None
-        if not isinstance(meta, dict):
-            return None
-        return PreviewEvent(
-            _opt_str(meta.get("prompt_id")),
-            _opt_str(meta.get("node_id")),
-            frame[8 + length :],
-            str(meta.get("image_type") or "image/jpeg"),
-            meta,
-        )
+            meta = json.loads(frame[8 : 8 + second])
+        except (ValueError, RecursionError):
+            raise ComfyMalformed("preview frame", "metadata is not JSON") from None
+        mime = meta.get("image_type", "image/jpeg") if isinstance(meta, dict) else None
+        if mime not in _PREVIEW_MIMES:
+            raise ComfyMalformed("preview frame", "metadata without a known image type")
+        try:
+            prompt_id, node_id = _opt_str(meta.get("prompt_id")), _opt_str(meta.get("node_id"))
+        except _Bad as exc:
+            raise ComfyMalformed("preview frame", str(exc)) from None
+        return PreviewEvent(prompt_id, node_id, frame[8 + second :], mime, meta)
     if event_type == BINARY_TEXT:
-        (length,) = struct.unpack(">I", frame[4:8])
-        node_id = frame[8 : 8 + length].decode("utf-8", "replace")
-        return TextEvent(current_prompt, node_id, frame[8 + length :].decode("utf-8", "replace"))
+        if 8 + second > len(frame):
+            raise ComfyMalformed("text frame", "node id longer than the frame")
+        node_id = frame[8 : 8 + second].decode("utf-8", "replace")
+        return TextEvent(current_prompt, node_id, frame[8 + second :].decode("utf-8", "replace"))
     return None

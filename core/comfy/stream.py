@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 
 from core.comfy.client import ComfyClient
-from core.comfy.errors import ComfyUnreachable
+from core.comfy.errors import ComfyMalformed, ComfyUnreachable
 from core.comfy.events import (
     ComfyEvent,
     Disconnected,
@@ -49,15 +49,13 @@ from core.comfy.events import (
     decode_binary,
     decode_message,
 )
+from core.comfy.limits import DEFAULT_LIMITS, MalformedLog, ResponseLimits, no_redirects_trace
 from core.comfy.subscriptions import EventFanout, EventSubscription
 from core.comfy.tracking import PromptTracker
 from core.retry import Backoff
 from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
-
-# Previews are ~55-80 KB JPEGs, but SaveImageWebsocket sends full-size PNGs (trace 17).
-_MAX_WS_MESSAGE = 256 * 1024 * 1024
 
 
 class ComfyEventStream:
@@ -76,6 +74,7 @@ class ComfyEventStream:
         poll_interval: float = 30.0,
         lost_grace: float = 30.0,
         preview_metadata: bool = True,
+        limits: ResponseLimits = DEFAULT_LIMITS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
@@ -91,6 +90,13 @@ class ComfyEventStream:
         # same clientId closes after the new one registered, and then sends us nothing.
         self._poll_interval = poll_interval
         self._preview_metadata = preview_metadata
+        # Previews are ~55-80 KB JPEGs, but SaveImageWebsocket sends full-size PNGs
+        # (trace 17): the cap is the one for images (core.comfy.limits).
+        self._max_ws_message = limits.ws_message
+        self._malformed = MalformedLog(log, self.base_url)
+        # The handshake's own session (sharing the connection pool): aiohttp's ws_connect
+        # follows redirects and takes no allow_redirects, so this session refuses them.
+        self._ws_session: aiohttp.ClientSession | None = None
 
         self._tasks = TaskRegistry(f"ComfyUI events {self.base_url}")
         self._tracker = PromptTracker(
@@ -143,6 +149,8 @@ class ComfyEventStream:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 5.0)
         await self._tasks.close(timeout=5.0)
+        if self._ws_session is not None:
+            await self._ws_session.close()  # not the shared connector: connector_owner=False
         self._connected.clear()
         self._fanout.close()
         self._tracker.clear()
@@ -183,6 +191,15 @@ class ComfyEventStream:
 
     # -- connection ----------------------------------------------------------------------
 
+    def _handshake_session(self) -> aiohttp.ClientSession:
+        if self._ws_session is None:
+            self._ws_session = aiohttp.ClientSession(
+                connector=self._session.connector,
+                connector_owner=False,
+                trace_configs=[no_redirects_trace()],
+            )
+        return self._ws_session
+
     async def _run(self) -> None:
         url = f"{self.base_url}/ws"
         attempt = 0
@@ -190,11 +207,11 @@ class ComfyEventStream:
         while not self._closing:
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    ws = await self._session.ws_connect(
+                    ws = await self._handshake_session().ws_connect(
                         url,
                         params={"clientId": self.client_id},
                         heartbeat=self._heartbeat,
-                        max_msg_size=_MAX_WS_MESSAGE,
+                        max_msg_size=self._max_ws_message,
                         timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                     )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -230,10 +247,15 @@ class ComfyEventStream:
                     )
                     self._fanout.dispatch(Reconnected(attempt, downtime))
                 attempt = 0
-                await self._read(ws)
+                reason = await self._read(ws) or reason
                 if ws.exception() is not None:
-                    reason = f"error: {type(ws.exception()).__name__}"
+                    reason = f"error: {ws.exception()}"
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                reason = f"error: {type(exc).__name__}"
+            except Exception as exc:  # noqa: BLE001 - the runner must outlive any bug
+                # _read contains what a message can cause; this is the last guard that
+                # keeps the server's only event task alive.
+                self._malformed.report("connection state", repr(exc), exc_info=exc)
                 reason = f"error: {type(exc).__name__}"
             finally:
                 self._ws = None
@@ -249,19 +271,20 @@ class ComfyEventStream:
             self._fanout.dispatch(Disconnected(reason))
             await asyncio.sleep(self._reconnect.delay(1))
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str | None:
+        """Read until the socket ends. A malformed frame is logged (once per kind) and
+        skipped; it never ends the connection. Returns why the socket failed, if it did."""
         first_status = True
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
+                event = self._decode_text(msg.data)
+                if event is None:
+                    continue
                 try:
-                    raw = json.loads(msg.data)
-                except ValueError:
-                    log.warning("ComfyUI %s sent a text frame that is not JSON", self.base_url)
+                    self._handle(event)
+                except Exception as exc:  # noqa: BLE001 - one message never ends the socket
+                    self._malformed.report(f"{type(event).__name__} event", repr(exc), exc_info=exc)
                     continue
-                if not isinstance(raw, dict):
-                    continue
-                event = decode_message(raw)
-                self._handle(event)
                 if first_status and isinstance(event, Status):
                     # The first status arrives after the server registered our socket, so
                     # from here on nothing is missed: reconcile what happened meanwhile.
@@ -270,15 +293,31 @@ class ComfyEventStream:
                         self._tasks.spawn(self._tracker.reconcile("connected"),
                                           name="comfy-events:reconcile")
             elif msg.type == aiohttp.WSMsgType.BINARY:
-                decoded = decode_binary(
-                    msg.data, current_prompt=self._current_prompt, current_node=self._current_node
-                )
+                try:
+                    decoded = decode_binary(
+                        msg.data, current_prompt=self._current_prompt,
+                        current_node=self._current_node,
+                    )
+                except ComfyMalformed as exc:
+                    self._malformed.report(exc.kind, exc.problem)
+                    continue
                 if decoded is None:
-                    log.debug("ComfyUI %s sent an unknown binary frame", self.base_url)
+                    self._malformed.report("binary frame", "unknown frame type")
                     continue
                 self._fanout.dispatch(decoded)
             elif msg.type == aiohttp.WSMsgType.ERROR:
-                break
+                # e.g. a frame over the cap: aiohttp closes with 1009 and we reconnect.
+                return f"error: {msg.data}"
+        return None
+
+    def _decode_text(self, text: str) -> ComfyEvent | None:
+        try:
+            return decode_message(json.loads(text))
+        except (ValueError, RecursionError):
+            self._malformed.report("text frame", "not JSON")
+        except ComfyMalformed as exc:
+            self._malformed.report(exc.kind, exc.problem)
+        return None
 
     # -- tracking ------------------------------------------------------------------------
 
@@ -315,5 +354,9 @@ class ComfyEventStream:
     async def _poll_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self._poll_interval)
-            if self._tracker:
+            if not self._tracker:
+                continue
+            try:
                 await self._tracker.reconcile("poll")
+            except Exception as exc:  # noqa: BLE001 - the loop outlives one bad answer
+                self._malformed.report("poll answer", repr(exc), exc_info=exc)

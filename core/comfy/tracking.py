@@ -15,7 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.comfy.client import ComfyClient
-from core.comfy.errors import ComfyError, ComfyExecutionError, ComfyInterrupted, ComfyPromptLost
+from core.comfy.errors import (
+    ComfyError,
+    ComfyExecutionError,
+    ComfyInterrupted,
+    ComfyMalformed,
+    ComfyPromptLost,
+)
 from core.comfy.events import (
     ComfyEvent,
     Executed,
@@ -155,12 +161,22 @@ class PromptTracker:
             tracked, PromptDone(tracked.prompt_id, result.status, result.outputs, error, True)
         )
 
+    def _finish_malformed(self, tracked: _Tracked, exc: ComfyMalformed) -> None:
+        # The prompt is over (it left the queue) but its outcome is junk: asking again
+        # would get the same entry, so the job ends with the protocol error.
+        log.warning("History of prompt %s on %s is malformed: %s", tracked.prompt_id,
+                    self._base_url, exc)
+        self._finish(tracked, PromptDone(tracked.prompt_id, "error", (), exc, True))
+
     async def _resolve_from_history(self, prompt_id: str) -> None:
         tracked = self._tracked.get(prompt_id)
         if tracked is None or tracked.done:
             return
         try:
             result = await self._client.get_prompt_result(prompt_id)
+        except ComfyMalformed as exc:
+            self._finish_malformed(tracked, exc)
+            return
         except ComfyError as exc:
             log.warning("Could not read the history of prompt %s: %s", prompt_id, exc)
             return  # the next reconnect or poll tick tries again
@@ -190,6 +206,9 @@ class PromptTracker:
                     continue
                 try:
                     result = await self._client.get_prompt_result(tracked.prompt_id)
+                except ComfyMalformed as exc:
+                    self._finish_malformed(tracked, exc)
+                    continue
                 except ComfyError as exc:
                     log.warning("Reconcile (%s) of %s failed: %s", reason, self._base_url, exc)
                     return

@@ -218,12 +218,45 @@ def is_link(value: Any) -> bool:
     )
 
 
+# An API workflow is node -> inputs -> value, and a value is at most a small list or
+# object: real exports stay under 10 levels. Deeper JSON is refused before anything
+# recursive (copy.deepcopy, the JSON column, aiohttp's json.dumps) meets it.
+MAX_WORKFLOW_DEPTH = 32
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """True if ``value`` nests lists/objects deeper than ``limit`` (iterative: no
+    RecursionError however deep the input is)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def load_api_workflow(text: str | bytes) -> Workflow:
     """Parse a workflow exported with "Save (API Format)"; reject the UI format clearly."""
     try:
         data = json.loads(text)
+    except RecursionError:
+        # json's C decoder recurses per level; thousands of "[" raise this.
+        raise ValidationFailed(
+            f"The workflow is nested too deeply (more than {MAX_WORKFLOW_DEPTH} levels)."
+        ) from None
     except ValueError as exc:
         raise ValidationFailed("The workflow file is not valid JSON.") from exc
+    if json_depth_exceeds(data, MAX_WORKFLOW_DEPTH):
+        raise ValidationFailed(
+            f"The workflow is nested too deeply (more than {MAX_WORKFLOW_DEPTH} levels)."
+        )
     if not isinstance(data, dict):
         raise ValidationFailed("The workflow must be a JSON object.")
     if "nodes" in data and "links" in data:
@@ -333,7 +366,7 @@ def validate_against_object_info(
         for name, value in inputs.items():
             if name not in spec:
                 continue
-            wanted = spec[name][0]
+            wanted = spec[name][0] if spec[name] else None
             if is_link(value):
                 source = workflow.get(value[0])
                 if source is None:
@@ -343,8 +376,12 @@ def validate_against_object_info(
                     )
                     continue
                 source_def = object_info.get(source.get("class_type")) or {}
+                if not isinstance(source_def, dict):
+                    source_def = {}
                 outputs = source_def.get("output") or []
-                if source_def and value[1] >= len(outputs):
+                if not isinstance(outputs, list):
+                    outputs = []
+                if source_def and not 0 <= value[1] < len(outputs):
                     problems.append(
                         f"node {node_id} ({class_type}): input {name!r} links to output "
                         f"{value[1]} of node {value[0]}, which has {len(outputs)}"

@@ -1,13 +1,26 @@
 """Download sources: which URLs are allowed, how they are shown (redacted), which token
-goes to which host, and probing the source from the server before anything is written."""
+goes to which host, and probing the source from the server before anything is written.
+
+Redirects: Hugging Face and Civitai answer every file URL with a redirect to a CDN or a
+signed storage URL, so a source's redirects are followed, but the probe follows them hop
+by hop and checks each target first (:func:`redirect_problem`): a redirect may stay on the
+origin the member gave, or go to a public https host; never to http elsewhere, to an IP
+literal that is not global (loopback, private, link-local such as a cloud metadata
+service), or to localhost/.internal/.local names. At most :data:`MAX_REDIRECTS` hops.
+Names are not resolved by the bot (curl resolves them on the server), so a public name
+that resolves to a private address is not caught; the probe only reports a status, a size
+and a file name, and the body is only ever written into the model folder.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import SecretStr
 
@@ -20,12 +33,19 @@ from core.redact import redact_url  # noqa: F401 - the one redaction, re-exporte
 from core.servers import ServerView
 from core.ssh import SSHPool, SSHTarget
 
+log = logging.getLogger(__name__)
+
 # Hosts whose token from the config is sent (a host matches itself and its subdomains).
 HF_HOSTS = ("huggingface.co", "hf.co")
 CIVITAI_HOSTS = ("civitai.com",)
 
 MAX_URL_LENGTH = 2048
 PROBE_TIMEOUT = 30
+MAX_REDIRECTS = 10
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_INTERNAL_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa")
+# A host written as numbers (2130706433, 0x7f.1, 127.1): curl takes these as IPv4.
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*$")
 
 
 def validate_url(url: str, http_allowlist: Iterable[str] = ()) -> str:
@@ -96,6 +116,47 @@ def auth_headers(tokens: dict[str, SecretStr], url: str) -> list[str]:
     return []
 
 
+def _internal_host(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(_INTERNAL_SUFFIXES):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return bool(_NUMERIC_HOST.match(host))  # numeric forms: refused, no CDN uses them
+    return not address.is_global
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def redirect_problem(start_url: str, target: str) -> str | None:
+    """Why a redirect from the member's URL chain to ``target`` is not followed, or None.
+
+    Allowed: the origin of ``start_url`` (already validated, including the http
+    allow-list), or https to a public host.
+    """
+    if len(target) > MAX_URL_LENGTH or any(ch.isspace() or ord(ch) < 32 for ch in target):
+        return "the target is not a valid URL"
+    try:
+        parts = urlsplit(target)
+        origin = _origin(parts)
+    except ValueError:
+        return "the target is not a valid URL"
+    if parts.username is not None or parts.password is not None:
+        return "the target carries a user name or password"
+    if origin == _origin(urlsplit(start_url)):
+        return None
+    if origin[0] != "https":
+        return "the target is not https"
+    if not origin[1] or _internal_host(origin[1]):
+        return "the target is an internal address"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     status: int
@@ -111,14 +172,42 @@ async def probe(
 
     A range GET rather than HEAD because signed CDN URLs (Hugging Face, Civitai) are
     often signed for GET only. --max-filesize stops a source that ignores the range.
+    Redirects are followed here, one curl run per hop, each target checked first (see
+    the module docstring); the token headers go only to the host they were given for.
     """
+    host = (urlsplit(url).hostname or "").lower()
+    hop = url
+    for _ in range(MAX_REDIRECTS + 1):
+        hop_headers = headers if (urlsplit(hop).hostname or "").lower() == host else []
+        status, out, location = await _probe_once(ssh, target, server, hop, hop_headers, proto)
+        if status not in _REDIRECT_STATUSES or not location:
+            return _probe_result(status, out)
+        problem = redirect_problem(url, location)
+        if problem is not None:
+            # The target may carry a signed query: it is named only redacted, in the log.
+            log.warning("Not following a redirect of %s to %s: %s", redact_url(url),
+                        redact_url(location), problem)
+            raise SourceError(
+                f"The source redirected to an address the bot does not follow ({problem}).",
+                status,
+            )
+        hop = location
+    raise SourceError(f"The source redirected more than {MAX_REDIRECTS} times.")
+
+
+async def _probe_once(
+    ssh: SSHPool, target: SSHTarget, server: ServerView, url: str, headers: list[str],
+    proto: str,
+) -> tuple[int, str, str]:
+    """One request without following redirects: (status, output, redirect target)."""
     config = curl_config(url, headers)
     script = (
         f"command -v curl >/dev/null 2>&1 || {{ echo {MARK}nocurl; exit 0; }}; "
-        f"curl -K - -sS -L --max-redirs 10 --proto {shlex.quote(proto)} "
-        f"--proto-redir {shlex.quote(proto)} --range 0-0 --max-filesize 1048576 "
+        f"curl -K - -sS --proto {shlex.quote(proto)} "
+        f"--range 0-0 --max-filesize 1048576 "
         f"--connect-timeout 15 --max-time {PROBE_TIMEOUT} -o /dev/null -D - "
-        f"-w '\\n{MARK}status %{{http_code}}\\n'; echo \"{MARK}exit $?\""
+        f"-w '\\n{MARK}status %{{http_code}}\\n{MARK}location %{{redirect_url}}\\n'; "
+        f"echo \"{MARK}exit $?\""
     )
     result = await ssh.run(target, script, timeout=PROBE_TIMEOUT + 15, input=config, check=True)
     out = result.stdout
@@ -129,6 +218,14 @@ async def probe(
     if status == 0:
         reason = last_line(result.stderr) or f"curl exit status {code}"
         raise SourceError(f"The server '{server.name}' could not reach the URL: {reason}.")
+    location = ""
+    for line in out.splitlines():
+        if line.startswith(f"{MARK}location "):
+            location = line[len(f"{MARK}location "):].strip()
+    return status, out, location
+
+
+def _probe_result(status: int, out: str) -> Probe:
     blocks = _header_blocks(out)
     final = blocks[-1] if blocks else {}
     raise_for_source_status(status)

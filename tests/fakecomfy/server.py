@@ -34,6 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from tests.fakecomfy import facts, images
 from tests.fakecomfy.engine import ExecutionList, Prompt, Validator, is_link, signatures
+from tests.fakecomfy.hostile import HostileModes, send_junk
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class FakeComfy:
         self.output_image = output_image
         self.output_size = output_size
         self.refuse_websockets = False
+        # What a stranger's server sends instead of ComfyUI's answers (tests/fakecomfy/hostile).
+        self.hostile = HostileModes()
         # ComfyUI pops sid from its socket table when *any* socket of that sid closes,
         # even if a newer one replaced it. Kept by default because the real server does.
         self.socket_table_quirk = socket_table_quirk
@@ -266,6 +269,10 @@ class FakeComfy:
         delay, then handle normally; use a long delay to provoke client timeouts)."""
         self._faults.append(HttpFault(path, method, status, body, delay, times))
 
+    async def send_junk(self) -> None:
+        """Every junk WebSocket frame of tests/fakecomfy/hostile to every open socket."""
+        await send_junk(list(self._all_ws))
+
     def fail_node(self, node: str, message: str = "CUDA out of memory",
                   exception_type: str = "torch.OutOfMemoryError") -> None:
         """Make a node (by id or class_type) raise while it runs."""
@@ -363,6 +370,9 @@ class FakeComfy:
             netloc = re.sub(r"^[a-z]+://", "", origin.lower()).split("/")[0]
             if netloc != host:
                 return web.Response(status=403)
+        hostile = await self.hostile.answer(request)
+        if hostile is not None:
+            return hostile
         for fault in list(self._faults):
             if fault.times == 0 or not request.path.startswith(fault.path):
                 continue
