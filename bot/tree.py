@@ -9,6 +9,7 @@ from discord import app_commands
 
 from bot.checks import NotAdmin, actor_of, is_admin_command
 from bot.context import bot_of
+from bot.rendering import echo, fit_content
 from core.audit import OUTCOME_ERROR, OUTCOME_REFUSED
 from core.errors import GENERIC_FAILURE, ComfyVastError, PermissionDenied
 
@@ -30,14 +31,19 @@ def describe_error(error: Exception) -> tuple[str, bool]:
     if isinstance(error, app_commands.MissingPermissions | app_commands.BotMissingPermissions):
         return str(error), True
     if isinstance(error, app_commands.TransformerError):
-        return f"'{error.value}' is not a valid value for this option.", True
+        return f"'{echo(error.value)}' is not a valid value for this option.", True
     if isinstance(error, app_commands.CheckFailure):
         return "You can't use this command here.", True
     return GENERIC_FAILURE, False
 
 
 async def send_ephemeral(interaction: discord.Interaction, content: str) -> None:
-    """Reply privately whether or not the interaction was already acknowledged."""
+    """Reply privately whether or not the interaction was already acknowledged.
+
+    The text is clipped to Discord's 2000 characters: an error sentence may quote what a
+    member typed, and a refused reply would leave them on "thinking..." for ever.
+    """
+    content = fit_content(content) or "-"
     try:
         if interaction.response.is_done():
             await interaction.followup.send(content, ephemeral=True)
