@@ -241,3 +241,18 @@ async def test_an_output_that_is_not_an_image_is_refused(
     row = await finished_row(studio)
     assert row.status == "failed" and "not an image" in row.error_message
     assert not [m for m in studio.fake.messages.values() if m.attachments]
+
+
+async def test_autocomplete_offers_only_names_it_can_send_whole(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    long_name = "a" * 120 + ".safetensors"
+    comfy.models["checkpoints"] = [long_name, "sd15.safetensors"]
+    studio.services.generation.catalog.invalidate(1)
+    choices = await studio.fake.autocomplete(
+        "generate", {"prompt": "x", "model": ""}, "model", user=studio.fake.member
+    )
+    # A value cut to 100 characters would name a model that does not exist.
+    assert [(c["name"], c["value"]) for c in choices] == [
+        ("sd15.safetensors", "sd15.safetensors")]
+    assert not refused_requests(studio)
