@@ -256,3 +256,32 @@ async def test_autocomplete_offers_only_names_it_can_send_whole(
     assert [(c["name"], c["value"]) for c in choices] == [
         ("sd15.safetensors", "sd15.safetensors")]
     assert not refused_requests(studio)
+
+
+def test_fit_embed_always_passes_discords_checks() -> None:
+    import random
+
+    import discord
+
+    from bot.rendering import fit_embed, fit_message
+
+    rng = random.Random(12)
+
+    def text(top: int) -> str:
+        return "x" * rng.choice([0, 1, 50, top // 2, top, top + 1, top * 3])
+
+    for _ in range(300):
+        embeds = []
+        for _ in range(rng.choice([1, 1, 2, 10])):
+            embed = discord.Embed(title=text(256) or None, description=text(4096) or None)
+            for _ in range(rng.choice([0, 3, 25, 40])):
+                embed.add_field(name=text(256), value=text(1024))
+            embed.set_footer(text=text(2048) or None)
+            if rng.random() < 0.5:
+                embed.set_author(name=text(256) or "a")
+            embeds.append(embed)
+        kwargs = fit_message({"content": text(2000), "embeds": embeds})
+        assert len(kwargs["content"]) <= 2000
+        FakeDiscord._validate_embeds([e.to_dict() for e in kwargs["embeds"]])
+    single = fit_embed(discord.Embed(description="d" * 5000, title="t"))
+    assert single.description and len(single.description) == 4096
