@@ -20,6 +20,7 @@ from bot.checks import actor_of
 from bot.context import BotContext, bot_of
 from bot.job_render import (
     DEFAULT_UPLOAD_LIMIT,
+    MAX_FILES_PER_MESSAGE,
     STATUS_WORDS,
     files_of,
     plan_upload,
@@ -230,6 +231,11 @@ async def launch_jobs(
 # --------------------------------------------------------------------------- observer
 
 
+def _part_marker(job_id: int) -> str:
+    """How a later part of a batch's result begins (found again after a restart)."""
+    return f"Job #{job_id}, part "
+
+
 class DiscordJobObserver(JobObserver):
     """Renders job events into the status message and delivers results to the channel."""
 
@@ -277,13 +283,18 @@ class DiscordJobObserver(JobObserver):
         if job.channel_id is None:
             return
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-        existing = await self._find_delivery(channel, job) if check_existing else None
+        existing, parts_posted = (
+            await self._find_delivery(channel, job) if check_existing else (None, set())
+        )
+        if existing is not None and len(images) < MAX_FILES_PER_MESSAGE:
+            self._results[job.id] = existing.jump_url  # one message, already posted
+            return
+        limit = self._upload_limit(job.guild_id)
+        if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
+            messages, shown = [images], images[0].filename  # nothing to re-encode
+        else:
+            messages, shown = await asyncio.to_thread(plan_upload, images, limit)
         if existing is None:
-            limit = self._upload_limit(job.guild_id)
-            if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
-                messages, shown = [images], images[0].filename  # nothing to re-encode
-            else:
-                messages, shown = await asyncio.to_thread(plan_upload, images, limit)
             upscale = self.bot.services.generation.has_upscale_model(job.server_id)
             existing = await channel.send(
                 content=f"<@{job.user_id}>",
@@ -296,15 +307,19 @@ class DiscordJobObserver(JobObserver):
                 # Discord drops a second message with the same nonce sent shortly after.
                 nonce=f"cvjob{job.id}",
             )
-            for part, files in enumerate(messages[1:], start=2):
-                await channel.send(
-                    content=f"Job #{job.id}, part {part} of {len(messages)}",
-                    files=files_of(files),
-                    allowed_mentions=discord.AllowedMentions.none(),
-                    reference=existing,
-                    mention_author=False,
-                    nonce=f"cvjob{job.id}p{part}",
-                )
+        # The rest of a large batch, as replies to the first message; after a restart, only
+        # the parts that had not been posted yet (the plan is the same for the same images).
+        for part, files in enumerate(messages[1:], start=2):
+            if part in parts_posted:
+                continue
+            await channel.send(
+                content=f"{_part_marker(job.id)}{part} of {len(messages)}",
+                files=files_of(files),
+                allowed_mentions=discord.AllowedMentions.none(),
+                reference=existing,
+                mention_author=False,
+                nonce=f"cvjob{job.id}p{part}",
+            )
         self._results[job.id] = existing.jump_url
 
     async def on_finished(self, job: JobView) -> None:
@@ -327,27 +342,37 @@ class DiscordJobObserver(JobObserver):
 
     async def _find_delivery(
         self, channel: discord.PartialMessageable, job: JobView
-    ) -> discord.Message | None:
-        """A result message already posted for this job (a restart mid-delivery)."""
+    ) -> tuple[discord.Message | None, set[int]]:
+        """The result message already posted for this job (a restart mid-delivery), and the
+        numbers of the batch's later parts already posted."""
         if job.message_id is None:
-            return None
+            return None, set()
         marker = f"Job #{job.id} "
+        parts = _part_marker(job.id)
+        found: discord.Message | None = None
+        posted: set[int] = set()
         try:
             async for message in channel.history(
                 after=discord.Object(id=job.message_id), limit=100
             ):
                 if message.author.id != self.bot.user.id:  # type: ignore[union-attr]
                     continue
+                if message.content.startswith(parts) and message.attachments:
+                    number = message.content[len(parts) :].split(" ", 1)[0]
+                    if number.isdigit():
+                        posted.add(int(number))
+                    continue
                 for embed in message.embeds:
                     if (
-                        embed.footer.text
+                        found is None
+                        and embed.footer.text
                         and (embed.footer.text + " ").startswith(marker)
                         and message.attachments
                     ):
-                        return message
+                        found = message
         except discord.HTTPException as exc:
             log.warning("could not read channel history to check delivery: %s", exc)
-        return None
+        return found, posted
 
     def _upload_limit(self, guild_id: int | None) -> int:
         guild = self.bot.get_guild(guild_id) if guild_id else None

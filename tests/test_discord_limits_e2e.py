@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -21,7 +22,7 @@ from PIL import Image
 from bot.diagnose_render import diagnosis_embed
 from core.comfy.workflows import GenerationParams, build_workflow
 from core.diagnostics import Check, DiagnosticReport
-from tests.conftest import BotEnv, _answered
+from tests.conftest import BotEnv, _answered, add_server, bot_settings, start_bot
 from tests.fakecomfy import FakeComfy
 from tests.fakediscord import FakeDiscord
 from tests.test_generation_e2e import finished_row, generate, job_row, status_message
@@ -113,6 +114,41 @@ async def test_a_batch_of_sixteen_is_posted_ten_attachments_at_most(
     names = [a.filename for m in posted for a in m.attachments[:]][1:]
     assert names == [f"comfyvast-{row.id}-{n}.png" for n in range(1, 17)]
     assert not refused_requests(studio)
+
+
+async def test_a_restart_mid_batch_posts_only_the_missing_part(
+    fake_discord: FakeDiscord, tmp_path: Path, comfy: FakeComfy
+) -> None:
+    settings = bot_settings(tmp_path, fake_discord, limits={"max_batch": 16})
+    first = await start_bot(fake_discord, settings)
+    await add_server(first, "gpu-1", comfy.url)
+    await generate(first, {"prompt": "many", "batch": 12})
+    row = await finished_row(first, timeout=30)
+    await first.stop()
+    [main, part] = [m for m in fake_discord.messages.values() if m.attachments]
+    assert part.content == f"Job #{row.id}, part 2 of 2" and len(part.attachments) == 3
+    # A crash after the first message, before the second: the row still says running.
+    part.deleted = True
+    from sqlalchemy import update
+
+    from core.db.engine import create_engine, create_session_factory
+    from core.db.models import ComfyGeneration
+
+    engine = create_engine(settings.database.url)
+    async with create_session_factory(engine).begin() as session:
+        await session.execute(update(ComfyGeneration).where(ComfyGeneration.id == row.id)
+                              .values(status="running", delivered_at=None, completed_at=None))
+    await engine.dispose()
+    second = await start_bot(fake_discord, settings)
+    try:
+        row = await finished_row(second, row.id, timeout=30)
+        assert row.status == "completed", row.error_message
+        posted = [m for m in fake_discord.messages.values() if m.attachments and not m.deleted]
+        assert [m.id for m in posted][0] == main.id and len(posted) == 2
+        assert posted[1].content == f"Job #{row.id}, part 2 of 2"
+        assert [a.data for a in posted[1].attachments] == [a.data for a in part.attachments]
+    finally:
+        await second.stop()
 
 
 async def test_a_long_node_title_keeps_the_progress_field_within_1024(
