@@ -30,7 +30,13 @@ from bot.job_render import (
 from bot.relay import MessageRelay
 from bot.tree import send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
-from core.generation import GenerationRequest, InputImage, JobObserver, JobView
+from core.generation import (
+    GenerationFailed,
+    GenerationRequest,
+    InputImage,
+    JobObserver,
+    JobView,
+)
 from core.images import UPLOAD_MARGIN, ImageFile, ImageRejected, thumbnail
 
 log = logging.getLogger(__name__)
@@ -293,7 +299,12 @@ class DiscordJobObserver(JobObserver):
         if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
             messages, shown = [images], images[0].filename  # nothing to re-encode
         else:
-            messages, shown = await asyncio.to_thread(plan_upload, images, limit)
+            try:
+                messages, shown = await asyncio.to_thread(plan_upload, images, limit)
+            except (ImageRejected, ValueError) as exc:
+                # A header that looked right over data that does not decode, or a file
+                # that cannot be made small enough: the job fails with the reason.
+                raise GenerationFailed(f"ComfyUI's images could not be posted: {exc}.") from exc
         if existing is None:
             upscale = self.bot.services.generation.has_upscale_model(job.server_id)
             existing = await channel.send(

@@ -321,3 +321,27 @@ def test_fit_embed_always_passes_discords_checks() -> None:
         FakeDiscord._validate_embeds([e.to_dict() for e in kwargs["embeds"]])
     single = fit_embed(discord.Embed(description="d" * 5000, title="t"))
     assert single.description and len(single.description) == 4096
+
+
+async def test_outputs_that_do_not_decode_fail_the_job_clearly(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    whole = png_bomb(64, 64)
+    comfy.output_image = whole[: len(whole) // 2]  # a PNG header over cut data
+    await generate(studio, {"prompt": "cut", "batch": 2})
+    row = await finished_row(studio)
+    assert row.status == "failed"
+    assert row.error_message.startswith("ComfyUI's images could not be posted")
+    assert not [m for m in studio.fake.messages.values() if m.attachments]
+
+
+async def test_a_preview_that_is_not_an_image_is_skipped(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    comfy.preview_image = b"\xff\xd8\xff junk that claims to be a JPEG"
+    comfy.step_delay = 0.1
+    await generate(studio, {"prompt": "junk preview", "steps": 10})
+    row = await finished_row(studio)
+    assert row.status == "completed", row.error_message
+    assert not any(r.files.get("files[0]", ("",))[0] == "preview.jpg"
+                   for r in studio.fake.calls("PATCH", "/messages/"))
