@@ -589,6 +589,7 @@ LIMIT_CASES = [
      "components.0.components.0.label"),
     ({"content": "x", "components": [{"type": 1, "components": [
         _button(custom_id="x" * 101)]}]}, "components.0.components.0.custom_id"),
+    ({"content": "x", "nonce": "n" * 26}, "nonce"),
 ]
 
 

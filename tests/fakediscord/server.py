@@ -743,6 +743,10 @@ class FakeDiscord:
             if len(comp.get("custom_id") or "") > 100:
                 raise _form_error("components", "BASE_TYPE_MAX_LENGTH",
                                   "custom_id must be 100 or fewer in length.")
+        nonce = payload.get("nonce")
+        # Create Message: "nonce: integer or string, up to 25 characters".
+        if isinstance(nonce, str) and len(nonce) > 25:
+            raise _form_error("nonce", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
         if len(payload.get("attachments") or []) > 10:
             raise _form_error("attachments", "BASE_TYPE_MAX_LENGTH",
                               "Must be 10 or fewer in length.")
