@@ -44,14 +44,21 @@ async def send_ephemeral(interaction: discord.Interaction, content: str) -> None
     member typed, and a refused reply would leave them on "thinking..." for ever.
     """
     content = fit_content(content) or "-"
-    try:
-        if interaction.response.is_done():
-            await interaction.followup.send(content, ephemeral=True)
-        else:
-            await interaction.response.send_message(content, ephemeral=True)
-    except discord.HTTPException:
-        # The token may have expired (15 min) or the interaction timed out (3 s).
-        log.warning("could not deliver an error message for interaction %s", interaction.id)
+    for attempt in (content, GENERIC_FAILURE):
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(attempt, ephemeral=True)
+            else:
+                await interaction.response.send_message(attempt, ephemeral=True)
+            return
+        except discord.HTTPException as exc:
+            # The token may have expired (15 min) or the interaction timed out (3 s): no
+            # second try. A refused message (400) gets the plain sentence instead, so the
+            # member is never left on "thinking...".
+            log.warning("could not deliver an error message for interaction %s (%s)",
+                        interaction.id, exc)
+            if exc.status != 400 or attempt == GENERIC_FAILURE:
+                return
 
 
 class ComfyVastTree(app_commands.CommandTree):

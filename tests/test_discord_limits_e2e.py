@@ -345,3 +345,15 @@ async def test_a_preview_that_is_not_an_image_is_skipped(
     assert row.status == "completed", row.error_message
     assert not any(r.files.get("files[0]", ("",))[0] == "preview.jpg"
                    for r in studio.fake.calls("PATCH", "/messages/"))
+
+
+async def test_a_refused_error_reply_falls_back_to_the_plain_sentence(studio: BotEnv) -> None:
+    from core.errors import GENERIC_FAILURE
+
+    # Whatever made Discord refuse the first reply (400), the member still gets an answer.
+    studio.fake.fail_once("POST", "/webhooks/", 400, 50035, "Invalid Form Body")
+    interaction = await studio.fake.slash(
+        "generate", {"prompt": "x", "model": "nope.safetensors"}, user=studio.fake.member)
+    answer = await studio.fake.wait_for(lambda: _answered(interaction), timeout=10)
+    assert answer.content == GENERIC_FAILURE
+    assert len([r for r in studio.fake.calls("POST", "/webhooks/") if r.status == 400]) == 1
