@@ -18,114 +18,31 @@ from discord import ui
 
 from bot.checks import actor_of
 from bot.context import BotContext, bot_of
-from bot.relay import MessageRelay
-from bot.rendering import (
-    BRAND_COLOUR,
-    ERROR_COLOUR,
-    OK_COLOUR,
-    human_duration,
-    progress_bar,
-    truncate,
+from bot.job_render import (
+    DEFAULT_UPLOAD_LIMIT,
+    MAX_FILES_PER_MESSAGE,
+    STATUS_WORDS,
+    files_of,
+    plan_upload,
+    result_embed,
+    status_embed,
 )
+from bot.relay import MessageRelay
 from bot.tree import send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
-from core.generation import GenerationRequest, InputImage, JobObserver, JobView
-from core.images import UPLOAD_MARGIN, ImageFile, fit_for_upload, make_grid, thumbnail
+from core.generation import (
+    GenerationFailed,
+    GenerationRequest,
+    InputImage,
+    JobObserver,
+    JobView,
+)
+from core.images import UPLOAD_MARGIN, ImageFile, ImageRejected, thumbnail
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
-STATUS_WORDS = {
-    "pending": "Preparing",
-    "queued": "Queued",
-    "running": "Generating",
-    "uploading": "Uploading",
-    "completed": "Done",
-    "failed": "Failed",
-    "cancelled": "Cancelled",
-}
-
-
-def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Embed:
-    title = f"{STATUS_WORDS.get(job.status, job.status)} · job #{job.id}"
-    colour = ERROR_COLOUR if job.status in ("failed", "cancelled") else BRAND_COLOUR
-    embed = discord.Embed(title=title, description=truncate(job.prompt, 300), colour=colour)
-    lines: list[str] = []
-    if job.status == "queued":
-        position = job.queue_position
-        lines.append(
-            "Waiting in the server's queue"
-            + (f": position {position + 1}" if position is not None else "")
-        )
-    if job.status in ("running", "uploading"):
-        if job.current_node:
-            lines.append(f"Node: **{job.current_node}**")
-        if job.max_steps:
-            step = job.step or 0
-            pct = int(100 * step / job.max_steps)
-            eta = f" · ETA {human_duration(job.eta_seconds)}" if job.eta_seconds else ""
-            lines.append(
-                f"`{progress_bar(step / job.max_steps)}` {step}/{job.max_steps} ({pct}%){eta}"
-            )
-    if job.status == "uploading":
-        lines.append("Uploading the images…")
-    if job.error:
-        lines.append(f"**{truncate(job.error, 900)}**")
-    if job.notice:
-        lines.append(f"⚠️ {truncate(job.notice, 300)}")
-    if lines:
-        embed.add_field(name="Progress", value="\n".join(lines), inline=False)
-    embed.set_footer(
-        text=f"Job #{job.id} · {job.server_name or 'no server'} · requested by user {job.user_id}"
-    )
-    if preview_name:
-        embed.set_image(url=f"attachment://{preview_name}")
-    return embed
-
-
-def result_embed(job: JobView, image_name: str) -> discord.Embed:
-    p = job.parameters
-    embed = discord.Embed(
-        title=truncate(job.prompt or "Upscale", 250),
-        colour=OK_COLOUR,
-        description=f"Negative: {truncate(job.negative, 500)}" if job.negative else None,
-    )
-    fields = [
-        ("Seed", str(p.get("seed"))),
-        ("Model", p.get("model") or p.get("workflow") or p.get("upscale_model") or "?"),
-        ("Size", f"{p.get('width')}×{p.get('height')}"),
-        ("Steps", str(p.get("steps"))),
-        ("CFG", f"{p.get('cfg')}"),
-        ("Sampler", f"{p.get('sampler')} / {p.get('scheduler')}"),
-    ]
-    if p.get("lora"):
-        fields.append(("LoRA", f"{p['lora']} ({p.get('lora_strength')})"))
-    if p.get("kind") == "upscale":
-        fields = [
-            ("Upscaled with", str(p.get("upscale_model"))),
-            ("From job", f"#{p.get('parent_id')}"),
-        ]
-    for name, value in fields:
-        embed.add_field(name=name, value=truncate(value, 200))
-    took = ""
-    if job.started_at and job.completed_at:
-        took = f" · {human_duration((job.completed_at - job.started_at).total_seconds())}"
-    embed.set_footer(text=f"Job #{job.id} · {job.server_name or ''}{took}")
-    embed.set_image(url=f"attachment://{image_name}")
-    return embed
-
-
-def prepare_upload(images: list[ImageFile], limit: int) -> tuple[list[ImageFile], str]:
-    """The files to upload (grid first for batches), fitted under ``limit`` bytes in all.
-
-    Returns the files and the name of the one the embed shows. Runs in a thread.
-    """
-    files = list(images)
-    if len(files) > 1:
-        files = [make_grid(files), *files]
-    files = fit_for_upload(files, limit)
-    return files, files[0].filename
-
+# Re-exported: cogs/generation.py renders the status of a job with these.
+__all__ = ["STATUS_WORDS", "launch_jobs", "status_embed"]
 
 # --------------------------------------------------------------------------- buttons
 
@@ -320,6 +237,11 @@ async def launch_jobs(
 # --------------------------------------------------------------------------- observer
 
 
+def _part_marker(job_id: int) -> str:
+    """How a later part of a batch's result begins (found again after a restart)."""
+    return f"Job #{job_id}, part "
+
+
 class DiscordJobObserver(JobObserver):
     """Renders job events into the status message and delivers results to the channel."""
 
@@ -348,8 +270,15 @@ class DiscordJobObserver(JobObserver):
         if preview is not None:
             name = "preview.jpg"
             if self._preview_sent.get(job_id) != id(preview):
-                thumb = await asyncio.to_thread(thumbnail, preview)
-                kwargs["attachments"] = [discord.File(io.BytesIO(thumb), filename=name)]
+                try:
+                    thumb = await asyncio.to_thread(thumbnail, preview)
+                except ImageRejected as exc:
+                    # An untrusted server's preview: not shown, the progress still is.
+                    log.warning("preview of job %s refused: %s", job_id, exc)
+                    self._previews.pop(job_id, None)
+                    thumb, name = None, None
+                if thumb is not None:
+                    kwargs["attachments"] = [discord.File(io.BytesIO(thumb), filename=name)]
                 self._preview_sent[job_id] = id(preview)
         kwargs["embed"] = status_embed(job, preview_name=name)
         return kwargs
@@ -360,24 +289,47 @@ class DiscordJobObserver(JobObserver):
         if job.channel_id is None:
             return
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-        existing = await self._find_delivery(channel, job) if check_existing else None
+        existing, parts_posted = (
+            await self._find_delivery(channel, job) if check_existing else (None, set())
+        )
+        if existing is not None and len(images) < MAX_FILES_PER_MESSAGE:
+            self._results[job.id] = existing.jump_url  # one message, already posted
+            return
+        limit = self._upload_limit(job.guild_id)
+        if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
+            messages, shown = [images], images[0].filename  # nothing to re-encode
+        else:
+            try:
+                messages, shown = await asyncio.to_thread(plan_upload, images, limit)
+            except (ImageRejected, ValueError) as exc:
+                # A header that looked right over data that does not decode, or a file
+                # that cannot be made small enough: the job fails with the reason.
+                raise GenerationFailed(f"ComfyUI's images could not be posted: {exc}.") from exc
         if existing is None:
-            limit = self._upload_limit(job.guild_id)
-            if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
-                files, shown = images, images[0].filename  # nothing to re-encode
-            else:
-                files, shown = await asyncio.to_thread(prepare_upload, images, limit)
             upscale = self.bot.services.generation.has_upscale_model(job.server_id)
             existing = await channel.send(
                 content=f"<@{job.user_id}>",
                 embed=result_embed(job, shown),
-                files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files],
+                files=files_of(messages[0]),
                 view=result_view(
                     job.id, upscale=upscale and job.parameters.get("kind") != "upscale"
                 ),
                 allowed_mentions=discord.AllowedMentions(users=True),
                 # Discord drops a second message with the same nonce sent shortly after.
                 nonce=f"cvjob{job.id}",
+            )
+        # The rest of a large batch, as replies to the first message; after a restart, only
+        # the parts that had not been posted yet (the plan is the same for the same images).
+        for part, files in enumerate(messages[1:], start=2):
+            if part in parts_posted:
+                continue
+            await channel.send(
+                content=f"{_part_marker(job.id)}{part} of {len(messages)}",
+                files=files_of(files),
+                allowed_mentions=discord.AllowedMentions.none(),
+                reference=existing,
+                mention_author=False,
+                nonce=f"cvjob{job.id}p{part}",
             )
         self._results[job.id] = existing.jump_url
 
@@ -401,27 +353,37 @@ class DiscordJobObserver(JobObserver):
 
     async def _find_delivery(
         self, channel: discord.PartialMessageable, job: JobView
-    ) -> discord.Message | None:
-        """A result message already posted for this job (a restart mid-delivery)."""
+    ) -> tuple[discord.Message | None, set[int]]:
+        """The result message already posted for this job (a restart mid-delivery), and the
+        numbers of the batch's later parts already posted."""
         if job.message_id is None:
-            return None
+            return None, set()
         marker = f"Job #{job.id} "
+        parts = _part_marker(job.id)
+        found: discord.Message | None = None
+        posted: set[int] = set()
         try:
             async for message in channel.history(
                 after=discord.Object(id=job.message_id), limit=100
             ):
                 if message.author.id != self.bot.user.id:  # type: ignore[union-attr]
                     continue
+                if message.content.startswith(parts) and message.attachments:
+                    number = message.content[len(parts) :].split(" ", 1)[0]
+                    if number.isdigit():
+                        posted.add(int(number))
+                    continue
                 for embed in message.embeds:
                     if (
-                        embed.footer.text
+                        found is None
+                        and embed.footer.text
                         and (embed.footer.text + " ").startswith(marker)
                         and message.attachments
                     ):
-                        return message
+                        found = message
         except discord.HTTPException as exc:
             log.warning("could not read channel history to check delivery: %s", exc)
-        return None
+        return found, posted
 
     def _upload_limit(self, guild_id: int | None) -> int:
         guild = self.bot.get_guild(guild_id) if guild_id else None

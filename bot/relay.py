@@ -19,6 +19,7 @@ from typing import Any
 
 import discord
 
+from bot.rendering import fit_message
 from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,9 @@ class MessageRelay:
         attempts = 3 if final else 1
         for attempt in range(attempts):
             try:
-                kwargs = await builder()
+                # Within Discord's limits, whatever the builder put together: a refused
+                # edit (400) would freeze the message at its last state.
+                kwargs = fit_message(await builder())
                 await message.edit(**kwargs)
                 slot.edits += 1
                 return

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import discord
 
-from bot.rendering import BRAND_COLOUR, human_duration, timestamp, truncate
+from bot.rendering import BRAND_COLOUR, echo, fit_embed, human_duration, timestamp, truncate
 from core.comfy.client import QueueState, SystemStats
 from core.providers.vast import Offer
 from core.servers import ServerView
@@ -33,13 +33,14 @@ def offers_embed(offers: Sequence[Offer]) -> discord.Embed:
         text="Rent one with the buttons (a confirmation follows), "
         "or /server create offer_id:<id>."
     )
-    return embed
+    return fit_embed(embed)
 
 
 def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
     o = plan.offer
     embed = discord.Embed(
-        title=f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?", colour=discord.Colour.orange()
+        title=truncate(f"Rent {o.num_gpus}× {o.gpu_name} as '{name}'?", 256),
+        colour=discord.Colour.orange(),
     )
     embed.add_field(name="GPU", value=f"{o.num_gpus}× {o.gpu_name}")
     embed.add_field(name="VRAM", value=f"{o.gpu_ram_mb // 1024} GB per GPU")
@@ -51,7 +52,7 @@ def plan_embed(plan: RentPlan, name: str) -> discord.Embed:
     embed.add_field(name="Where", value=o.location or "?")
     embed.add_field(name="Offer", value=str(o.id))
     embed.set_footer(text="It bills until stopped or destroyed; idle servers stop by themselves.")
-    return embed
+    return fit_embed(embed)
 
 
 def servers_embed(
@@ -77,17 +78,17 @@ def servers_embed(
         text=f"This month: ${spend.month:.2f}"
         + (f" of a ${spend.budget:.2f} budget" if spend.budget is not None else "")
     )
-    return embed
+    return fit_embed(embed)
 
 
 def status_embed(view: ServerView) -> discord.Embed:
     """/server status: what the row says; ComfyUI's fields are added when it answers."""
-    embed = discord.Embed(title=f"Server {view.name}", colour=BRAND_COLOUR)
+    embed = discord.Embed(title=f"Server {echo(view.name)}", colour=BRAND_COLOUR)
     embed.add_field(name="Provider", value=view.provider)
     embed.add_field(name="State", value=view.status)
     if view.gpu:
-        embed.add_field(name="GPU", value=f"{view.gpu_count}× {view.gpu}")
-    return embed
+        embed.add_field(name="GPU", value=echo(f"{view.gpu_count}× {view.gpu}", 1024))
+    return fit_embed(embed)
 
 
 def add_comfy_fields(embed: discord.Embed, stats: SystemStats, queue: QueueState) -> None:
@@ -98,8 +99,11 @@ def add_comfy_fields(embed: discord.Embed, stats: SystemStats, queue: QueueState
         )
         or "none reported"
     )
-    embed.add_field(name="ComfyUI", value=f"{stats.comfyui_version}, answering", inline=False)
+    # Both come from the server: any length.
+    embed.add_field(name="ComfyUI", value=f"{echo(stats.comfyui_version)}, answering",
+                    inline=False)
     embed.add_field(name="Devices", value=truncate(devices, 1000), inline=False)
     embed.add_field(
         name="Queue", value=f"{len(queue.running)} running, {len(queue.pending)} waiting"
     )
+    fit_embed(embed)

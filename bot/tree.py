@@ -9,6 +9,7 @@ from discord import app_commands
 
 from bot.checks import NotAdmin, actor_of, is_admin_command
 from bot.context import bot_of
+from bot.rendering import echo, fit_content
 from core.audit import OUTCOME_ERROR, OUTCOME_REFUSED
 from core.errors import GENERIC_FAILURE, ComfyVastError, PermissionDenied
 
@@ -30,22 +31,34 @@ def describe_error(error: Exception) -> tuple[str, bool]:
     if isinstance(error, app_commands.MissingPermissions | app_commands.BotMissingPermissions):
         return str(error), True
     if isinstance(error, app_commands.TransformerError):
-        return f"'{error.value}' is not a valid value for this option.", True
+        return f"'{echo(error.value)}' is not a valid value for this option.", True
     if isinstance(error, app_commands.CheckFailure):
         return "You can't use this command here.", True
     return GENERIC_FAILURE, False
 
 
 async def send_ephemeral(interaction: discord.Interaction, content: str) -> None:
-    """Reply privately whether or not the interaction was already acknowledged."""
-    try:
-        if interaction.response.is_done():
-            await interaction.followup.send(content, ephemeral=True)
-        else:
-            await interaction.response.send_message(content, ephemeral=True)
-    except discord.HTTPException:
-        # The token may have expired (15 min) or the interaction timed out (3 s).
-        log.warning("could not deliver an error message for interaction %s", interaction.id)
+    """Reply privately whether or not the interaction was already acknowledged.
+
+    The text is clipped to Discord's 2000 characters: an error sentence may quote what a
+    member typed, and a refused reply would leave them on "thinking..." for ever.
+    """
+    content = fit_content(content) or "-"
+    for attempt in (content, GENERIC_FAILURE):
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(attempt, ephemeral=True)
+            else:
+                await interaction.response.send_message(attempt, ephemeral=True)
+            return
+        except discord.HTTPException as exc:
+            # The token may have expired (15 min) or the interaction timed out (3 s): no
+            # second try. A refused message (400) gets the plain sentence instead, so the
+            # member is never left on "thinking...".
+            log.warning("could not deliver an error message for interaction %s (%s)",
+                        interaction.id, exc)
+            if exc.status != 400 or attempt == GENERIC_FAILURE:
+                return
 
 
 class ComfyVastTree(app_commands.CommandTree):

@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.autocomplete import name_choices
 from bot.checks import actor_of, bot_of, is_admin_member
 from bot.context import BotContext
 from bot.jobs import STATUS_WORDS, launch_jobs, status_embed
@@ -44,7 +45,7 @@ def _matching(names: list[str], current: str) -> list[app_commands.Choice[str]]:
     needle = current.lower()
     hits = [n for n in names if needle in n.lower()]
     hits.sort(key=lambda n: (not n.lower().startswith(needle), n.lower()))
-    return [app_commands.Choice(name=truncate(n, 100), value=n[:100]) for n in hits[:MAX_CHOICES]]
+    return name_choices(hits)
 
 
 def viewer_of(interaction: discord.Interaction) -> Viewer:

@@ -15,7 +15,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.autocomplete import server_autocomplete
+from bot.autocomplete import name_choices, server_autocomplete
 from bot.checks import actor_of, admin_only
 from bot.confirm import confirm
 from bot.context import BotContext
@@ -288,8 +288,7 @@ class Models(commands.GroupCog, group_name="models",
         except Exception:  # autocomplete must answer within 3 s whatever happens
             log.exception("model name autocomplete failed")
             return []
-        return [app_commands.Choice(name=truncate(n, 100), value=n[:100])
-                for n in names[:MAX_CHOICES]]
+        return name_choices(names)
 
 
 async def setup(bot: BotContext) -> None:

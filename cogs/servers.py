@@ -15,6 +15,7 @@ from bot.confirm import confirm
 from bot.context import BotContext
 from bot.diagnose_render import diagnosis_embed
 from bot.options import GpuOption, ServerOption
+from bot.rendering import echo, fit_embed
 from bot.server_render import (
     add_comfy_fields,
     offers_embed,
@@ -340,8 +341,10 @@ class Servers(
             queue = await conn.client.get_queue()
             add_comfy_fields(embed, stats, queue)
         except Exception as exc:  # shown, not raised: the status of a broken server is useful
-            embed.add_field(name="ComfyUI", value=f"not answering: {exc}", inline=False)
-        await interaction.followup.send(embed=embed, ephemeral=True)
+            # The error text may quote the server's answer: clipped to a field's 1024.
+            embed.add_field(name="ComfyUI", value=echo(f"not answering: {exc}", 1024),
+                            inline=False)
+        await interaction.followup.send(embed=fit_embed(embed), ephemeral=True)
 
 
 async def run_rent(

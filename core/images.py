@@ -1,4 +1,11 @@
-"""Pillow work: fitting uploads under a size limit, batch grids, preview thumbnails.
+"""Pillow work: checking untrusted images, fitting uploads under a size limit, batch grids,
+preview thumbnails.
+
+Every image here comes from a ComfyUI server the bot does not control, so nothing is decoded
+before its header has been read and its pixel count checked: a 480 KiB JPEG can claim
+13000x13000 pixels (650 MiB decoded), well under Pillow's own bomb limit (89 M pixels warns,
+179 M refuses). Previews are decoded at reduced size (``Image.draft`` lets the JPEG decoder
+scale by 1/2..1/8 while decoding) and grids are built from tiles shrunk one at a time.
 
 Every function here is CPU-bound and synchronous: call them through ``asyncio.to_thread``
 so the event loop keeps relaying progress while an image is re-encoded.
@@ -8,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -15,6 +23,19 @@ from PIL import Image
 
 # Leave room for the multipart envelope and the JSON payload next to the files.
 UPLOAD_MARGIN = 64 * 1024
+# The most pixels the bot decodes at once: 48 M (e.g. 6928x6928, a 4x upscale of a
+# 1728 px image; 144 MiB as RGB). Larger outputs are refused, not decoded.
+MAX_PIXELS = 48_000_000
+# Previews are small (ComfyUI's --preview-size defaults to 512): what is decoded of one,
+# after the JPEG decoder's reduction, may have at most this many pixels.
+MAX_PREVIEW_PIXELS = 4_000_000
+# The formats ComfyUI's savers write (SaveImage: PNG; SaveAnimatedWEBP; "image/jpeg"
+# previews); anything else is not posted.
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an image the bot posts, or one too large to decode."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +48,74 @@ class ImageFile:
         return len(self.data)
 
 
-def _open(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+    @property
+    def suffix(self) -> str:
+        return IMAGE_FORMATS[self.format]
+
+
+def _header(data: bytes) -> Image.Image:
+    """Open ``data`` lazily (only the header is parsed), without Pillow's own bomb warning:
+    the callers check the size themselves."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+            raise ImageRejected("not an image") from exc
+
+
+def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """What the header of ``data`` says; refuses what is not a PNG/JPEG/WebP/GIF image or
+    has more than ``max_pixels`` pixels. Decodes nothing."""
+    img = _header(data)
+    with img:
+        fmt = img.format or ""
+        width, height = img.size
+    if fmt not in IMAGE_FORMATS:
+        raise ImageRejected(f"not an image the bot posts ({fmt or 'unknown format'})")
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise ImageRejected(f"too large to decode ({width}×{height} px)")
+    return ImageInfo(fmt, width, height)
+
+
+def _open(data: bytes, *, fit: tuple[int, int] | None = None,
+          max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``data``; with ``fit``, at about that size or a little above (JPEG decodes
+    reduced, other formats are reduced right after decoding). The pixel count that will
+    really be decoded is checked first."""
+    img = _header(data)
+    try:
+        if fit is not None and img.format == "JPEG":
+            img.draft("RGB", fit)  # the decoder scales by 1/2, 1/4 or 1/8
+        width, height = img.size
+        if img.format not in IMAGE_FORMATS:
+            raise ImageRejected(f"not an image the bot posts ({img.format or 'unknown'})")
+        if width < 1 or height < 1 or width * height > max_pixels:
+            raise ImageRejected(f"too large to decode ({width}×{height} px)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except ImageRejected:
+        img.close()
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        img.close()
+        raise ImageRejected("a broken image") from exc
+    if fit is not None:
+        factor = min(img.width // max(fit[0], 1), img.height // max(fit[1], 1))
+        if factor >= 2:
+            try:
+                reduced = img.reduce(factor)
+            except ValueError:  # a mode reduce() does not take (e.g. "P"): thumbnail later
+                return img
+            img.close()
+            img = reduced
     return img
 
 
@@ -91,24 +177,35 @@ def fit_for_upload(images: list[ImageFile], limit: int) -> list[ImageFile]:
     return out
 
 
-def make_grid(images: list[ImageFile], *, max_side: int = 2048) -> ImageFile:
-    """Tile a batch into one image (PNG), at most ``max_side`` pixels wide or high."""
-    opened = [_open(i.data).convert("RGB") for i in images]
-    cols = math.ceil(math.sqrt(len(opened)))
-    rows = math.ceil(len(opened) / cols)
-    cell_w = max(i.width for i in opened)
-    cell_h = max(i.height for i in opened)
-    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), (16, 16, 16))
-    for k, img in enumerate(opened):
-        grid.paste(img, ((k % cols) * cell_w, (k // cols) * cell_h))
-    if max(grid.size) > max_side:
-        grid.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return ImageFile("grid.png", _encode(grid, "PNG"))
+def make_grid(images: list[ImageFile], *, max_side: int = 2048,
+              filename: str = "grid.png") -> ImageFile:
+    """Tile a batch into one image (PNG), at most ``max_side`` pixels wide or high.
+
+    Each tile is decoded (reduced where the format allows), shrunk to its cell and let go
+    before the next one: the memory is one decoded output plus the grid, whatever the batch.
+    """
+    infos = [inspect(i.data) for i in images]
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(i.width for i in infos)
+    cell_h = max(i.height for i in infos)
+    scale = min(1.0, max_side / (cols * cell_w), max_side / (rows * cell_h))
+    cell = (max(1, int(cell_w * scale)), max(1, int(cell_h * scale)))
+    grid = Image.new("RGB", (cols * cell[0], rows * cell[1]), (16, 16, 16))
+    for k, image in enumerate(images):
+        with _open(image.data, fit=cell) as img:
+            tile = img.convert("RGB")
+            if tile.size != cell:
+                tile.thumbnail(cell, Image.Resampling.LANCZOS)
+            grid.paste(tile, ((k % cols) * cell[0], (k // cols) * cell[1]))
+            tile.close()
+    return ImageFile(filename, _encode(grid, "PNG"))
 
 
 def thumbnail(data: bytes, *, max_side: int = 320, quality: int = 70) -> bytes:
-    """A small JPEG of a preview frame for the status message."""
-    img = _open(data)
-    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return _encode(img, "JPEG", quality)
-
+    """A small JPEG of a preview frame for the status message (decoded at reduced size;
+    raises ImageRejected for what is not an image or would decode too large)."""
+    img = _open(data, fit=(max_side, max_side), max_pixels=MAX_PREVIEW_PIXELS)
+    with img:
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        return _encode(img, "JPEG", quality)

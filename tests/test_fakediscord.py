@@ -552,3 +552,115 @@ async def test_persistent_dynamic_item_after_restart(fake_discord: FakeDiscord) 
         body = await click.wait_response()
         assert body["data"]["content"] == "dyn 7"
         assert bot2.log == [("dyn", 7, fake.admin.id)]
+
+
+def _embed(**over: object) -> dict:
+    return {"title": "t", "description": "d", **over}
+
+
+def _field(name: str = "n", value: str = "v") -> dict:
+    return {"name": name, "value": value}
+
+
+def _button(label: str = "ok", custom_id: str = "b") -> dict:
+    return {"type": 2, "style": 1, "label": label, "custom_id": custom_id}
+
+
+# Each payload breaks exactly one of Discord's limits; the path is where Discord's error
+# tree (code 50035) points.
+LIMIT_CASES = [
+    ({"content": "x" * 2001}, "content"),
+    ({"embeds": [_embed(title="x" * 257)]}, "embeds.0.title"),
+    ({"embeds": [_embed(description="x" * 4097)]}, "embeds.0.description"),
+    ({"embeds": [_embed(fields=[_field(name="x" * 257)])]}, "embeds.0.fields.0.name"),
+    ({"embeds": [_embed(fields=[_field(), _field(value="x" * 1025)])]},
+     "embeds.0.fields.1.value"),
+    ({"embeds": [_embed(fields=[_field(value="")])]}, "embeds.0.fields.0.value"),
+    ({"embeds": [_embed(footer={"text": "x" * 2049})]}, "embeds.0.footer.text"),
+    ({"embeds": [_embed(author={"name": "x" * 257})]}, "embeds.0.author.name"),
+    ({"embeds": [_embed(fields=[_field()] * 26)]}, "embeds.0.fields"),
+    ({"embeds": [_embed()] * 11}, "embeds"),
+    ({"embeds": [_embed(description="x" * 4000), _embed(description="x" * 2000)]}, "embeds"),
+    ({"content": "x", "components": [{"type": 1, "components": [_button()]}] * 6},
+     "components"),
+    ({"content": "x", "components": [{"type": 1, "components": [
+        _button(custom_id=f"b{k}") for k in range(6)]}]}, "components.0.components"),
+    ({"content": "x", "components": [{"type": 1, "components": [_button(label="x" * 81)]}]},
+     "components.0.components.0.label"),
+    ({"content": "x", "components": [{"type": 1, "components": [
+        _button(custom_id="x" * 101)]}]}, "components.0.components.0.custom_id"),
+    ({"content": "x", "nonce": "n" * 26}, "nonce"),
+]
+
+
+@pytest.mark.parametrize(("payload", "path"), LIMIT_CASES)
+async def test_message_limits_give_discords_error_tree(
+    fake_discord: FakeDiscord, payload: dict, path: str
+) -> None:
+    fake = fake_discord
+    url = f"{fake.api_base}/channels/{fake.guild.channel_id}/messages"
+    headers = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json=payload, headers=headers) as resp:
+            body = await resp.json()
+            assert resp.status == 400, body
+        assert body["code"] == 50035 and body["message"] == "Invalid Form Body"
+        node = body["errors"]
+        for part in path.split("."):
+            node = node[part]
+        assert node["_errors"][0]["code"] in ("BASE_TYPE_MAX_LENGTH", "MAX_EMBED_SIZE_EXCEEDED",
+                                              "BASE_TYPE_REQUIRED")
+        # The same message at the limits goes through.
+        ok = {"content": "x" * 2000, "embeds": [_embed(
+            title="x" * 256, fields=[_field("n" * 256, "v" * 1024)] * 2,
+            footer={"text": "f" * 2048}, author={"name": "a" * 256})],
+            "components": [{"type": 1, "components": [
+                _button("l" * 80, f"{k}" + "c" * 99) for k in range(5)]}] * 1}
+        async with http.post(url, json=ok, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    assert not any(m.content == payload.get("content") for m in fake.messages.values()
+                   if payload.get("content"))
+
+
+async def test_eleven_attachments_are_refused(fake_discord: FakeDiscord) -> None:
+    fake = fake_discord
+    url = f"{fake.api_base}/channels/{fake.guild.channel_id}/messages"
+    form = aiohttp.FormData(quote_fields=False)
+    form.add_field("payload_json", '{"content": "many"}', content_type="application/json")
+    for k in range(11):
+        form.add_field(f"files[{k}]", PNG, filename=f"{k}.png",
+                       content_type="application/octet-stream")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=form,
+                             headers={"Authorization": f"Bot {fake.token}"}) as resp:
+            body = await resp.json()
+    assert resp.status == 400 and body["code"] == 50035
+    assert "attachments" in body["errors"]
+    assert not fake.messages
+
+
+@pytest.mark.parametrize(("choices", "path"), [
+    ([{"name": f"c{k}", "value": f"c{k}"} for k in range(26)], "choices"),
+    ([{"name": "x" * 101, "value": "v"}], "choices.0.name"),
+    ([{"name": "ok", "value": "v"}, {"name": "n", "value": "x" * 101}], "choices.1.value"),
+])
+async def test_autocomplete_choice_limits(
+    fake_discord: FakeDiscord, choices: list, path: str
+) -> None:
+    fake = fake_discord
+    itx = fake._new_interaction(4, fake.member, fake.guild.id, fake.guild.channel_id,
+                                {"id": "1", "name": "x", "type": 1})
+    url = f"{fake.api_base}/interactions/{itx.id}/{itx.token}/callback"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json={"type": 8, "data": {"choices": choices}}) as resp:
+            body = await resp.json()
+        assert resp.status == 400 and body["code"] == 50035
+        node = body["errors"]["data"]
+        for part in path.split("."):
+            node = node[part]
+        assert node["_errors"]
+        assert not itx.responded
+        good = [{"name": "n" * 100, "value": "v" * 100}] * 25
+        async with http.post(url, json={"type": 8, "data": {"choices": good}}) as resp:
+            assert resp.status == 200
+    assert itx.choices == good

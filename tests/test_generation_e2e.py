@@ -121,10 +121,11 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     # The result: the user mentioned, the exact PNG ComfyUI produced, seed in the embed.
     [result] = result_messages(studio)
     assert result.content == f"<@{studio.fake.member.id}>"
-    outputs = comfy.files["output"]
-    produced = {name.rsplit("/", 1)[-1]: data for name, data in outputs.items()}
+    # The exact bytes ComfyUI produced, under a name the bot chose (never ComfyUI's).
+    [produced] = comfy.files["output"].values()
     [attachment] = result.attachments
-    assert produced[attachment.filename] == attachment.data
+    assert attachment.filename == f"comfyvast-{row.id}-1.png"
+    assert produced == attachment.data
     assert Image.open(io.BytesIO(attachment.data)).size == (64, 64)
     fields = {f["name"]: f["value"] for f in result.embeds[0]["fields"]}
     assert fields["Seed"] == "1234" and fields["Model"] == "sd15.safetensors"

@@ -20,7 +20,7 @@ from core.errors import ValidationFailed
 from core.generation.live import LiveJobs
 from core.generation.store import GenerationStore
 from core.generation.types import JobView
-from core.images import ImageFile
+from core.images import ImageFile, ImageRejected, inspect
 from core.servers import ServerRegistry
 
 log = logging.getLogger(__name__)
@@ -53,15 +53,22 @@ class Delivery:
             await self.finish(job_id, GenerationStatus.FAILED, "ComfyUI finished without images.")
             return
 
-        async def fetch(image: OutputImage) -> ImageFile:
-            return ImageFile(image.filename.rsplit("/", 1)[-1], await conn.client.view_image(image))
+        async def fetch(image: OutputImage) -> bytes:
+            return await conn.client.view_image(image)
 
         # Nothing is written between ComfyUI's success and the post: the result reaches
         # the channel as fast as a bare relay would. A restart in between never posts
         # twice: the row still says queued or running, the resumed job finds its result
         # in ComfyUI's history and looks for its own earlier post first (and the post
         # carries a nonce). So the row never says "uploading" now; older rows may.
-        files = await asyncio.gather(*(fetch(o) for o in images))
+        files, refused = checked_images(job_id, await asyncio.gather(*(fetch(o) for o in images)))
+        if refused:
+            log.warning("generation %s: ComfyUI sent %d output(s) that were refused: %s",
+                        job_id, len(refused), "; ".join(refused))
+        if not files:
+            await self.finish(job_id, GenerationStatus.FAILED,
+                              f"ComfyUI's output was refused: {refused[0]}.")
+            return
         live = self._live.peek(job_id)
         if live is not None:
             live.current_node = None
@@ -70,9 +77,9 @@ class Delivery:
         if view.server_name is None and view.server_id is not None:
             view = await self._live.refresh(job_id)
         view = replace(view, status=GenerationStatus.UPLOADING.value, progress=1.0,
-                       image_count=len(images))
-        await self._live.observer.deliver(view, list(files), check_existing=check_existing)
-        final = await self.complete(job_id, len(images), [
+                       image_count=len(files))
+        await self._live.observer.deliver(view, files, check_existing=check_existing)
+        final = await self.complete(job_id, len(files), [
             {"filename": o.filename, "subfolder": o.subfolder, "type": o.type} for o in images
         ])
         if final is not None:
@@ -116,12 +123,31 @@ class Delivery:
         row = await self._store.load(job_id)
         refs = list(row.image_urls or []) if row else []
         conn = await self._pool.get(await self._registry.get(job.server_id))
-        return [
-            ImageFile(
-                ref["filename"],
-                await conn.client.view(
-                    ref["filename"], ref.get("subfolder", ""), ref.get("type", "output")
-                ),
+        blobs = [
+            await conn.client.view(
+                ref["filename"], ref.get("subfolder", ""), ref.get("type", "output")
             )
             for ref in refs
         ]
+        files, refused = checked_images(job_id, blobs)
+        if not files:
+            raise ValidationFailed(f"Generation #{job_id} has no finished images.")
+        return files
+
+
+def checked_images(job_id: int, blobs: list[bytes]) -> tuple[list[ImageFile], list[str]]:
+    """The outputs that are images, each named by the bot (``comfyvast-<job>-<n>.<ext>``,
+    never ComfyUI's file name), and why the others were refused.
+
+    Only the header is read (Pillow identifies the format and the size without decoding):
+    a file is posted as what it really is, and one too large to decode is not posted."""
+    files: list[ImageFile] = []
+    refused: list[str] = []
+    for index, data in enumerate(blobs, start=1):
+        try:
+            info = inspect(data)
+        except ImageRejected as exc:
+            refused.append(f"output {index}: {exc}")
+            continue
+        files.append(ImageFile(f"comfyvast-{job_id}-{index}{info.suffix}", data))
+    return files, refused

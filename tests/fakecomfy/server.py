@@ -148,6 +148,9 @@ class FakeComfy:
         self.preview_metadata_supported = preview_metadata_supported
         self.output_image = output_image
         self.output_size = output_size
+        # Bytes sent as every preview frame instead of the latent preview (hostile servers:
+        # a real one sends whatever its preview method encodes).
+        self.preview_image: bytes | None = None
         self.refuse_websockets = False
         # What a stranger's server sends instead of ComfyUI's answers (tests/fakecomfy/hostile).
         self.hostile = HostileModes()
@@ -903,7 +906,9 @@ class FakeComfy:
     async def _sample(self, run: _Run, node_id: str, class_type: str, steps: int,
                       latent: dict[str, Any]) -> None:
         preview = None
-        if self.previews:
+        if self.previews and self.preview_image is not None:
+            preview = self.preview_image
+        elif self.previews:
             preview = await asyncio.to_thread(
                 images.latent_preview_jpeg, latent["width"] // 8, latent["height"] // 8)
         for step in range(1, steps + 1):

@@ -765,46 +765,89 @@ class FakeDiscord:
         embeds = payload.get("embeds") or []
         if len(embeds) > 10:
             raise _form_error("embeds", "BASE_TYPE_MAX_LENGTH", "Must be 10 or fewer in length.")
-        total = 0
-        for i, emb in enumerate(embeds):
-            for key, limit in (("title", 256), ("description", 4096)):
-                value = emb.get(key) or ""
-                total += len(value)
-                if len(value) > limit:
-                    raise _form_error(f"embeds.{i}.{key}", "BASE_TYPE_MAX_LENGTH",
-                                      f"Must be {limit} or fewer in length.")
-            fields = emb.get("fields") or []
-            if len(fields) > 25:
-                raise _form_error(f"embeds.{i}.fields", "BASE_TYPE_MAX_LENGTH",
-                                  "Must be 25 or fewer in length.")
-            for f in fields:
-                total += len(f.get("name") or "") + len(f.get("value") or "")
-            total += len((emb.get("footer") or {}).get("text") or "")
-            total += len((emb.get("author") or {}).get("name") or "")
-        if total > 6000:
-            raise _form_error("embeds", "MAX_EMBED_SIZE_EXCEEDED", "Embed size exceeds maximum "
-                              "size of 6000")
+        self._validate_embeds(embeds)
         components = payload.get("components") or []
         if components_v2:
             if content or embeds:
                 raise _form_error("content", "MESSAGE_CANNOT_USE_LEGACY_FIELDS_WITH_COMPONENTS_V2",
                                   "The 'content' and 'embeds' fields cannot be used when using "
                                   "MessageFlags.IS_COMPONENTS_V2")
-        elif len(components) > 5:
-            raise _form_error("components", "BASE_TYPE_MAX_LENGTH", "Must be 5 or fewer in length.")
         else:
-            for i, row in enumerate(components):
-                if row.get("type") == 1 and len(row.get("components") or []) > 5:
-                    raise _form_error(f"components.{i}.components", "BASE_TYPE_MAX_LENGTH",
-                                      "Must be 5 or fewer in length.")
+            self._validate_rows(components)
         for comp in iter_components(components):
             if len(comp.get("custom_id") or "") > 100:
                 raise _form_error("components", "BASE_TYPE_MAX_LENGTH",
                                   "custom_id must be 100 or fewer in length.")
+        nonce = payload.get("nonce")
+        # Create Message: "nonce: integer or string, up to 25 characters".
+        if isinstance(nonce, str) and len(nonce) > 25:
+            raise _form_error("nonce", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
+        if len(payload.get("attachments") or []) > 10:
+            raise _form_error("attachments", "BASE_TYPE_MAX_LENGTH",
+                              "Must be 10 or fewer in length.")
         if creating and not (content or embeds or components or has_files
                              or payload.get("attachments") or payload.get("sticker_ids")
                              or payload.get("poll")):
             raise ApiError(400, 50006, "Cannot send an empty message")
+
+    @staticmethod
+    def _validate_embeds(embeds: list[dict]) -> None:
+        """Discord's embed limits (Message Resource > Embed Limits): title 256, description
+        4096, 25 fields, field name 256 and value 1024, footer text 2048, author name 256,
+        and 6000 characters over all of these in all the message's embeds. An error names
+        the offending key, e.g. errors.embeds.0.fields.3.value._errors (code 50035)."""
+        total = 0
+        for i, emb in enumerate(embeds):
+            checks: list[tuple[str, Any, int]] = [
+                (f"embeds.{i}.title", emb.get("title"), 256),
+                (f"embeds.{i}.description", emb.get("description"), 4096),
+                (f"embeds.{i}.footer.text", (emb.get("footer") or {}).get("text"), 2048),
+                (f"embeds.{i}.author.name", (emb.get("author") or {}).get("name"), 256),
+            ]
+            fields = emb.get("fields") or []
+            if len(fields) > 25:
+                raise _form_error(f"embeds.{i}.fields", "BASE_TYPE_MAX_LENGTH",
+                                  "Must be 25 or fewer in length.")
+            for j, f in enumerate(fields):
+                # Field name and value are required and non-empty (1-256 / 1-1024).
+                for key, limit in (("name", 256), ("value", 1024)):
+                    value = f.get(key)
+                    if not value:
+                        raise _form_error(f"embeds.{i}.fields.{j}.{key}",
+                                          "BASE_TYPE_REQUIRED", "This field is required")
+                    checks.append((f"embeds.{i}.fields.{j}.{key}", value, limit))
+            for where, value, limit in checks:
+                text = value or ""
+                if not isinstance(text, str):
+                    raise _form_error(where, "STRING_TYPE_CONVERT", "Must be a string.")
+                total += len(text)
+                if len(text) > limit:
+                    raise _form_error(where, "BASE_TYPE_MAX_LENGTH",
+                                      f"Must be {limit} or fewer in length.")
+        if total > 6000:
+            raise _form_error("embeds", "MAX_EMBED_SIZE_EXCEEDED", "Embed size exceeds maximum "
+                              "size of 6000")
+
+    @staticmethod
+    def _validate_rows(components: list[dict]) -> None:
+        """Legacy components (Components reference): at most 5 action rows, each with at most
+        5 buttons (or one select); a button label is at most 80 characters, a custom_id 100."""
+        if len(components) > 5:
+            raise _form_error("components", "BASE_TYPE_MAX_LENGTH",
+                              "Must be 5 or fewer in length.")
+        for i, row in enumerate(components):
+            kids = row.get("components") or []
+            if row.get("type") == 1 and len(kids) > 5:
+                raise _form_error(f"components.{i}.components", "BASE_TYPE_MAX_LENGTH",
+                                  "Must be 5 or fewer in length.")
+            for j, comp in enumerate(kids):
+                if comp.get("type") == 2 and len(comp.get("label") or "") > 80:
+                    raise _form_error(f"components.{i}.components.{j}.label",
+                                      "BASE_TYPE_MAX_LENGTH", "Must be 80 or fewer in length.")
+                if len(comp.get("custom_id") or "") > 100:
+                    raise _form_error(f"components.{i}.components.{j}.custom_id",
+                                      "BASE_TYPE_MAX_LENGTH",
+                                      "Must be 100 or fewer in length.")
 
     def _number_components(self, components: list[dict]) -> list[dict]:
         components = copy.deepcopy(components)
@@ -1042,9 +1085,21 @@ class FakeDiscord:
                 announce = "MESSAGE_UPDATE"
         elif rtype == 8:
             choices = data.get("choices") or []
+            # Interaction response "Autocomplete": up to 25 choices; each choice's name is
+            # 1-100 characters, a string value at most 100 (Application Commands reference,
+            # "Application Command Option Choice Structure").
             if len(choices) > 25:
                 raise _form_error("data.choices", "BASE_TYPE_MAX_LENGTH",
                                   "Must be 25 or fewer in length.")
+            for k, choice in enumerate(choices):
+                name = choice.get("name")
+                if not isinstance(name, str) or not 1 <= len(name) <= 100:
+                    raise _form_error(f"data.choices.{k}.name", "BASE_TYPE_BAD_LENGTH",
+                                      "Must be between 1 and 100 in length.")
+                value = choice.get("value")
+                if isinstance(value, str) and len(value) > 100:
+                    raise _form_error(f"data.choices.{k}.value", "BASE_TYPE_BAD_LENGTH",
+                                      "Must be between 1 and 100 in length.")
             itx.choices = choices
         elif rtype == 9:
             title = data.get("title") or ""
