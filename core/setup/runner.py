@@ -165,6 +165,13 @@ class SetupRunner:
             # Released even when the row could not be written: the lock is in memory.
             self.release(run.server.id)
         view = run.view()
+        if view.succeeded:
+            try:
+                await self._store.record_installation(
+                    run.server.id, run.profile.name, run.params, installed=True)
+            except Exception:
+                log.exception("could not record the installation of setup #%d",
+                              run.execution_id)
         log.info("setup #%d of %s %s in %.1f s", run.execution_id, run.server.name,
                  run.status, view.elapsed())
         try:
