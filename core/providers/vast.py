@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 LABEL_PREFIX = "comfyvast"
-HEARTBEAT_FILE = "/root/.comfyvast-heartbeat"
+HEARTBEAT_FILE = "/root/.comfyvast/heartbeat"
 #: Scripts the onstart runs on every boot (the default profile puts ComfyUI's start here).
 BOOT_DIR = "/root/.comfyvast/boot.d"
 #: What SSH sessions may need from the container's environment, secrets left out, mode 0600.

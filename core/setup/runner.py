@@ -104,6 +104,10 @@ class SetupRunner:
                 pass
             for index, step in enumerate(run.profile.steps, start=1):
                 await self._step(run, target, index, total, step)
+            # Before the run counts as succeeded: where ComfyUI now lives and answers, and
+            # that it comes back by itself after a restart (readiness waits for it then).
+            await self._store.record_installation(
+                run.server.id, run.profile.name, run.params, installed=True)
             run.status = ExecutionStatus.SUCCEEDED.value
             run.mark(f"finished: all {total} steps done")
         except asyncio.CancelledError:
@@ -165,13 +169,6 @@ class SetupRunner:
             # Released even when the row could not be written: the lock is in memory.
             self.release(run.server.id)
         view = run.view()
-        if view.succeeded:
-            try:
-                await self._store.record_installation(
-                    run.server.id, run.profile.name, run.params, installed=True)
-            except Exception:
-                log.exception("could not record the installation of setup #%d",
-                              run.execution_id)
         log.info("setup #%d of %s %s in %.1f s", run.execution_id, run.server.name,
                  run.status, view.elapsed())
         try:

@@ -23,11 +23,12 @@ Every modelled behaviour names its source (vast.md is /work/shared/reference/vas
   ``git`` on PATH (vast.md section 7 "Plain CUDA images"), and no ``entrypoint.sh``.
 
 How: the instance's directories are bind-mounted onto ``/workspace``,
-``/opt/workspace-internal`` and ``/root`` inside a mount namespace of its own (``unshare
--m``, private propagation, so nothing shows on the host); every SSH session and the onstart
-enter it with ``nsenter``. ComfyUI is the fake ComfyUI (tests/fakecomfy) in a process of its
-own. The network is the host's: ComfyUI listens on the host's 127.0.0.1:18188, so one
-ComfyUI image instance runs at a time. Needs root (``available()``).
+``/opt/workspace-internal``, ``/root/.ssh`` and ``/root/.comfyvast`` inside a mount
+namespace of its own (``unshare -m``, private propagation, so nothing shows on the host);
+every SSH session and the onstart enter it with ``nsenter``. ComfyUI is the fake ComfyUI
+(tests/fakecomfy) in a process of its own. The network is the host's: ComfyUI listens on
+the host's 127.0.0.1:18188, so one ComfyUI image instance runs at a time. Needs root
+(``available()``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Mount points inside each instance; created empty on the host when missing.
-MOUNTS = ("/workspace", "/opt/workspace-internal", "/root")
+# Mount points inside each instance; created empty on the host when missing. Not all of
+# /root: the test interpreter may live there (pyenv). /root/.ssh and /root/.comfyvast are
+# where the onstart writes; the rest of the home directory is the host's.
+MOUNTS = ("/workspace", "/opt/workspace-internal", "/root/.comfyvast", "/root/.ssh")
 # Not on a plain CUDA image's PATH (vast.md section 7).
 PLAIN_MISSING = frozenset({"curl", "git", "wget"})
 HOST_BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
