@@ -19,12 +19,13 @@ import pytest
 from sqlalchemy import func, select
 
 import core.providers.vast as vast_provider
+import core.remote as remote_module
 from core.db.models import ComfyGeneration, ServerExecution
 from core.setup import DEFAULT_PROFILE_DIR, SetupService
 from tests.conftest import BotEnv, _answered, bot_settings, eventually, start_bot
 from tests.fakevast import FakeVast
 from tests.fakevast.container import REPO_ROOT, ContainerHost, available
-from tests.setup_fixtures import TEST_PROFILES, free_port
+from tests.setup_fixtures import TEST_PROFILES, comfy_answers, free_port
 from tests.test_servers_vast_e2e import _fast_sleep, _status, loopback_offers, rent
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -49,6 +50,8 @@ async def ienv(
 ) -> AsyncIterator[BotEnv]:
     # The watchdog looks at its heartbeat every 0.2 s instead of every minute.
     monkeypatch.setattr(vast_provider, "WATCHDOG_INTERVAL", 0.2)
+    # A ComfyUI that never comes back fails the start in seconds, not minutes.
+    monkeypatch.setattr(remote_module, "READY_TIMEOUT", 20.0)
     env = await start_bot(fake_discord, bot_settings(
         tmp_path, fake_discord,
         vast={"api_key": cvast.api_key, "base_url": cvast.base_url, "request_timeout": 5},
@@ -181,14 +184,17 @@ async def test_plain_image_default_setup_restart_without_setup(
     inst = cvast.instances[int(server.provider_id or 0)]
     container = cvast.containers.containers[inst.id]
     assert container.namespace is None  # every process of the instance is gone
+    port = server.comfy_port or 0
+    assert not comfy_answers(port)
     start = await ienv.slash("server", {"server": "plain"}, user=ienv.fake.admin,
                              subcommand="start")
     from tests.test_servers_vast_e2e import press
 
     await press(ienv, start, "Start it")
     await eventually(lambda: _status(ienv, "plain", "running"), timeout=30)
-    # Running in the bot means ComfyUI answered through the tunnel, with no setup run:
-    # the onstart ran the boot hook the autostart step left.
+    # Running in the bot means ComfyUI answers (it was asked through the tunnel), with no
+    # setup run: the onstart ran the boot hook the autostart step left.
+    assert comfy_answers(port)
     assert container.onstart_runs == 2
     assert await setup_runs(ienv) == runs
     await generate_delivers(ienv, "a lighthouse after the restart")
