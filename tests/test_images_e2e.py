@@ -8,6 +8,7 @@ git, and the onstart run on every boot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from tests.conftest import BotEnv, _answered, bot_settings, eventually, start_bo
 from tests.fakevast import FakeVast
 from tests.fakevast.container import REPO_ROOT, ContainerHost, available
 from tests.setup_fixtures import TEST_PROFILES, comfy_answers, free_port
-from tests.test_servers_vast_e2e import _fast_sleep, _status, loopback_offers, rent
+from tests.test_servers_vast_e2e import _fast_sleep, _status, loopback_offers, press, rent
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -154,6 +155,15 @@ async def test_comfy_image_fast_setup_then_generate(ienv: BotEnv, cvast: FakeVas
     assert server.comfy_installed and server.comfy_port == 18188
 
     await generate_delivers(ienv, "a lighthouse on vast's image")
+
+    # Stop and start: Vast runs only the onstart, which hands over to entrypoint.sh again,
+    # and supervisord brings ComfyUI back; no setup runs.
+    runs = await setup_runs(ienv)
+    await stop_and_start(ienv, "comfy")
+    assert container.onstart_runs == 2 and comfy_answers(18188)
+    assert len((container.run_dir / "entrypoint.log").read_text().splitlines()) == 2
+    assert await setup_runs(ienv) == runs
+    await generate_delivers(ienv, "a lighthouse after a restart")
     # The environment for SSH sessions is 0600 and holds no secret; nothing went to
     # /etc/environment.
     env_file = container.path("/root/.comfyvast/env")
@@ -179,19 +189,10 @@ async def test_plain_image_default_setup_restart_without_setup(
     await generate_delivers(ienv, "a lighthouse before the restart")
 
     runs = await setup_runs(ienv)
-    await ienv.slash("server", {"server": "plain"}, user=ienv.fake.admin, subcommand="stop")
-    await eventually(lambda: _status(ienv, "plain", "stopped"), timeout=15)
     inst = cvast.instances[int(server.provider_id or 0)]
     container = cvast.containers.containers[inst.id]
-    assert container.namespace is None  # every process of the instance is gone
     port = server.comfy_port or 0
-    assert not comfy_answers(port)
-    start = await ienv.slash("server", {"server": "plain"}, user=ienv.fake.admin,
-                             subcommand="start")
-    from tests.test_servers_vast_e2e import press
-
-    await press(ienv, start, "Start it")
-    await eventually(lambda: _status(ienv, "plain", "running"), timeout=30)
+    await stop_and_start(ienv, "plain", port)
     # Running in the bot means ComfyUI answers (it was asked through the tunnel), with no
     # setup run: the onstart ran the boot hook the autostart step left.
     assert comfy_answers(port)
@@ -208,18 +209,33 @@ async def test_watchdog_stops_an_orphaned_plain_instance(
     container = cvast.containers.containers[inst.id]
     heartbeat = container.path(vast_provider.HEARTBEAT_FILE)
     await eventually(lambda: _exists(heartbeat), timeout=10)  # the watchdog runs
-    # The bot goes silent for two hours (its heartbeat no longer arrives).
-    old = time.time() - 2 * 3600
-    os.utime(heartbeat, (old, old))
 
     async def stopped() -> bool:
+        # The bot has been silent for two hours: its heartbeat no longer arrives. (Aged
+        # again on every look: the watchdog's own start touches the file once.)
+        old = time.time() - 2 * 3600
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(heartbeat, (old, old))
         return cvast.instances[inst.id].actual_status == "stopped"
 
-    await eventually(stopped, timeout=15)
+    await eventually(stopped, timeout=30, interval=0.1)
     [call] = [c for c in cvast.calls(f"PUT /api/v0/instances/{inst.id}/")
               if c.body == {"state": "stopped"}]
     assert call.status == 200 and not call.key_in_query
     assert container.namespace is None  # stopped: its processes are gone
+
+
+async def stop_and_start(env: BotEnv, name: str, port: int | None = None) -> None:
+    """/server stop, then /server start (confirmed); returns once the bot says running."""
+    server = await env.services.servers.get(name)
+    port = port or server.comfy_port or 0
+    await env.slash("server", {"server": name}, user=env.fake.admin, subcommand="stop")
+    await eventually(lambda: _status(env, name, "stopped"), timeout=30)
+    assert not comfy_answers(port)  # every process of the instance is gone
+    start = await env.slash("server", {"server": name}, user=env.fake.admin,
+                            subcommand="start")
+    await press(env, start, "Start it")
+    await eventually(lambda: _status(env, name, "running"), timeout=30)
 
 
 async def _exists(path: Path) -> bool:
