@@ -115,3 +115,30 @@ def test_the_image_decides_port_path_and_profile() -> None:
     assert comfy.expose_ports == ()  # no public port: the bot tunnels over SSH
     plain = launch_plan("pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime", settings, None)
     assert (plain.profile, plain.comfy_port, plain.env) == ("default", 8188, {})
+
+
+async def test_fake_vast_takes_the_instance_key_for_that_instance_only() -> None:
+    """What the watchdog relies on, as the real API does (vast.md section 7)."""
+    import aiohttp
+
+    from tests.fakevast import FakeVast
+
+    async with FakeVast() as fake, aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {fake.api_key}"}
+        made = []
+        for offer in list(fake.offers)[:2]:
+            async with http.put(f"{fake.base_url}/asks/{offer}/", headers=headers,
+                                json={"image": "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime",
+                                      "disk": 20}) as resp:
+                made.append((await resp.json())["new_contract"])
+        mine, other = (fake.instances[i] for i in made)
+        own = {"Authorization": f"Bearer {mine.instance_api_key}"}
+        async with http.put(f"{fake.base_url}/instances/{other.id}/", headers=own,
+                            json={"state": "stopped"}) as resp:
+            assert resp.status == 401
+        async with http.get(f"{fake.base_url}/instances/{mine.id}/", headers=own) as resp:
+            assert resp.status == 401
+        async with http.put(f"{fake.base_url}/instances/{mine.id}/", headers=own,
+                            json={"state": "stopped"}) as resp:
+            assert resp.status == 200
+        assert mine.intended_status == "stopped" and other.intended_status == "running"
