@@ -192,7 +192,11 @@ async def test_plain_image_default_setup_restart_without_setup(
     inst = cvast.instances[int(server.provider_id or 0)]
     container = cvast.containers.containers[inst.id]
     port = server.comfy_port or 0
+    heartbeat = container.path(vast_provider.HEARTBEAT_FILE)
+    os.utime(heartbeat, (0, 0))
     await stop_and_start(ienv, "plain", port)
+    # The watchdog started again with the boot (its start touches the heartbeat).
+    await eventually(lambda: _newer(heartbeat, 0), timeout=10)
     # Running in the bot means ComfyUI answers (it was asked through the tunnel), with no
     # setup run: the onstart ran the boot hook the autostart step left.
     assert comfy_answers(port)
@@ -236,6 +240,10 @@ async def stop_and_start(env: BotEnv, name: str, port: int | None = None) -> Non
                             subcommand="start")
     await press(env, start, "Start it")
     await eventually(lambda: _status(env, name, "running"), timeout=30)
+
+
+async def _newer(path: Path, mtime: float) -> bool:
+    return path.stat().st_mtime > mtime
 
 
 async def _exists(path: Path) -> bool:
