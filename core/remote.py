@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import posixpath
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -137,9 +138,12 @@ class Remote:
 
     async def heartbeat(self, server: ServerView) -> None:
         """Touch the dead man's switch file on a rented instance."""
-        from core.providers.vast import HEARTBEAT_FILE
+        from core.providers.vast import HEARTBEAT_FILE, LEGACY_HEARTBEAT_FILE
 
-        await self.pool.run(self.target(server), f"touch {HEARTBEAT_FILE}", timeout=30)
+        await self.pool.run(
+            self.target(server),
+            f"mkdir -p {posixpath.dirname(HEARTBEAT_FILE)} && "
+            f"touch {HEARTBEAT_FILE} {LEGACY_HEARTBEAT_FILE}", timeout=30)
 
     async def close(self) -> None:
         await self.tunnels.close_all()

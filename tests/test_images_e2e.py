@@ -213,6 +213,11 @@ async def test_watchdog_stops_an_orphaned_plain_instance(
     container = cvast.containers.containers[inst.id]
     heartbeat = container.path(vast_provider.HEARTBEAT_FILE)
     await eventually(lambda: _exists(heartbeat), timeout=10)  # the watchdog runs
+    # While the bot lives, its heartbeat over SSH keeps the file fresh.
+    half_an_hour_ago = time.time() - 1800
+    os.utime(heartbeat, (half_an_hour_ago, half_an_hour_ago))
+    await ienv.services.remote.heartbeat(server)
+    assert heartbeat.stat().st_mtime > time.time() - 60
 
     async def stopped() -> bool:
         # The bot has been silent for two hours: its heartbeat no longer arrives. (Aged

@@ -28,6 +28,7 @@ __all__ = [
     "COMFY_IMAGE_PORT",
     "HEARTBEAT_FILE",
     "INSTALL_DIR",
+    "LEGACY_HEARTBEAT_FILE",
     "Launch",
     "LABEL_PREFIX",
     "Offer",
@@ -42,6 +43,9 @@ __all__ = [
 
 LABEL_PREFIX = "comfyvast"
 HEARTBEAT_FILE = "/root/.comfyvast/heartbeat"
+#: Where instances rented before 2026-12 watch for it; still touched so their watchdogs
+#: do not stop them.
+LEGACY_HEARTBEAT_FILE = "/root/.comfyvast-heartbeat"
 #: Scripts the onstart runs on every boot (the default profile puts ComfyUI's start here).
 BOOT_DIR = "/root/.comfyvast/boot.d"
 #: What SSH sessions may need from the container's environment, secrets left out, mode 0600.
