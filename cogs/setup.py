@@ -204,7 +204,7 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
     @app_commands.command(name="run", description="Install or repair ComfyUI on a server, "
                                                    "step by step, with live progress.")
     @app_commands.describe(server="The server (it needs SSH access).",
-                           profile="The setup profile (default: default).")
+                           profile="The setup profile (default: the server image's).")
     @app_commands.autocomplete(server=server_autocomplete, profile=profile_autocomplete)
     async def run(self, interaction: discord.Interaction, server: ServerOption,
                   profile: ProfileOption | None = None) -> None:

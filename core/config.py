@@ -68,7 +68,12 @@ class VastSettings(_Section):
     api_key: SecretStr | None = None
     base_url: str = "https://console.vast.ai/api/v0"
     request_timeout: float = Field(default=30.0, gt=0)
-    default_image: str = "vastai/comfy:latest"
+    # The one place that names the default image. Vast publishes vastai/comfy only with
+    # versioned tags (there is no "latest"; a missing tag sits in "loading" while its disk
+    # bills). This is the tag Vast's own recommended ComfyUI template pins (vast-ai/base-image
+    # docs/adr/0011-recommended-template-format-and-dogfood-publish.md at a7552d1:
+    # comfyui `v0.22.0-cuda-12.9-py312`); tags follow <ComfyUI tag>-cuda-<ver>-py<N>.
+    default_image: str = "vastai/comfy:v0.22.0-cuda-12.9-py312"
     default_disk_gb: int = Field(default=60, ge=10)
     # Seconds a fresh rental may take to reach "running" before it is destroyed.
     boot_timeout: float = Field(default=900.0, gt=0)

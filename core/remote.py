@@ -1,18 +1,40 @@
-"""SSH access to registered servers: targets with pinned host keys, heartbeats."""
+"""SSH access to registered servers: targets with pinned host keys, tunnels to ComfyUI,
+heartbeats, and the check that a booted server's ComfyUI answers."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import posixpath
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 from sqlalchemy import update
 
 from core.config import Settings
 from core.db.engine import SessionFactory
 from core.db.models import Server
+from core.errors import ValidationFailed
+from core.providers import provider_for
+from core.retry import Backoff
 from core.servers import ServerView
-from core.ssh import SSHConnector, SSHOptions, SSHPool, SSHTarget, TunnelManager, ensure_client_key
+from core.ssh import (
+    SSHConnector,
+    SSHError,
+    SSHOptions,
+    SSHPool,
+    SSHTarget,
+    TunnelManager,
+    ensure_client_key,
+)
 
 log = logging.getLogger(__name__)
+
+#: How long a booted server's ComfyUI may take to answer before the start is reported stuck.
+READY_TIMEOUT = 600.0
+#: Between two looks at /system_stats while waiting; each look is one short request.
+READY_BACKOFF = Backoff(base=0.25, cap=2.0, jitter="full")
 
 
 def target_for(server: ServerView, default_user: str = "root") -> SSHTarget:
@@ -59,16 +81,69 @@ class Remote:
         return target_for(server, self._settings.ssh.user)
 
     async def url_for(self, server: ServerView) -> str:
-        """A local URL tunnelled to ComfyUI's port on the server."""
+        """A local URL tunnelled to ComfyUI's port on the server (the row's port: 18188 on
+        Vast's ComfyUI image, the configured default elsewhere)."""
         port = server.comfy_port or self._settings.comfy.default_port
         tunnel = await self.tunnels.get(self.target(server), remote_port=port)
         return tunnel.url
 
+    async def wait_comfy(
+        self,
+        server: ServerView,
+        ssh_endpoint: tuple[str, int] | None = None,
+        progress: Callable[[str], Awaitable[None]] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Return once the server's ComfyUI answers ``/system_stats`` through the tunnel.
+
+        A booted instance is ready only then, not when Vast says ``running``: after a start
+        the boot hooks (or supervisord) still have to bring ComfyUI up. Servers without an
+        installation (never set up) and servers reached by URL return at once.
+        ``ssh_endpoint`` is where the instance answers SSH now (it may have moved since the
+        row was written). Raises :class:`ValidationFailed` when ComfyUI stays silent.
+        """
+        if not server.comfy_installed or not provider_for(server).tunnelled(server):
+            return
+        if ssh_endpoint is not None:
+            server = dataclasses.replace(
+                server, ssh_host=ssh_endpoint[0], ssh_port=ssh_endpoint[1])
+        limit = READY_TIMEOUT if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        attempt, last = 0, "no answer yet"
+        # A short bound per look: ComfyUI answers /system_stats at once when it is up.
+        look = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=look) as http:
+            while True:
+                try:
+                    url = await self.url_for(server)
+                    async with http.get(f"{url}/system_stats", allow_redirects=False) as resp:
+                        await resp.content.read(64 * 1024)
+                        if resp.status == 200:
+                            log.info("ComfyUI on %s answers", server.name)
+                            return
+                        last = f"HTTP {resp.status}"
+                except (SSHError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    last = str(exc) or type(exc).__name__
+                attempt += 1
+                if attempt == 1 and progress is not None:
+                    await progress(f"Server {server.name} is up; waiting for ComfyUI to answer…")
+                if loop.time() > deadline:
+                    raise ValidationFailed(
+                        f"Server {server.name} runs, but its ComfyUI did not answer within "
+                        f"{limit / 60:.0f} minutes ({last}); try /server diagnose or /setup run."
+                    )
+                await asyncio.sleep(READY_BACKOFF.delay(attempt))
+
     async def heartbeat(self, server: ServerView) -> None:
         """Touch the dead man's switch file on a rented instance."""
-        from core.providers.vast import HEARTBEAT_FILE
+        from core.providers.vast import HEARTBEAT_FILE, LEGACY_HEARTBEAT_FILE
 
-        await self.pool.run(self.target(server), f"touch {HEARTBEAT_FILE}", timeout=30)
+        await self.pool.run(
+            self.target(server),
+            f"mkdir -p {posixpath.dirname(HEARTBEAT_FILE)} && "
+            f"touch {HEARTBEAT_FILE} {LEGACY_HEARTBEAT_FILE}", timeout=30)
 
     async def close(self) -> None:
         await self.tunnels.close_all()

@@ -88,6 +88,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         public_key=lambda: remote.key.public_openssh,
     )
     server_ops.heartbeat = remote.heartbeat
+    server_ops.comfy_ready = remote.wait_comfy
     setup = SetupService(settings, sessions, servers, remote, audit)
     generation = GenerationService(settings, sessions, servers, comfy)
 

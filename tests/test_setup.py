@@ -233,11 +233,20 @@ async def test_setup_needs_ssh_and_a_known_profile(bed: SetupBed) -> None:
 def test_shipped_profiles_load_and_share_steps() -> None:
     profiles = load_profiles([DEFAULT_PROFILE_DIR, TEST_PROFILES])
     default, fast, test = profiles["default"], profiles["fast"], profiles["test"]
+    plain = profiles["plain-test"]
     assert [s.name for s in default.steps] == [
-        "system packages", "clone", "venv", "pytorch", "requirements", "start", "wait"]
-    assert [s.name for s in fast.steps] == ["verify", "start", "wait"]
-    # `from = "default"` copies the step, so all profiles run the same supervisor.
-    assert fast.step("start").run == default.step("start").run == test.step("start").run
+        "system packages", "clone", "venv", "pytorch", "requirements", "start", "autostart",
+        "wait"]
+    # Vast's ComfyUI image: checks path, service and port; installs and starts nothing.
+    assert [s.name for s in fast.steps] == ["verify", "service", "wait"]
+    assert fast.params["port"] == "18188" and fast.params["install_dir"] == "/workspace/ComfyUI"
+    # ComfyUI is pinned in one place, to a current Comfy-Org release.
+    assert default.params["comfy_ref"] == "v0.35.1"
+    assert "Comfy-Org/ComfyUI" in default.params["comfy_repo"]
+    # `from = "default"` copies the step, so the test profiles run the shipped supervisor
+    # and the shipped boot hook.
+    assert default.step("start").run == test.step("start").run == plain.step("start").run
+    assert default.step("autostart").run == plain.step("autostart").run
     assert test.step("start").timeout == 30 and default.step("start").timeout == 120
     values = default.resolve({"install_dir": "/srv/comfy ui"})
     assert values["python"] == "/srv/comfy ui/venv/bin/python"

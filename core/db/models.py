@@ -125,6 +125,13 @@ class Server(_Timestamps, Base):
     host_key: Mapped[str | None] = mapped_column(Text)
     comfy_url: Mapped[str | None] = mapped_column(String(512))
     comfy_port: Mapped[int | None] = mapped_column(Integer)
+    # Where ComfyUI lives on the server (its install directory), and the setup profile the
+    # server's image calls for (chosen from the image at rent, or the last one that ran).
+    comfy_path: Mapped[str | None] = mapped_column(String(512))
+    setup_profile: Mapped[str | None] = mapped_column(String(64))
+    # A setup succeeded: ComfyUI starts by itself on every boot, so a start is ready only
+    # once it answers through the tunnel.
+    comfy_installed: Mapped[bool] = mapped_column(Boolean, default=False)
     idle_timeout: Mapped[int | None] = mapped_column(Integer)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     last_channel_id: Mapped[int | None] = mapped_column(BigInteger)

@@ -118,6 +118,11 @@ class BootWait:
             if now > deadline:
                 await self._timed_out(server_id, instance, first_boot, timeout)
             await ctx.sleep(ctx.poll_interval)
+        if ctx.comfy_ready is not None:
+            # Running at Vast is not ready: a server that was set up counts as running only
+            # once its ComfyUI answers through the tunnel (core.remote.Remote.wait_comfy).
+            await ctx.comfy_ready(
+                await ctx.registry.get(server_id), instance.ssh_endpoint, progress)
         await self._states.apply_instance(server_id, instance)
         view = await ctx.registry.get(server_id)
         await progress(f"Server {view.name} is running.")

@@ -104,6 +104,11 @@ class ServerContext:
         self.events = ServerEvents()
         # Hook for the SSH layer: touch the heartbeat file on a running instance.
         self.heartbeat: Callable[[ServerView], Awaitable[None]] | None = None
+        # Hook for the SSH layer: wait until a booted server's ComfyUI answers (given the
+        # instance's current SSH endpoint); raises when it stays silent.
+        self.comfy_ready: (
+            Callable[[ServerView, tuple[str, int] | None, Progress], Awaitable[None]] | None
+        ) = None
         self._locks: dict[str, asyncio.Lock] = {}
 
     @property

@@ -53,6 +53,9 @@ class ServerView:
     last_channel_id: int | None
     running_since: dt.datetime | None
     created_at: dt.datetime
+    comfy_path: str | None = None
+    setup_profile: str | None = None
+    comfy_installed: bool = False
 
     @property
     def is_ready(self) -> bool:
@@ -83,6 +86,9 @@ class ServerView:
             last_channel_id=row.last_channel_id,
             running_since=row.running_since,
             created_at=row.created_at,
+            comfy_path=row.comfy_path,
+            setup_profile=row.setup_profile,
+            comfy_installed=bool(row.comfy_installed),
         )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, Actor
 from core.db.models import Provider, Server, ServerStatus
 from core.errors import ComfyVastError, NotFound, ValidationFailed
-from core.providers.vast import LABEL_PREFIX, onstart_script, transient, watchdog_script
+from core.providers.vast import LABEL_PREFIX, Launch, launch_plan, transient
 from core.servers.billing import Billing
 from core.servers.boot import BootWait
 from core.servers.context import CREATE_BACKOFF, Progress, ServerContext, no_progress, spread
@@ -100,6 +100,7 @@ class Rental:
         _ = ctx.vast  # refuses before any row is written when Vast.ai is not configured
         await self._billing.check_budget(plan.offer.price_per_hour, "Renting this server")
         label = f"{LABEL_PREFIX}:{name}:{secrets.token_hex(4)}"
+        launch = self._launch(image)
         async with ctx.sessions.begin() as session:
             row = Server(
                 provider=Provider.VAST.value,
@@ -113,7 +114,11 @@ class Rental:
                 price_per_hour=plan.offer.price_per_hour,
                 location=plan.offer.location,
                 disk=float(disk_gb or ctx.settings.vast.default_disk_gb),
-                comfy_port=ctx.settings.comfy.default_port,
+                # The image decides ComfyUI's port, path and setup profile (vastai/comfy:
+                # 18188 and fast; other images: the default port and profile).
+                comfy_port=launch.comfy_port,
+                comfy_path=launch.comfy_path,
+                setup_profile=launch.profile,
                 ssh_user="root",
                 created_by=actor.user_id,
                 last_channel_id=actor.channel_id,
@@ -255,22 +260,20 @@ class Rental:
                 await self._ctx.sleep(0.5 * 2**attempt)
         return None
 
-    def _create_request(self, label: str, image: str | None, disk_gb: int | None) -> CreateRequest:
-        s = self._ctx.settings
+    def _launch(self, image: str | None) -> Launch:
         public_key = self._ctx.public_key() if self._ctx.public_key else None
-        onstart = (
-            onstart_script(public_key, s.vast.base_url, s.costs.orphan_timeout)
-            if public_key
-            else watchdog_script(s.vast.base_url, s.costs.orphan_timeout)
-        )
-        ports = [s.comfy.default_port] if s.comfy.expose_port else []
+        return launch_plan(image or self._ctx.settings.vast.default_image, self._ctx.settings,
+                           public_key)
+
+    def _create_request(self, label: str, image: str | None, disk_gb: int | None) -> CreateRequest:
+        launch = self._launch(image)
         return CreateRequest(
-            image=image or s.vast.default_image,
-            disk_gb=float(disk_gb or s.vast.default_disk_gb),
-            onstart=onstart,
+            image=launch.image,
+            disk_gb=float(disk_gb or self._ctx.settings.vast.default_disk_gb),
+            onstart=launch.onstart,
             label=label,
-            env={"COMFY_PORT": str(s.comfy.default_port)},
+            env=launch.env,
             ssh=True,
-            expose_ports=tuple(ports),
+            expose_ports=launch.expose_ports,
             runtype="ssh_direc ssh_proxy",
         )

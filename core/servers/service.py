@@ -127,6 +127,19 @@ class ServerService:
         self._ctx.heartbeat = hook
 
     @property
+    def comfy_ready(
+        self,
+    ) -> Callable[[ServerView, tuple[str, int] | None, Progress], Awaitable[None]] | None:
+        """Hook for the SSH layer: wait until a booted server's ComfyUI answers."""
+        return self._ctx.comfy_ready
+
+    @comfy_ready.setter
+    def comfy_ready(
+        self, hook: Callable[[ServerView, tuple[str, int] | None, Progress], Awaitable[None]] | None
+    ) -> None:
+        self._ctx.comfy_ready = hook
+
+    @property
     def vast(self) -> VastClient:
         return self._ctx.vast
 

@@ -38,7 +38,7 @@ STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Parameters the service fills from the server and the settings when a profile has them.
-COMPUTED_PARAMS = ("port", "listen")
+COMPUTED_PARAMS = ("port", "listen", "install_dir")
 MAX_TIMEOUT = 6 * 3600.0
 
 
@@ -150,6 +150,9 @@ def server_values(
     service-wide ``params``, then the run's ``overrides`` (which must all exist)."""
     computed = {
         "port": str(server.comfy_port or settings.comfy.default_port),
+        # Where ComfyUI lives on this server (a rented one: /workspace/ComfyUI, from its
+        # image); a server without one keeps the profile's own default.
+        **({"install_dir": server.comfy_path} if server.comfy_path else {}),
         # ComfyUI has no login: it listens on loopback and the bot comes through the SSH
         # tunnel, unless the operator opted in to exposing the port.
         "listen": "0.0.0.0" if settings.comfy.expose_port else "127.0.0.1",

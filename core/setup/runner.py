@@ -104,6 +104,10 @@ class SetupRunner:
                 pass
             for index, step in enumerate(run.profile.steps, start=1):
                 await self._step(run, target, index, total, step)
+            # Before the run counts as succeeded: where ComfyUI now lives and answers, and
+            # that it comes back by itself after a restart (readiness waits for it then).
+            await self._store.record_installation(
+                run.server.id, run.profile.name, run.params, installed=True)
             run.status = ExecutionStatus.SUCCEEDED.value
             run.mark(f"finished: all {total} steps done")
         except asyncio.CancelledError:

@@ -188,7 +188,7 @@ class SetupService:
         await self._ensure_ready()
         profile = await self._store.last_profile(view.id)
         if profile is None:
-            _, profile = await self._script(DEFAULT_PROFILE)
+            _, profile = await self._script(view.setup_profile or DEFAULT_PROFILE)
         return Installation(view, profile.name, self._values(profile, view, None))
 
     # ------------------------------------------------------------------ running
@@ -215,7 +215,9 @@ class SetupService:
         it next. Raises :class:`ResourceBusy` when a setup already runs there."""
         view = await self._registry.get(server)
         self._require_ssh(view)
-        script_id, prof = await self._script(profile or DEFAULT_PROFILE)
+        # Without a profile: the one the server's image calls for (fast on Vast's ComfyUI
+        # image), else the default.
+        script_id, prof = await self._script(profile or view.setup_profile or DEFAULT_PROFILE)
         values = self._values(prof, view, params)
         self._runner.reserve(view)
         try:
@@ -303,6 +305,8 @@ class SetupService:
             raise
         finally:
             self._runner.release(view.id)
+        # ComfyUI is no longer expected to come back by itself after a restart.
+        await self._store.record_installation(view.id, prof.name, {}, installed=False)
         await self._audit.record(actor, "setup reset", outcome=OUTCOME_OK, resource=view.name,
                                  details={"profile": prof.name})
         log.info("setup state of %s reset (profile %s)", view.name, prof.name)

@@ -111,6 +111,19 @@ class SetupStore:
 
     # ------------------------------------------------------------------ runs: writes
 
+    async def record_installation(
+        self, server_id: int, profile: str, values: Mapping[str, str], *, installed: bool
+    ) -> None:
+        """After a setup succeeded (or a reset): where ComfyUI lives and answers on the
+        server, its profile, and whether it now starts by itself on every boot."""
+        changes: dict[str, Any] = {"setup_profile": profile, "comfy_installed": installed}
+        if values.get("install_dir"):
+            changes["comfy_path"] = values["install_dir"]
+        if str(values.get("port", "")).isdigit():
+            changes["comfy_port"] = int(values["port"])
+        async with self._sessions.begin() as session:
+            await session.execute(update(Server).where(Server.id == server_id).values(**changes))
+
     async def recover(self, keep: Collection[int]) -> int:
         """Mark runs left pending/running failed, except those in ``keep`` (they run in
         this process); returns how many."""

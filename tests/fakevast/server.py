@@ -332,6 +332,7 @@ class FakeVast:
         spend_rate_limit: float | None = None,
         anonymous_search: bool = True,
         first_instance_id: int = 27815123,
+        containers: Any = None,
     ) -> None:
         self.api_key = api_key
         self.offers: dict[int, JsonDict] = {
@@ -353,6 +354,11 @@ class FakeVast:
         self.anonymous_search = anonymous_search
 
         self.instances: dict[int, FakeInstance] = {}
+        # tests.fakevast.container.ContainerHost: each instance is a real SSH server with
+        # the image's file system, and runs its onstart on every boot. None: no container.
+        self.containers = containers
+        if containers is not None:
+            containers.vast = self
         self.destroyed: dict[int, FakeInstance] = {}
         self.requests: list[RecordedRequest] = []
         self.ssh_keys: list[JsonDict] = []
@@ -615,9 +621,14 @@ class FakeVast:
             inst.started_at = inst.started_at or inst.ready_at
             inst.status_msg = f"success, running {inst.image.replace(':', '_')}/ssh"
             inst.ports = self._assign_ports(inst)
+            if self.containers is not None:
+                # Onstart runs on create and on every start (vast.md section 7).
+                self.containers.boot(inst)
 
     def _apply_failure(self, inst: FakeInstance, kind: str) -> None:
         inst.running_since = None
+        if self.containers is not None:
+            self.containers.halt(inst)
         if kind == "oci":
             inst.actual_status = "created"
             inst.ports = None
@@ -637,6 +648,8 @@ class FakeVast:
             raise ValueError(kind)
 
     def _all_stopped(self, inst: FakeInstance, msg: str) -> None:
+        if self.containers is not None:
+            self.containers.halt(inst)  # a stopped container's processes are gone
         inst.actual_status = "stopped"
         inst.intended_status = inst.cur_state = inst.next_state = "stopped"
         inst.running_since = None
@@ -851,6 +864,12 @@ class FakeVast:
         bearer = auth.startswith("Bearer ")
         query_key = request.query.get("api_key")
         authorized = (bearer and auth[7:] == self.api_key) or query_key == self.api_key
+        if not authorized and bearer and request.method in ("PUT", "DELETE"):
+            # The instance's own CONTAINER_API_KEY may start/stop/destroy that instance
+            # only (vast.md section 7, "Fake fidelity"); the watchdog relies on it.
+            m = re.fullmatch(r"/api/v0/instances/(\d+)/", request.path)
+            inst = self.instances.get(int(m.group(1))) if m else None
+            authorized = inst is not None and auth[7:] == inst.instance_api_key
         rec = RecordedRequest(
             method=request.method, path=request.path,
             query={k: v for k, v in request.query.items() if k != "api_key"}, body=body,
@@ -1161,6 +1180,11 @@ class FakeVast:
 
         inst = self._new_instance(offer, body, disk, env, runtype, args,
                                   bid=price if is_bid else None)
+        if self.containers is not None:
+            # The instance's direct SSH port is its container's real SSH server.
+            ssh_port = await self.containers.create(inst)
+            inst.network_override["ports"] = {
+                "22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(ssh_port)}]}
         if is_bid and price is not None and price < float(offer.get("min_bid") or 0):
             # A low bid still creates the instance, stopped, and says so in an error.
             self._all_stopped(inst, "Instance stopped: outbid")
@@ -1328,6 +1352,8 @@ class FakeVast:
         if inst is None:
             return self._no_such_instance(iid)
         self._release_ports(inst)
+        if self.containers is not None:
+            await self.containers.destroy(inst.id)
         inst.actual_status = None
         inst.cur_state = inst.next_state = "unloaded"
         inst.running_since = None
@@ -1341,6 +1367,8 @@ class FakeVast:
         if inst is None:
             return self._no_such_instance(iid)
         if inst.actual_status == "running":
+            if self.containers is not None:
+                self.containers.halt(inst)  # a reboot restarts the container
             inst.actual_status = "rebooting"
             inst.status_msg = "Rebooting"
             inst.ready_at = self.now() + self.reboot_seconds
