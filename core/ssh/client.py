@@ -95,5 +95,5 @@ class SSHPool(ConnectionPool):
     async def forward_local(
         self, target: SSHTarget, remote_host: str = "127.0.0.1", remote_port: int = 8188
     ) -> Tunnel:
-        """Start a :class:`Tunnel` from 127.0.0.1:<random> to ``remote_host:remote_port``."""
+        """Start a :class:`Tunnel` from a private Unix socket to ``remote_host:remote_port``."""
         return await start_tunnel(self, target, remote_host, remote_port)
