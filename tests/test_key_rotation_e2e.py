@@ -217,3 +217,36 @@ async def _noop() -> None:
 
 def _body_of(line: str) -> str:
     return " ".join(line.split()[:2])
+
+
+async def test_only_admins_rotate_and_cancel_changes_nothing(renv: BotEnv, fleet: Fleet) -> None:
+    old = renv.services.remote.key
+    refused = await renv.slash(
+        "server", {}, user=renv.fake.member, subcommand="rotate-key", force=True
+    )
+    message = await renv.fake.wait_for(lambda: _answered(refused))
+    assert "New SSH key" not in message.content and "admin" in message.content.lower()
+    interaction = await renv.slash("server", {}, user=renv.fake.admin, subcommand="rotate-key")
+    await press(renv, interaction, "Cancel")
+    message = await renv.fake.wait_for(
+        lambda: (m := _answered(interaction)) is not None and "not rotated" in m.content)
+    assert renv.services.remote.key.fingerprint == old.fingerprint
+    assert await renv.services.state.get(STATE_KEY) is None
+    assert all([await fleet.logs_in(n, old) for n in fleet.ssh])
+
+
+async def test_rotate_days_rotates_from_the_maintenance_check(
+    renv: BotEnv, fleet: Fleet
+) -> None:
+    keys = renv.services.keys
+    keys._rotate_days = 30  # as if ssh.rotate_days = 30
+    old = renv.services.remote.key
+    assert not await keys.due()  # the key was made just now
+    keys._clock = lambda: time.time() + 31 * 86400
+    assert await keys.due()
+    hook = renv.services.server_ops.key_check
+    assert hook is not None
+    await hook()  # what ServerService.maintain calls every tick
+    assert renv.services.remote.key.fingerprint != old.fingerprint
+    assert not await fleet.logs_in("alpha", old)
+    assert not await keys.due()  # rotated "now"
