@@ -250,3 +250,27 @@ async def test_rotate_days_rotates_from_the_maintenance_check(
     assert renv.services.remote.key.fingerprint != old.fingerprint
     assert not await fleet.logs_in("alpha", old)
     assert not await keys.due()  # rotated "now"
+
+
+async def test_a_rotation_interrupted_after_its_start_resumes_with_the_same_key(
+    renv: BotEnv, fleet: Fleet, fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    old = renv.services.remote.key
+    await renv.services.keys._start()  # the bot dies right after saving the plan
+    planned = (await renv.services.state.get(STATE_KEY) or {})["new_public"]
+    await renv.stop()
+    env2 = await start_bot(fake_discord, _settings(tmp_path, fake_discord, vast))
+    try:
+        env2.services.server_ops.heartbeat = None
+        # Both keys are offered after the restart.
+        offered = [k.public_openssh for k in env2.services.remote.connector.extra_keys]
+        assert planned in offered
+        reply = await rotate(env2)
+        new = env2.services.remote.key
+        assert new.public_openssh == planned
+        assert "resumed" in reply and "The old key is gone everywhere." in reply
+        for name in fleet.ssh:
+            assert await fleet.logs_in(name, new) and not await fleet.logs_in(name, old), name
+    finally:
+        await env2.stop()
+        renv.stop = _noop  # type: ignore[method-assign]  (already stopped above)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
 from core.botstate import StateStore
 from core.providers import has_shell
 from core.remote import Remote
@@ -149,11 +151,14 @@ class KeyRotation:
         """Start a rotation, or resume the unfinished one, and run one pass of it."""
         async with self._lock:
             st = await self._state.get(STATE_KEY) or {}
-            started = "new_public" not in st
-            if started:
+            keys = await asyncio.to_thread(self._load_keys, st) if "new_public" in st else None
+            started = keys is None
+            if keys is None:
                 st = await self._start()
+                keys = await asyncio.to_thread(self._load_keys, st)
+                assert keys is not None
+            new, old = keys
             st["last_attempt"] = self._clock()
-            new, old = await asyncio.to_thread(self._load_keys, st)
             self._remote.connector.use_keys(self._remote.key, new, old)
             progress: dict[str, str] = st.setdefault("servers", {})
             errors: dict[str, str] = {}
@@ -171,7 +176,7 @@ class KeyRotation:
             for server in targets:
                 if progress.get(str(server.id)) != INSTALLED:
                     continue
-                reason = await self._attempt(self._retire, server, old, new)
+                reason = await self._attempt(self._retire, server, st["old_public"], new)
                 if reason is None:
                     progress[str(server.id)] = DONE
                 else:
@@ -182,7 +187,7 @@ class KeyRotation:
                             for s in targets if progress.get(str(s.id)) != DONE)
             finished = not pending
             if finished:
-                await self._finish(old, new)
+                await self._finish(st["old_public"], new)
             else:
                 await self._state.set(STATE_KEY, st)
             log.info("SSH key rotation to %s: %d servers done, %d pending%s", new.fingerprint,
@@ -207,12 +212,29 @@ class KeyRotation:
                  new.fingerprint)
         return st
 
-    def _load_keys(self, st: dict[str, Any]) -> tuple[ClientKey, ClientKey]:
-        """(new, old) from the files, whichever step the last pass got to."""
+    def _load_keys(self, st: dict[str, Any]) -> tuple[ClientKey, ClientKey] | None:
+        """(new, old) from the files, whichever step the last pass got to; None when the
+        files no longer match the saved plan (then a fresh rotation starts)."""
         current = ensure_client_key(self.key_path)
         if _body(current.public_openssh) == _body(st["new_public"]):
-            return current, ensure_client_key(self.old_path)  # promoted already
-        return ensure_client_key(self.next_path), current
+            new, old_path = current, self.old_path  # promoted already
+        elif _body(current.public_openssh) == _body(st["old_public"]):
+            if not self.next_path.exists():
+                log.warning("SSH key rotation: %s is gone; starting over", self.next_path)
+                return None
+            new, old_path = ensure_client_key(self.next_path), None
+        else:
+            log.warning("SSH key rotation: the key file changed since it started; starting over")
+            return None
+        if old_path is None:
+            return new, current
+        if old_path.exists():
+            old = ensure_client_key(old_path)
+            if _body(old.public_openssh) == _body(st["old_public"]):
+                return new, old
+        # The old private key is lost: nothing can log in with it any more, so only its
+        # lines are left to remove (by st["old_public"]); offer the new key twice.
+        return new, new
 
     async def _attempt(self, step: Any, server: ServerView, *keys: ClientKey) -> str | None:
         """Run one server's step; the reason it failed, or None."""
@@ -220,7 +242,7 @@ class KeyRotation:
             return f"not running ({server.status})"
         try:
             await step(server, *keys)
-        except (SSHError, VastError, OSError, TimeoutError) as exc:
+        except (SSHError, VastError, asyncssh.Error, OSError, TimeoutError, ValueError) as exc:
             log.warning("SSH key rotation: %s: %s", server.name, exc)
             return str(exc)[:_REASON_CHARS] or type(exc).__name__
         return None
@@ -242,15 +264,14 @@ class KeyRotation:
         finally:
             conn.close()
 
-    async def _retire(self, server: ServerView, old: ClientKey, new: ClientKey) -> None:
+    async def _retire(self, server: ServerView, old_public: str, new: ClientKey) -> None:
         target = self._remote.target(server)
         await self._remote.pool.run(
-            target, remove_key_command(old.public_openssh, new.public_openssh),
-            timeout=COMMAND_TIMEOUT)
+            target, remove_key_command(old_public, new.public_openssh), timeout=COMMAND_TIMEOUT)
         instance = self._instance_id(server)
         if instance is not None and self._vast is not None:
             for key in await self._vast.list_instance_ssh_keys(instance):
-                if _body(key.public_key) == _body(old.public_openssh):
+                if _body(key.public_key) == _body(old_public):
                     await self._vast.detach_ssh_key(instance, key.id)
 
     async def _promote(self, st: dict[str, Any], new: ClientKey, old: ClientKey) -> None:
@@ -280,11 +301,11 @@ class KeyRotation:
         os.replace(_pub(self.next_path), _pub(self.key_path))
         os.replace(self.next_path, self.key_path)
 
-    async def _finish(self, old: ClientKey, new: ClientKey) -> None:
+    async def _finish(self, old_public: str, new: ClientKey) -> None:
         if self._vast is not None:
             try:
                 for key in await self._vast.list_ssh_keys():
-                    if _body(key.public_key) == _body(old.public_openssh):
+                    if _body(key.public_key) == _body(old_public):
                         await self._vast.delete_ssh_key(key.id)
             except VastError as exc:
                 log.warning("could not remove the old SSH key from the Vast account: %s", exc)
