@@ -155,6 +155,11 @@ async def test_rotation_replaces_the_key_everywhere(renv: BotEnv, fleet: Fleet) 
         assert _body(old) not in fleet.authorized(name)
     # Vast: the instance and the account hold the new key only.
     assert [_body_of(k) for k in fleet.instance_keys()] == [_body(new)]
+    # When Vast next rewrites the instance's authorized_keys from its attached keys, the
+    # bot still gets in (it attached the new key) and the old key stays out.
+    fleet.vast.refresh_authorized_keys(
+        fleet.instance_id, fleet.home("gamma") / ".ssh" / "authorized_keys")
+    assert await fleet.logs_in("gamma", new) and not await fleet.logs_in("gamma", old)
     assert _body(new) in [_body_of(k) for k in fleet.account_keys()]
     assert _body(old) not in [_body_of(k) for k in fleet.account_keys()]
     # The bot's key file is the new key; nothing of the old one is left behind.
