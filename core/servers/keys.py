@@ -51,6 +51,8 @@ STATE_KEY = "ssh_key_rotation"
 COMMAND_TIMEOUT = 60.0
 # A pending rotation is retried by the maintenance loop at most this often, seconds.
 RETRY_EVERY = 3600.0
+# Servers worked on at once.
+PARALLEL = 8
 _REASON_CHARS = 200
 
 INSTALLED, DONE = "installed", "done"
@@ -163,25 +165,14 @@ class KeyRotation:
             progress: dict[str, str] = st.setdefault("servers", {})
             errors: dict[str, str] = {}
             targets = [s for s in await self._servers.list() if has_shell(s) and s.ssh_host]
-            for server in targets:
-                if progress.get(str(server.id)) in (INSTALLED, DONE):
-                    continue
-                reason = await self._attempt(self._install, server, new)
-                if reason is None:
-                    progress[str(server.id)] = INSTALLED
-                else:
-                    errors[str(server.id)] = reason
-                await self._state.set(STATE_KEY, st)
+            await self._each(
+                [s for s in targets if progress.get(str(s.id)) not in (INSTALLED, DONE)],
+                INSTALLED, progress, errors, self._install, new)
+            await self._state.set(STATE_KEY, st)
             await self._promote(st, new, old)
-            for server in targets:
-                if progress.get(str(server.id)) != INSTALLED:
-                    continue
-                reason = await self._attempt(self._retire, server, st["old_public"], new)
-                if reason is None:
-                    progress[str(server.id)] = DONE
-                else:
-                    errors[str(server.id)] = reason
-                await self._state.set(STATE_KEY, st)
+            await self._each(
+                [s for s in targets if progress.get(str(s.id)) == INSTALLED],
+                DONE, progress, errors, self._retire, st["old_public"], new)
             done = tuple(s.name for s in targets if progress.get(str(s.id)) == DONE)
             pending = tuple((s.name, errors.get(str(s.id), "not reached"))
                             for s in targets if progress.get(str(s.id)) != DONE)
@@ -236,12 +227,28 @@ class KeyRotation:
         # lines are left to remove (by st["old_public"]); offer the new key twice.
         return new, new
 
-    async def _attempt(self, step: Any, server: ServerView, *keys: ClientKey) -> str | None:
+    async def _each(self, servers: list[ServerView], reached: str, progress: dict[str, str],
+                    errors: dict[str, str], step: Any, *args: Any) -> None:
+        """Run ``step`` on the servers, a few at a time (an unreachable server costs its
+        connect timeouts); record ``reached`` or the reason it failed."""
+        limit = asyncio.Semaphore(PARALLEL)
+
+        async def one(server: ServerView) -> None:
+            async with limit:
+                reason = await self._attempt(step, server, *args)
+            if reason is None:
+                progress[str(server.id)] = reached
+            else:
+                errors[str(server.id)] = reason
+
+        await asyncio.gather(*(one(server) for server in servers))
+
+    async def _attempt(self, step: Any, server: ServerView, *args: Any) -> str | None:
         """Run one server's step; the reason it failed, or None."""
         if not server.is_ready:
             return f"not running ({server.status})"
         try:
-            await step(server, *keys)
+            await step(server, *args)
         except (SSHError, VastError, asyncssh.Error, OSError, TimeoutError, ValueError) as exc:
             log.warning("SSH key rotation: %s: %s", server.name, exc)
             return str(exc)[:_REASON_CHARS] or type(exc).__name__
