@@ -279,3 +279,17 @@ async def test_a_rotation_interrupted_after_its_start_resumes_with_the_same_key(
     finally:
         await env2.stop()
         renv.stop = _noop  # type: ignore[method-assign]  (already stopped above)
+
+
+async def test_a_team_api_key_without_account_keys_still_rotates(
+    renv: BotEnv, fleet: Fleet, vast: FakeVast
+) -> None:
+    """Team API keys cannot hold account keys (400 team_ssh_keys_not_supported, vast.md
+    2.8): the instances get the new key attached and the rotation finishes."""
+    vast.team_key = True
+    old = renv.services.remote.key
+    reply = await rotate(renv)
+    new = renv.services.remote.key
+    assert "The old key is gone everywhere." in reply
+    assert [_body_of(k) for k in fleet.instance_keys()] == [_body(new)]
+    assert await fleet.logs_in("gamma", new) and not await fleet.logs_in("gamma", old)
