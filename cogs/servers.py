@@ -29,6 +29,7 @@ from core.providers import provider_for
 from core.providers.vast import Offer, OfferQuery
 from core.servers import default_name, validate_name
 from core.servers.boot import StillStarting
+from core.servers.keys import RotationReport
 from core.servers.service import MessageRef, RentPlan
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,36 @@ class OffersView(discord.ui.View):
         return callback
 
 
+class KeyCommands:
+    """/server rotate-key, mixed into :class:`Servers` (its admin check applies)."""
+
+    bot: BotContext
+
+    @app_commands.command(
+        name="rotate-key", description="Replace the bot's SSH key on every server (asks first)."
+    )
+    async def rotate_key(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if not await confirm(
+            interaction,
+            "Rotate the bot's SSH key? A new key is installed and proven on every running "
+            "server, then the old one is removed there. Servers that cannot be reached keep "
+            "both keys until the next rotation.",
+            confirm_label="Rotate",
+            danger=True,
+        ):
+            await interaction.followup.send("The key was not rotated.", ephemeral=True)
+            return
+        log.info("SSH key rotation requested by %s", interaction.user.id)
+        report = await self.bot.services.keys.rotate()
+        await interaction.followup.send(rotation_text(report), ephemeral=True)
+
+
 @app_commands.default_permissions(manage_guild=True)
 @app_commands.guild_only()
 class Servers(
     AdminCog,
+    KeyCommands,
     commands.GroupCog,
     group_name="server",
     group_description="Manage the team's GPU servers.",
@@ -403,6 +430,24 @@ async def run_start(bot: BotContext, actor: Actor, name: str, status: discord.Me
         text = f"❌ {GENERIC_FAILURE}"
     final = f"{status.content}\n{text}"
     await bot.relay.finish(status.channel.id, status.id, lambda: _content(final))
+
+
+def rotation_text(report: RotationReport) -> str:
+    """The reply to /server rotate-key, within Discord's 2000 characters."""
+    lines = [f"New SSH key `{report.fingerprint}`"
+             + (" (resumed the unfinished rotation)." if not report.started else ".")]
+    if report.done:
+        lines.append("Old key removed from: " + ", ".join(report.done[:20])
+                     + (f" and {len(report.done) - 20} more" if len(report.done) > 20 else ""))
+    if report.finished:
+        lines.append("The old key is gone everywhere.")
+    else:
+        lines.append("These servers could not be switched and keep both keys; "
+                     "run /server rotate-key again to finish:")
+        lines += [f"- **{name}**: {reason[:150]}" for name, reason in report.pending[:10]]
+        if len(report.pending) > 10:
+            lines.append(f"... and {len(report.pending) - 10} more")
+    return "\n".join(lines)[:1900]
 
 
 async def _content(text: str) -> dict[str, object]:

@@ -109,6 +109,9 @@ class SSHSettings(_Section):
     connect_timeout: float = Field(default=15.0, gt=0)
     keepalive_interval: float = Field(default=30.0, gt=0)
     command_timeout: float = Field(default=1800.0, gt=0)
+    # Rotate the bot's SSH key this many days after the last rotation (None: only on
+    # /server rotate-key). An unfinished rotation is retried hourly (core.servers.keys).
+    rotate_days: float | None = Field(default=None, gt=0)
 
 
 class DatabaseSettings(_Section):

@@ -61,6 +61,13 @@ class Remote:
             keepalive_interval=settings.ssh.keepalive_interval,
         )
         self.connector = SSHConnector(self.key, options, on_host_key_learned=self._pin)
+        # Keys of an unfinished rotation (core.servers.keys): offered after the bot's key
+        # so servers that still hold only the other one stay reachable after a restart.
+        path = settings.ssh_key_path
+        extra = [ensure_client_key(p) for p in (path.with_name(path.name + ".next"),
+                                                path.with_name(path.name + ".old"))
+                 if p.exists()]
+        self.connector.use_keys(self.key, *extra)
         self.pool = SSHPool(self.connector)
         self.tunnels = TunnelManager(self.pool)
 

@@ -18,6 +18,7 @@ from core.generation import GenerationService
 from core.model_files import DEFAULT_INSTALL_DIR, ModelService
 from core.remote import Remote
 from core.servers import ServerRegistry, ServerView
+from core.servers.keys import KeyRotation
 from core.servers.service import ServerService
 from core.setup import SetupService
 from core.vast import VastClient
@@ -43,6 +44,7 @@ class Services:
     setup: SetupService
     diagnostics: Diagnostics
     models: ModelService
+    keys: KeyRotation
 
     async def close(self) -> None:
         await self.server_ops.close()
@@ -89,6 +91,10 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     )
     server_ops.heartbeat = remote.heartbeat
     server_ops.comfy_ready = remote.wait_comfy
+    state = StateStore(sessions)
+    keys = KeyRotation(settings.ssh_key_path, state, servers, remote, vast,
+                       rotate_days=settings.ssh.rotate_days)
+    server_ops.key_check = keys.tick
     setup = SetupService(settings, sessions, servers, remote, audit)
     generation = GenerationService(settings, sessions, servers, comfy)
 
@@ -106,7 +112,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         sessions=sessions,
         http=http,
         audit=audit,
-        state=StateStore(sessions),
+        state=state,
         servers=servers,
         endpoints=endpoints,
         comfy=comfy,
@@ -118,4 +124,5 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         setup=setup,
         diagnostics=Diagnostics(servers, remote, setup, http),
         models=models,
+        keys=keys,
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
+from core.ssh import unix_socket_path
 from tests.conftest import MODELS, BotEnv, _answered, register_ssh_server
 from tests.fakecomfy import FakeComfy
 from tests.test_generation_e2e import finished_row, result_messages
@@ -42,12 +45,18 @@ async def test_generation_through_the_ssh_tunnel(env: BotEnv, ssh_host: Any) -> 
     comfy = FakeComfy(models=MODELS, output_size=(32, 32))
     await comfy.start()
     try:
-        await register_ssh_server(env, ssh_host, comfy_port=comfy.port)
+        server = await register_ssh_server(env, ssh_host, comfy_port=comfy.port)
         interaction = await env.slash("generate", {"prompt": "over ssh"})
         await env.fake.wait_for(lambda: _answered(interaction))
         row = await finished_row(env)
         assert row.status == "completed", row.error_message
         [result] = result_messages(env)
         assert result.attachments[0].data in comfy.files["output"].values()
+        # Issue 12: through the tunnel's private Unix socket (HTTP and the WebSocket).
+        url = await env.services.endpoints.resolve(server)
+        path = unix_socket_path(url)
+        assert path is not None, url
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert comfy._sockets, "the event WebSocket did not come through the tunnel"
     finally:
         await comfy.stop()

@@ -154,6 +154,39 @@ async def test_a_step_past_its_timeout_is_stopped_and_fails(
     await wait_until(lambda: not alive(int(pidfile.read_text())))  # the remote side too
 
 
+async def test_a_chatty_step_keeps_its_tail_and_the_other_steps(
+    bed: SetupBed, tmp_path: Path
+) -> None:
+    """Issue 12: a step printing 40 MB (no newline for most of it) keeps the end of its
+    output with a note of how much was dropped, and the next step's log survives."""
+    from core.setup.runlog import MAX_STEP_LOG_CHARS
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "chatty.toml").write_text(
+        '[params]\ninstall_dir = "/tmp/unused/dir"\n'
+        '[[steps]]\nname = "chatty"\ntimeout = 300\n'
+        'run = "seq 1 2000000; head -c 30000000 /dev/zero | tr \'\\\\0\' y; echo; '
+        'echo chatty-end; exit 4"\n')
+    service = SetupService(bed.services.settings, bed.services.sessions, bed.services.servers,
+                           bed.services.remote, bed.services.audit,
+                           profile_dirs=(DEFAULT_PROFILE_DIR, profiles))
+    view = await service.run(ADMIN, "box", "chatty")
+    assert view.status == "failed"
+    assert view.output_tail.splitlines()[-1] == "chatty-end"
+    log = await service.log(view.id)
+    assert len(log) < MAX_STEP_LOG_CHARS + 10_000
+    lines = log.splitlines()
+    assert lines[0].startswith("==> comfyvast setup #")
+    assert lines[1] == "==> [1/1] chatty: running (timeout 300 s)"
+    assert lines[2].startswith("[") and lines[2].endswith(
+        " earlier characters of this step's output dropped]")
+    assert lines[-3] == "chatty-end"
+    assert lines[-2].startswith("==> [1/1] chatty: failed in ")
+    assert set(lines[-4]) == {"y"}
+    assert lines[-1] == "==> failed: Step 1/1 (chatty) failed with exit status 4."
+
+
 async def test_a_changed_host_key_is_refused(bed: SetupBed) -> None:
     await bed.ssh.rotate_host_key()
     view = await bed.setup.run(ADMIN, "box", "test")

@@ -13,11 +13,17 @@ import aiohttp
 from core.comfy.client import ComfyClient
 from core.comfy.stream import ComfyEventStream
 from core.servers import ServerView
+from core.ssh.tunnels import unix_socket_path
 
 log = logging.getLogger(__name__)
 
 # Given a server, the base URL the bot reaches its ComfyUI at (direct, tunnel, public port).
+# An SSH tunnel is a private Unix socket named by an ``http+unix://`` URL.
 EndpointResolver = Callable[[ServerView], Awaitable[str]]
+
+# What requests through a Unix socket are addressed to (the Host header); the socket
+# decides where they go. ComfyUI checks Host only against an Origin header, sent by none.
+_UNIX_BASE_URL = "http://localhost"
 
 
 @dataclass
@@ -26,6 +32,13 @@ class ComfyConnection:
     base_url: str
     client: ComfyClient
     stream: ComfyEventStream
+    # The connection's own HTTP session when it goes through a tunnel's Unix socket.
+    session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        await self.stream.close()
+        if self.session is not None:
+            await self.session.close()
 
 
 class ComfyPool:
@@ -56,14 +69,20 @@ class ComfyPool:
             conn = self._conns.get(server.id)
             if conn is not None and conn.base_url == base_url:
                 return conn
-            if conn is not None:  # the endpoint moved (new tunnel port, new public IP)
-                await conn.stream.close()
-            client = ComfyClient(
-                base_url, self._http, timeout=self._timeout, client_id=self.client_id
-            )
+            if conn is not None:  # the endpoint moved (new tunnel, new public IP)
+                await conn.close()
+            http, session, url = self._http, None, base_url
+            socket_path = unix_socket_path(base_url)
+            if socket_path is not None:
+                # aiohttp picks the socket per session: one session per tunnel.
+                session = aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=socket_path), timeout=self._http.timeout
+                )
+                http, url = session, _UNIX_BASE_URL
+            client = ComfyClient(url, http, timeout=self._timeout, client_id=self.client_id)
             stream = ComfyEventStream(
-                base_url,
-                self._http,
+                url,
+                http,
                 self.client_id,
                 client=client,
                 connect_timeout=self._connect_timeout,
@@ -71,7 +90,7 @@ class ComfyPool:
             # Don't block on the first connect: a server that is down is detected by the
             # HTTP calls, and the stream keeps reconnecting in the background.
             await stream.start(wait=False)
-            conn = ComfyConnection(server.id, base_url, client, stream)
+            conn = ComfyConnection(server.id, base_url, client, stream, session)
             self._conns[server.id] = conn
             return conn
 
@@ -82,7 +101,7 @@ class ComfyPool:
     async def drop(self, server_id: int) -> None:
         conn = self._conns.pop(server_id, None)
         if conn is not None:
-            await conn.stream.close()
+            await conn.close()
 
     async def close(self) -> None:
         for server_id in list(self._conns):

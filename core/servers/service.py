@@ -74,6 +74,8 @@ class ServerService:
         self.autostop = Autostop(ctx, self.lifecycle)
         self._wait_running = boot.wait_running
         self._tasks = ctx.tasks
+        # Set by the wiring: the SSH key rotation's periodic check (core.servers.keys).
+        self.key_check: Callable[[], Awaitable[None]] | None = None
 
     # The knobs tests and the wiring set on the service reach every part.
 
@@ -278,6 +280,8 @@ class ServerService:
                     await self.sync()
                     next_sync = now + sync_every
                 await self.autostop_tick()
+                if self.key_check is not None:
+                    await self.key_check()  # SSH key rotation, when ssh.rotate_days is due
             except Exception:
                 log.exception("server maintenance failed; retrying on the next tick")
             await asyncio.sleep(autostop_every)

@@ -19,6 +19,10 @@ TAIL_LINES = 15
 TAIL_LINE_CHARS = 300
 # The full log is kept in memory and the row; past this, the oldest part is dropped.
 MAX_LOG_CHARS = 4_000_000
+# One step's output kept in the log; past this, the oldest part *of that step* is dropped
+# with a note saying how much, so one chatty step cannot push the others (and their
+# marker lines) out of the log. The SSH layer bounds each line (core.ssh.capture).
+MAX_STEP_LOG_CHARS = 1_000_000
 # A marker line in the log per step outcome; /setup status rebuilds the step list from it.
 MARKER = "==> "
 _OUTCOME_LINE = re.compile(
@@ -58,6 +62,10 @@ class Run:
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     chunks: list[str] = field(default_factory=list)
     size: int = 0
+    # Where the current step's output starts in ``chunks``, its size and what was dropped.
+    step_start: int = 0
+    step_size: int = 0
+    step_dropped: int = 0
     # Output arrived since the row was last written.
     dirty: bool = False
 
@@ -69,13 +77,32 @@ class Run:
             text = "".join(self.chunks)[-MAX_LOG_CHARS // 2 :]
             self.chunks = ["[earlier output dropped]\n", text]
             self.size = len(text) + 25
+            self.step_start, self.step_size = len(self.chunks), 0
 
     def mark(self, text: str) -> None:
-        """A marker line (see :data:`MARKER`)."""
+        """A marker line (see :data:`MARKER`); the output after it is the next step's."""
         self.write(MARKER + text)
+        self.step_start, self.step_size, self.step_dropped = len(self.chunks), 0, 0
+
+    def _trim_step(self) -> None:
+        """Keep the newest half of the current step's output, noting what was dropped."""
+        # The previous note (if any) is replaced, not counted as dropped output.
+        first = self.step_start + (1 if self.step_dropped else 0)
+        old_note = len(self.chunks[self.step_start]) if self.step_dropped else 0
+        text = "".join(self.chunks[first:])
+        keep = text[-MAX_STEP_LOG_CHARS // 2 :]
+        keep = keep[keep.find("\n") + 1 :] if "\n" in keep else keep  # whole lines
+        self.step_dropped += len(text) - len(keep)
+        note = f"[{self.step_dropped} earlier characters of this step's output dropped]\n"
+        self.chunks[self.step_start :] = [note, keep]
+        self.size += len(note) + len(keep) - len(text) - old_note
+        self.step_size = len(note) + len(keep)
 
     def output(self, line: str) -> None:
         self.write(line)
+        self.step_size += len(line) + 1
+        if self.step_size > MAX_STEP_LOG_CHARS:
+            self._trim_step()
         self.tail.append(line[:TAIL_LINE_CHARS])
         self.dirty = True
 

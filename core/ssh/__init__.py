@@ -19,7 +19,8 @@ The modules, from the bottom up (each imports only those above it):
   output captured line by line, stopping it by its process group.
 * :mod:`~core.ssh.sftp` – small file transfers.
 * :mod:`~core.ssh.tunnels` – :class:`Tunnel` / :class:`TunnelManager` give ComfyUI's port on
-  the server a stable local URL (``http://127.0.0.1:<port>``) that survives reconnects.
+  the server a stable local endpoint that survives reconnects: a Unix socket only the bot's
+  user can open, named by an ``http+unix://`` URL (:func:`unix_socket_path` reads it).
 * :mod:`~core.ssh.client` – :class:`SSHPool`, the pool with the operations:
   :meth:`SSHPool.run`, :meth:`SSHPool.upload_bytes`, :meth:`SSHPool.download_bytes` and
   :meth:`SSHPool.forward_local`.
@@ -49,7 +50,7 @@ from core.ssh.errors import (
 from core.ssh.keys import ClientKey, ensure_client_key, host_key_fingerprint
 from core.ssh.run import CommandResult
 from core.ssh.target import SSHOptions, SSHTarget, quote_command
-from core.ssh.tunnels import Tunnel, TunnelManager
+from core.ssh.tunnels import Tunnel, TunnelManager, unix_socket_path
 
 __all__ = [
     "ClientKey",
@@ -72,4 +73,5 @@ __all__ = [
     "fetch_host_key",
     "host_key_fingerprint",
     "quote_command",
+    "unix_socket_path",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from core.ssh import run as _run
 from core.ssh import sftp as _sftp
-from core.ssh.capture import LineCallback
+from core.ssh.capture import DEFAULT_MAX_OUTPUT, LineCallback
 from core.ssh.pool import ConnectionPool
 from core.ssh.run import CommandResult
 from core.ssh.target import SSHTarget
@@ -35,6 +35,7 @@ class SSHPool(ConnectionPool):
         env: Mapping[str, str] | None = None,
         input: bytes | str | None = None,  # same name as subprocess.run and asyncssh
         secret_env: Mapping[str, str] | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """Run ``command`` (a shell string: quote every value!) and wait for it.
 
@@ -51,6 +52,10 @@ class SSHPool(ConnectionPool):
         * Past ``timeout`` seconds the remote process group gets SIGTERM, then SIGKILL, and
           :class:`~core.ssh.errors.SSHTimeout` is raised. A non-zero exit with ``check``
           raises :class:`~core.ssh.errors.SSHCommandFailed` with the tail of stderr.
+        * The result keeps the last ``max_output`` bytes of each stream and counts the rest
+          (``stdout_dropped``/``stderr_dropped``): the server's output is untrusted and a
+          runaway command must not grow the bot. ``on_line`` still sees every line (cut
+          at :data:`~core.ssh.capture.MAX_LINE_CHARS`); bound what it keeps yourself.
         """
         line, stdin_prefix = _run.compose(command, env, secret_env)
         payload = input.encode() if isinstance(input, str) else (input or b"")
@@ -66,6 +71,7 @@ class SSHPool(ConnectionPool):
                 open_timeout=self.options.connect_timeout,
                 check=check,
                 where=where,
+                max_output=max_output,
             )
 
     async def upload_bytes(
@@ -89,5 +95,5 @@ class SSHPool(ConnectionPool):
     async def forward_local(
         self, target: SSHTarget, remote_host: str = "127.0.0.1", remote_port: int = 8188
     ) -> Tunnel:
-        """Start a :class:`Tunnel` from 127.0.0.1:<random> to ``remote_host:remote_port``."""
+        """Start a :class:`Tunnel` from a private Unix socket to ``remote_host:remote_port``."""
         return await start_tunnel(self, target, remote_host, remote_port)

@@ -177,11 +177,19 @@ class SSHConnector:
         on_host_key_learned: HostKeyLearned | None = None,
     ) -> None:
         self.client_key = client_key
+        # Further keys offered after client_key: during a key rotation the bot holds the
+        # old and the new key, and a server may accept only one of them (core.servers.keys).
+        self.extra_keys: tuple[ClientKey, ...] = ()
         self.options = options or SSHOptions()
         self._on_host_key_learned = on_host_key_learned
         # Keys learned on first use in this process, so a later change is still caught
         # even if the caller did not persist the pin yet.
         self._learned: dict[tuple[str, int], str] = {}
+
+    def use_keys(self, primary: ClientKey, *extra: ClientKey) -> None:
+        """Authenticate new connections with ``primary``, then each of ``extra``."""
+        self.client_key = primary
+        self.extra_keys = tuple(k for k in extra if k.fingerprint != primary.fingerprint)
 
     async def fetch_host_key(self, host: str, port: int = 22, *, pinned: str | None = None) -> str:
         """:func:`fetch_host_key` with this connector's timeout and retries."""
@@ -223,7 +231,7 @@ class SSHConnector:
                 target.host,
                 target.port,
                 username=target.username,
-                client_keys=[self.client_key.private_key],
+                client_keys=[k.private_key for k in (self.client_key, *self.extra_keys)],
                 # Only the pinned key is trusted; asyncssh also limits the host key
                 # algorithms to its type.
                 known_hosts=([pinned], [], []),

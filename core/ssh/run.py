@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from core.ssh.capture import PID_REPORT, LineCallback, OutputCapture, stderr_tail
+from core.ssh.capture import (
+    DEFAULT_MAX_OUTPUT,
+    PID_REPORT,
+    LineCallback,
+    OutputCapture,
+    stderr_tail,
+)
 from core.ssh.errors import SSHCommandFailed, SSHConnectError, SSHTimeout
 
 log = logging.getLogger(__name__)
@@ -36,9 +42,19 @@ _STDIN_ENV_READER = (
 
 @dataclass(frozen=True)
 class CommandResult:
+    """A finished command. ``stdout``/``stderr`` are the *tails* of the streams, at most
+    ``max_output`` bytes each (see :meth:`core.ssh.client.SSHPool.run`); the ``*_dropped``
+    counts say how many bytes before them were received and not kept."""
+
     exit_status: int
     stdout: str
     stderr: str
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.stdout_dropped or self.stderr_dropped)
 
 
 def compose(
@@ -81,6 +97,7 @@ async def execute(
     open_timeout: float,
     check: bool,
     where: str,
+    max_output: int = DEFAULT_MAX_OUTPUT,
 ) -> CommandResult:
     """Run the composed ``line`` on ``conn`` with ``stdin``; see SSHPool.run for the rules."""
     creating = asyncio.ensure_future(
@@ -97,7 +114,7 @@ async def execute(
         raise SSHConnectError(
             f"Could not start a command on {where}: the SSH session failed to open."
         ) from exc
-    return await _drive(conn, process, stdin, on_line, timeout, check, where)
+    return await _drive(conn, process, stdin, on_line, timeout, check, where, max_output)
 
 
 async def _drive(
@@ -108,9 +125,10 @@ async def _drive(
     timeout: float,
     check: bool,
     where: str,
+    max_output: int,
 ) -> CommandResult:
-    out = OutputCapture("stdout", on_line)
-    err = OutputCapture("stderr", on_line, pid_marker=True)
+    out = OutputCapture("stdout", on_line, max_bytes=max_output)
+    err = OutputCapture("stderr", on_line, pid_marker=True, max_bytes=max_output)
     readers = asyncio.gather(
         out.pump(process.stdout), err.pump(process.stderr), _feed(process, stdin)
     )
@@ -138,7 +156,14 @@ async def _drive(
         raise SSHConnectError(
             f"The SSH connection to {where} was lost while a command was running."
         )
-    result = CommandResult(status, out.text(), err.text())
+    result = CommandResult(status, out.text(), err.text(), out.dropped, err.dropped)
+    if result.truncated:
+        log.info(
+            "Command on %s printed more than kept: dropped %d bytes of stdout, %d of stderr",
+            where,
+            out.dropped,
+            err.dropped,
+        )
     if check and status != 0:
         raise SSHCommandFailed(status, stderr_tail(result.stderr), where=where)
     return result
@@ -206,7 +231,8 @@ async def _abandon(
         process = await creating
     except (TimeoutError, asyncssh.Error, OSError):
         return
-    err = OutputCapture("stderr", None, pid_marker=True)
+    # Only the pid matters here; keep almost nothing of the output.
+    err = OutputCapture("stderr", None, pid_marker=True, max_bytes=4096)
     # A local helper awaited (and cancelled) below, not a background task.
     reader = asyncio.ensure_future(err.pump(process.stderr))
     try:

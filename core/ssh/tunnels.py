@@ -1,7 +1,12 @@
-"""Local port forwarding: :class:`Tunnel` and :class:`TunnelManager`.
+"""Local forwarding to a port on a server: :class:`Tunnel` and :class:`TunnelManager`.
 
-They give ComfyUI's port on a server a stable local URL (``http://127.0.0.1:<port>``) that
-survives reconnects. Close them (:meth:`TunnelManager.close_all`) before the pool.
+They give ComfyUI's port on a server a stable local endpoint that survives reconnects: a
+Unix socket that only the bot's user can open (mode 0600, in a private 0700 directory).
+ComfyUI has no login, so a loopback TCP port would hand it to every local user (issue 12).
+The endpoint is named by a URL ``http+unix://<percent-encoded socket path>`` (the
+requests-unixsocket convention); :func:`unix_socket_path` reads it back and HTTP clients
+connect with ``aiohttp.UnixConnector``. Close tunnels (:meth:`TunnelManager.close_all`)
+before the pool.
 """
 
 from __future__ import annotations
@@ -9,6 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from urllib.parse import quote, unquote
 
 import asyncssh
 
@@ -21,13 +32,36 @@ log = logging.getLogger(__name__)
 
 _READ_CHUNK = 65536
 _SUPERVISOR = "supervisor"
+UNIX_URL_PREFIX = "http+unix://"
+
+
+def unix_url(path: str | os.PathLike[str]) -> str:
+    """The URL naming a Unix socket endpoint (see the module docstring)."""
+    return UNIX_URL_PREFIX + quote(os.fspath(path), safe="")
+
+
+def unix_socket_path(url: str) -> str | None:
+    """The socket path of a :func:`unix_url`, or None for any other URL."""
+    if not url.startswith(UNIX_URL_PREFIX):
+        return None
+    return unquote(url[len(UNIX_URL_PREFIX) :].rstrip("/"))
+
+
+def private_socket_dir() -> Path:
+    """A fresh directory only this user can enter (mkdtemp creates it 0700), checked."""
+    path = Path(tempfile.mkdtemp(prefix="comfyvast-tunnel-"))
+    info = path.lstat()
+    if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700:
+        shutil.rmtree(path, ignore_errors=True)
+        raise OSError(f"{path} is not a private directory")
+    return path
 
 
 class Tunnel:
-    """127.0.0.1:<local_port> forwarded over SSH to ``remote_host:remote_port``.
+    """A private Unix socket forwarded over SSH to ``remote_host:remote_port``.
 
-    We own the local listener (rather than asyncssh's ``forward_local_port``) so the local
-    port, and therefore :attr:`url`, stays the same across reconnects. A supervisor task
+    We own the local listener (rather than asyncssh's ``forward_local_path_to_port``) so
+    the socket, and therefore :attr:`url`, stays the same across reconnects. A supervisor task
     keeps a pooled connection leased, waits for it to drop and re-establishes it with
     backoff; each accepted local connection opens a direct-tcpip channel on whatever
     connection is current.
@@ -40,7 +74,9 @@ class Tunnel:
         self.target = target
         self.remote_host = remote_host
         self.remote_port = remote_port
-        self.local_port = 0
+        # The socket's private directory and path, made by start().
+        self.socket_dir: Path | None = None
+        self.socket_path: Path | None = None
         self._server: asyncio.Server | None = None
         # Holds the supervisor (one keyed task); it logs the supervisor's crash.
         self._tasks = TaskRegistry("ssh-tunnel")
@@ -58,7 +94,10 @@ class Tunnel:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.local_port}"
+        """``http+unix://...``: connect with ``aiohttp.UnixConnector(tunnel.socket_path)``."""
+        if self.socket_path is None:
+            raise RuntimeError("the tunnel has not started")
+        return unix_url(self.socket_path)
 
     @property
     def connected(self) -> bool:
@@ -70,19 +109,27 @@ class Tunnel:
 
     def __repr__(self) -> str:
         return (
-            f"Tunnel({self.url} -> {self.target.address} "
+            f"Tunnel({self.socket_path} -> {self.target.address} "
             f"{self.remote_host}:{self.remote_port}, connected={self.connected})"
         )
 
     async def start(self) -> None:
         """Listen locally and connect; raises the first connection error (e.g. auth)."""
-        self._server = await asyncio.start_server(self._handle_client, "127.0.0.1", 0)
-        self.local_port = self._server.sockets[0].getsockname()[1]
-        # Connect once up front so configuration errors surface to the caller.
+        self.socket_dir = private_socket_dir()
+        self.socket_path = self.socket_dir / "comfyui.sock"
         try:
+            self._server = await asyncio.start_unix_server(
+                self._handle_client, path=str(self.socket_path)
+            )
+            # The 0700 directory already keeps other users out (also in the moment before
+            # this chmod); 0600 on the socket says the same on its own.
+            self.socket_path.chmod(0o600)
+            # Connect once up front so configuration errors surface to the caller.
             entry = await self.pool.acquire(self.target)
         except BaseException:
-            self._server.close()
+            if self._server is not None:
+                self._server.close()
+            self._remove_socket()
             self._closed = True
             raise
         self._tasks.spawn(
@@ -92,7 +139,7 @@ class Tunnel:
         )
         log.info(
             "Tunnel %s -> %s %s:%d started",
-            self.url,
+            self.socket_path,
             self.target.address,
             self.remote_host,
             self.remote_port,
@@ -163,7 +210,7 @@ class Tunnel:
             # task as an error, so it ends quietly here (this task is the handler's own).
             pass
         except Exception:
-            log.exception("Tunnel %s: forwarding a connection failed", self.url)
+            log.exception("Tunnel %s: forwarding a connection failed", self.socket_path)
         finally:
             if task is not None:
                 self._clients.discard(task)
@@ -173,7 +220,9 @@ class Tunnel:
             try:
                 await self.wait_connected(self.pool.options.connect_timeout)
             except TimeoutError:
-                log.warning("Tunnel %s: no SSH connection; dropping a local client", self.url)
+                log.warning(
+                    "Tunnel %s: no SSH connection; dropping a local client", self.socket_path
+                )
                 return
             conn = self._conn
             if conn is None:
@@ -185,7 +234,7 @@ class Tunnel:
             except (asyncssh.Error, OSError) as exc:
                 log.warning(
                     "Tunnel %s: could not open %s:%d on %s: %s",
-                    self.url,
+                    self.socket_path,
                     self.remote_host,
                     self.remote_port,
                     self.target.address,
@@ -215,7 +264,13 @@ class Tunnel:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
-        log.info("Tunnel %s closed", self.url)
+        self._remove_socket()
+        log.info("Tunnel %s closed", self.socket_path)
+
+    def _remove_socket(self) -> None:
+        # Python 3.11's unix server leaves its socket file behind.
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 async def _pipe(
@@ -240,7 +295,7 @@ async def _pipe(
 async def start_tunnel(
     pool: ConnectionPool, target: SSHTarget, remote_host: str, remote_port: int
 ) -> Tunnel:
-    """Start a :class:`Tunnel` from 127.0.0.1:<random> to ``remote_host:remote_port``."""
+    """Start a :class:`Tunnel` from a private Unix socket to ``remote_host:remote_port``."""
     tunnel = Tunnel(pool, target, remote_host, remote_port)
     await tunnel.start()
     return tunnel

@@ -217,6 +217,11 @@ class VastClient(VastTransport):
         await self._request("POST", f"/instances/{int(instance_id)}/ssh/", op="attach_ssh_key",
                             json_body={"ssh_key": public_key.strip()}, idempotent=True)
 
+    async def detach_ssh_key(self, instance_id: int, key_id: int) -> None:
+        """Remove a key from one instance (DELETE /instances/{id}/ssh/{key_id}/)."""
+        await self._request("DELETE", f"/instances/{int(instance_id)}/ssh/{int(key_id)}/",
+                            op="detach_ssh_key", idempotent=True)
+
     async def list_instance_ssh_keys(self, instance_id: int) -> list[SshKey]:
         data = await self._request("GET", f"/instances/{int(instance_id)}/ssh/",
                                    op="list_instance_ssh_keys", idempotent=True)

@@ -30,6 +30,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -578,6 +579,14 @@ class FakeVast:
             inst.network_override["ssh_host"] = ssh_host
         if ssh_port is not None:
             inst.network_override["ssh_port"] = ssh_port
+
+    def refresh_authorized_keys(self, instance_id: int, path: Any) -> None:
+        """Do what Vast does to a running instance from time to time: rewrite its
+        ``authorized_keys`` from the keys attached to it, so a key that was only appended
+        over SSH (or by onstart) is gone afterwards (skypilot PR #10730; vast.md 2.8 and
+        the pitfalls section). ``path`` is the file a test SSH server reads."""
+        inst = self.instances[instance_id]
+        Path(path).write_text("".join(k["public_key"] + "\n" for k in inst.ssh_keys))
 
     def set_logs(self, instance_id: int, text: str) -> None:
         self.instances[instance_id].logs = text

@@ -15,6 +15,7 @@ from core.ssh import (
     SSHTimeout,
     quote_command,
 )
+from core.ssh.capture import MAX_LINE_CHARS
 from tests.ssh.conftest import process_cmdlines
 
 
@@ -163,3 +164,54 @@ async def test_cancel_right_after_start_still_kills_the_remote_process(
     while any(needle in cmdline for cmdline in process_cmdlines()):
         assert time.monotonic() < deadline, "the remote sleep is still running"
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(300)  # 300 MiB through SSH under tracemalloc on a busy machine
+async def test_output_is_capped_to_its_tail_and_memory_stays_bounded(
+    pool: SSHPool, target: SSHTarget
+):
+    """Issue 12: a server's output is untrusted; 300 MiB of it must not reach the bot's
+    memory, and the result keeps the end, where a failure explains itself."""
+    import tracemalloc
+
+    size = 300 * 1024 * 1024
+    huge = (
+        f"head -c {size} /dev/zero | tr '\\0' x; echo; echo last-line-of-stdout; "
+        "seq 1 100000 >&2; echo the-real-error >&2; exit 3"
+    )
+    longest = 0
+
+    def on_line(_stream: str, line: str) -> None:
+        nonlocal longest
+        longest = max(longest, len(line))
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(SSHCommandFailed) as info:
+            await pool.run(target, huge, timeout=600, on_line=on_line)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.stderr_tail.splitlines()[-1] == "the-real-error"
+    assert longest <= MAX_LINE_CHARS
+    # Without the cap the bot held all 300 MiB (and more while joining it).
+    assert peak < 48 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
+
+    size = 8 * 1024 * 1024
+    command = (
+        f"head -c {size} /dev/zero | tr '\\0' x; echo; echo last-line-of-stdout; "
+        f"head -c {size // 2} /dev/zero >&2; echo >&2; echo the-real-error >&2; exit 3"
+    )
+    result = await pool.run(target, command, timeout=600, check=False, max_output=64 * 1024)
+    assert result.exit_status == 3
+    assert result.stdout.endswith("x\nlast-line-of-stdout\n")
+    assert len(result.stdout.encode()) == 64 * 1024
+    assert result.stdout_dropped == size + len("\nlast-line-of-stdout\n") - 64 * 1024
+    assert result.stderr.endswith("\nthe-real-error\n")
+    assert result.stderr_dropped > 0 and result.truncated
+
+
+async def test_small_output_is_kept_whole(pool: SSHPool, target: SSHTarget):
+    result = await pool.run(target, "printf 'a%.0s' $(seq 1 1000)", timeout=30, max_output=1000)
+    assert result.stdout == "a" * 1000
+    assert not result.truncated

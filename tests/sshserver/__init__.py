@@ -15,14 +15,15 @@ from tests.sshserver.openssh_server import OpenSSHTestServer
 __all__ = ["AsyncSSHTestServer", "OpenSSHTestServer", "start_ssh_server"]
 
 
-async def start_ssh_server(kind: str, public_key: str) -> Any:
+async def start_ssh_server(kind: str, public_key: str, home: str | None = None) -> Any:
     """A started server of ``kind`` ("asyncssh" or "openssh") accepting ``public_key``;
-    skips the test when OpenSSH's sshd is not installed."""
+    skips the test when OpenSSH's sshd is not installed. With ``home``, logins read
+    ``home/.ssh/authorized_keys`` and commands see ``HOME=home``."""
     if kind == "openssh":
         if not OpenSSHTestServer.available():
             pytest.skip(OpenSSHTestServer.unavailable_reason())
-        server: Any = OpenSSHTestServer(public_key)
+        server: Any = OpenSSHTestServer(public_key, home=home)
     else:
-        server = AsyncSSHTestServer(public_key)
+        server = AsyncSSHTestServer(public_key, home=home)
     await server.start()
     return server

@@ -30,12 +30,23 @@ class AsyncSSHTestServer:
 
     kind = "asyncssh"
 
-    def __init__(self, authorized_key: str, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, authorized_key: str, *, host: str = "127.0.0.1", home: str | None = None
+    ) -> None:
         self.host = host
         self.port = 0
         self.username = getpass.getuser()
         self._home = os.path.expanduser("~")
         self._authorized = asyncssh.import_authorized_keys(authorized_key + "\n")
+        # With ``home``, like sshd: commands see HOME=home and every login reads the keys
+        # from home/.ssh/authorized_keys, so a command can add or remove keys there.
+        self.home = home
+        if home is not None:
+            self._home = home
+            ssh_dir = os.path.join(home, ".ssh")
+            os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
+            with open(os.path.join(ssh_dir, "authorized_keys"), "w") as fh:
+                fh.write(authorized_key + "\n")
         self._host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: set[asyncssh.SSHServerConnection] = set()
@@ -107,6 +118,8 @@ class AsyncSSHTestServer:
     async def _handle_process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         argv = ["/bin/sh", "-c", process.command] if process.command else ["/bin/sh"]
         env = {**os.environ, **{str(k): str(v) for k, v in process.env.items()}}
+        if self.home is not None:
+            env["HOME"] = self.home
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
@@ -200,6 +213,16 @@ class _Server(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._owner._conns.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        if self._owner.home is not None and self._conn is not None:
+            # sshd reads authorized_keys at each login (a missing file: no keys at all).
+            path = os.path.join(self._owner.home, ".ssh", "authorized_keys")
+            try:
+                self._conn.set_authorized_keys(path)
+            except (OSError, ValueError):
+                self._conn.set_authorized_keys(asyncssh.SSHAuthorizedKeys())
+        return True
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int

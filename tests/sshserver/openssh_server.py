@@ -27,7 +27,12 @@ _PRIVSEP_DIR = Path("/run/sshd")
 class OpenSSHTestServer:
     kind = "openssh"
 
-    def __init__(self, authorized_key: str, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, authorized_key: str, *, host: str = "127.0.0.1", home: str | None = None
+    ) -> None:
+        # With ``home``: commands see HOME=home (sshd's SetEnv) and logins read
+        # home/.ssh/authorized_keys, so a command can add or remove keys there.
+        self.home = home
         self.host = host
         self.port = 0
         self.username = getpass.getuser()
@@ -79,7 +84,15 @@ class OpenSSHTestServer:
             _PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         self._dir = Path(tempfile.mkdtemp(prefix="sshd-test-"))
         self._write_host_key()
-        (self._dir / "authorized_keys").write_text(self._authorized_key + "\n")
+        keys = self._authorized_keys_path()
+        keys.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.write_text(self._authorized_key + "\n")
+
+    def _authorized_keys_path(self) -> Path:
+        if self.home is not None:
+            return Path(self.home) / ".ssh" / "authorized_keys"
+        assert self._dir is not None
+        return self._dir / "authorized_keys"
 
     def _open_log(self) -> BinaryIO:
         if self._log_fh is not None:
@@ -106,7 +119,8 @@ class OpenSSHTestServer:
                     f"Port {self.port}",
                     f"ListenAddress {self.host}",
                     f"HostKey {d / 'host_key'}",
-                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                    f"AuthorizedKeysFile {self._authorized_keys_path()}",
+                    *([f"SetEnv HOME={self.home}"] if self.home is not None else []),
                     f"PidFile {d / 'sshd.pid'}",
                     "StrictModes no",
                     "UsePAM no",
