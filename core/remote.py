@@ -28,6 +28,7 @@ from core.ssh import (
     TunnelManager,
     ensure_client_key,
 )
+from core.ssh.tunnels import unix_session
 
 log = logging.getLogger(__name__)
 
@@ -121,27 +122,31 @@ class Remote:
         attempt, last = 0, "no answer yet"
         # A short bound per look: ComfyUI answers /system_stats at once when it is up.
         look = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=look) as http:
-            while True:
-                try:
-                    url = await self.url_for(server)
-                    async with http.get(f"{url}/system_stats", allow_redirects=False) as resp:
-                        await resp.content.read(64 * 1024)
-                        if resp.status == 200:
-                            log.info("ComfyUI on %s answers", server.name)
-                            return
-                        last = f"HTTP {resp.status}"
-                except (SSHError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    last = str(exc) or type(exc).__name__
-                attempt += 1
-                if attempt == 1 and progress is not None:
-                    await progress(f"Server {server.name} is up; waiting for ComfyUI to answer…")
-                if loop.time() > deadline:
-                    raise ValidationFailed(
-                        f"Server {server.name} runs, but its ComfyUI did not answer within "
-                        f"{limit / 60:.0f} minutes ({last}); try /server diagnose or /setup run."
-                    )
-                await asyncio.sleep(READY_BACKOFF.delay(attempt))
+        while True:
+            try:
+                url = await self.url_for(server)
+                # The tunnel's endpoint is a private Unix socket (core.ssh.tunnels).
+                unix = unix_session(url, look)
+                http, base = unix if unix is not None else (
+                    aiohttp.ClientSession(timeout=look), url)
+                async with http, http.get(f"{base}/system_stats",
+                                          allow_redirects=False) as resp:
+                    await resp.content.read(64 * 1024)
+                    if resp.status == 200:
+                        log.info("ComfyUI on %s answers", server.name)
+                        return
+                    last = f"HTTP {resp.status}"
+            except (SSHError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last = str(exc) or type(exc).__name__
+            attempt += 1
+            if attempt == 1 and progress is not None:
+                await progress(f"Server {server.name} is up; waiting for ComfyUI to answer…")
+            if loop.time() > deadline:
+                raise ValidationFailed(
+                    f"Server {server.name} runs, but its ComfyUI did not answer within "
+                    f"{limit / 60:.0f} minutes ({last}); try /server diagnose or /setup run."
+                )
+            await asyncio.sleep(READY_BACKOFF.delay(attempt))
 
     async def heartbeat(self, server: ServerView) -> None:
         """Touch the dead man's switch file on a rented instance."""

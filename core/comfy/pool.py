@@ -13,7 +13,7 @@ import aiohttp
 from core.comfy.client import ComfyClient
 from core.comfy.stream import ComfyEventStream
 from core.servers import ServerView
-from core.ssh.tunnels import unix_socket_path
+from core.ssh.tunnels import unix_session
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,6 @@ EndpointResolver = Callable[[ServerView], Awaitable[str]]
 
 # What requests through a Unix socket are addressed to (the Host header); the socket
 # decides where they go. ComfyUI checks Host only against an Origin header, sent by none.
-_UNIX_BASE_URL = "http://localhost"
-
-
 @dataclass
 class ComfyConnection:
     server_id: int
@@ -72,13 +69,11 @@ class ComfyPool:
             if conn is not None:  # the endpoint moved (new tunnel, new public IP)
                 await conn.close()
             http, session, url = self._http, None, base_url
-            socket_path = unix_socket_path(base_url)
-            if socket_path is not None:
-                # aiohttp picks the socket per session: one session per tunnel.
-                session = aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=socket_path), timeout=self._http.timeout
-                )
-                http, url = session, _UNIX_BASE_URL
+            # aiohttp picks the socket per session: one session per tunnel.
+            unix = unix_session(base_url, self._http.timeout)
+            if unix is not None:
+                session, url = unix
+                http = session
             client = ComfyClient(url, http, timeout=self._timeout, client_id=self.client_id)
             stream = ComfyEventStream(
                 url,

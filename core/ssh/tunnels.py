@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import aiohttp
 import asyncssh
 
 from core.ssh.errors import SSHError
@@ -33,6 +34,22 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 65536
 _SUPERVISOR = "supervisor"
 UNIX_URL_PREFIX = "http+unix://"
+
+
+# The host part of URLs sent over a Unix socket: aiohttp needs one; the socket decides.
+UNIX_BASE_URL = "http://localhost"
+
+
+def unix_session(
+    url: str, timeout: aiohttp.ClientTimeout
+) -> tuple[aiohttp.ClientSession, str] | None:
+    """For a :func:`unix_url`: a new session connected to its socket (the caller closes
+    it) and the base URL to use with it; None for any other URL."""
+    path = unix_socket_path(url)
+    if path is None:
+        return None
+    session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path), timeout=timeout)
+    return session, UNIX_BASE_URL
 
 
 def unix_url(path: str | os.PathLike[str]) -> str:
