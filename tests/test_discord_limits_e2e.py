@@ -357,3 +357,18 @@ async def test_a_refused_error_reply_falls_back_to_the_plain_sentence(studio: Bo
     answer = await studio.fake.wait_for(lambda: _answered(interaction), timeout=10)
     assert answer.content == GENERIC_FAILURE
     assert len([r for r in studio.fake.calls("POST", "/webhooks/") if r.status == 400]) == 1
+
+
+async def test_a_flood_of_announced_outputs_is_not_believed(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    comfy.hostile.output_count = 40  # the server says it made 40 images for a batch of 1
+    await generate(studio, {"prompt": "flood"})
+    row = await finished_row(studio, timeout=30)
+    assert row.status == "completed", row.error_message
+    fetched = [r for r in comfy.requests if r.path == "/view"]
+    assert len(fetched) == 16
+    posted = [m for m in studio.fake.channel_messages(studio.channel_id, include_ephemeral=False)
+              if m.attachments]
+    assert sum(len(m.attachments) for m in posted) == 16 + 1  # and the grid
+    assert not refused_requests(studio)

@@ -25,6 +25,12 @@ from core.servers import ServerRegistry
 
 log = logging.getLogger(__name__)
 
+# A job asks for at most limits.max_batch (<= 16) images. A server that announces more is
+# not believed, and a few fetches run at once: a hostile server cannot make the bot hold
+# a hundred /view answers (each capped at 64 MiB) in memory.
+MAX_OUTPUTS = 16
+FETCH_CONCURRENCY = 4
+
 
 class Delivery:
     """Posts a job's result and writes how it ended."""
@@ -52,9 +58,15 @@ class Delivery:
         if not images:
             await self.finish(job_id, GenerationStatus.FAILED, "ComfyUI finished without images.")
             return
+        if len(images) > MAX_OUTPUTS:
+            log.warning("generation %s: ComfyUI announced %d outputs; fetching the first %d",
+                        job_id, len(images), MAX_OUTPUTS)
+            images = images[:MAX_OUTPUTS]
+        fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
 
         async def fetch(image: OutputImage) -> bytes:
-            return await conn.client.view_image(image)
+            async with fetching:
+                return await conn.client.view_image(image)
 
         # Nothing is written between ComfyUI's success and the post: the result reaches
         # the channel as fast as a bare relay would. A restart in between never posts

@@ -100,6 +100,9 @@ class HostileModes:
     # Answer with this JSON: models wrong shapes in /queue, /history, /object_info, ...
     junk_json: dict[str, Any] = field(default_factory=dict)
     huge_sent: int = 0  # bytes of huge answers actually written (the client stopped early)
+    # Save this many images per SaveImage node whatever the batch: models a server that
+    # announces a flood of outputs for the bot to fetch.
+    output_count: int | None = None
 
     def redirect(self, path: str, location: str, status: int = 302) -> None:
         self.redirects[path] = (status, location)

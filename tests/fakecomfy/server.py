@@ -890,7 +890,10 @@ class FakeComfy:
             picture["height"] = int(inputs["height"]) or picture["height"]
             return [picture], None
         if class_type == "SaveImage":
-            return [], {"images": await self._save_images(inputs["images"],
+            pictures = inputs["images"]
+            if self.hostile.output_count is not None:
+                pictures = dict(pictures, batch=self.hostile.output_count)
+            return [], {"images": await self._save_images(pictures,
                                                           str(inputs["filename_prefix"]))}
         if class_type == "PreviewImage":
             return [], {"images": await self._save_images(
