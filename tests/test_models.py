@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from core.audit import Actor
 from core.db.models import ModelDownload
-from core.errors import NotFound, ResourceBusy, ValidationFailed
+from core.errors import ComfyVastError, NotFound, ResourceBusy, ValidationFailed
 from core.model_files import (
     CurlMeter,
     DiskFull,
@@ -510,6 +510,24 @@ async def test_delete_removes_the_file_and_refreshes_the_listing(
         with pytest.raises(ValidationFailed):
             await svc.delete(ADMIN, box.name, "loras", hostile)
     assert (folder / "a.safetensors").exists()
+
+
+async def test_a_listing_too_long_to_read_whole_is_refused_not_cut(
+    svc: ModelService, box: ServerView, install: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.model_files import listing as listing_module
+
+    folder = install / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(20):
+        (folder / f"model-{n:02}-{'x' * 40}.safetensors").write_bytes(b"m")
+    # The SSH capture keeps the tail of the output: without the check, the first names
+    # would be missing from the listing without a word.
+    monkeypatch.setattr(listing_module, "LISTING_MAX_OUTPUT", 300)
+    with pytest.raises(ComfyVastError, match="more than"):
+        await svc.list(box)
+    monkeypatch.setattr(listing_module, "LISTING_MAX_OUTPUT", 2**20)
+    assert len((await svc.list(box, refresh=True)).names("checkpoints")) == 20
 
 
 async def test_listing_asks_comfyui_when_it_runs(

@@ -25,6 +25,8 @@ from core.servers import ServerRegistry, ServerView
 log = logging.getLogger(__name__)
 
 LISTING_TTL = 300.0
+# File names of every model folder; thousands of models fit in a fraction of this.
+LISTING_MAX_OUTPUT = 8 * 2**20
 LISTING_API_TIMEOUT = 10.0
 # Autocomplete must answer within Discord's 3 s, so a cold cache gets this long at most.
 NAMES_REFRESH_TIMEOUT = 2.0
@@ -147,7 +149,15 @@ class ListingService:
             f'(cd "$root/$f" && find -L . -name ".*" ! -name . -prune -o -type f -print '
             f"2>/dev/null); done"
         )
-        result = await self._shell.run(server, script, timeout=COMMAND_TIMEOUT)
+        result = await self._shell.run(server, script, timeout=COMMAND_TIMEOUT,
+                                       max_output=LISTING_MAX_OUTPUT)
+        if result.stdout_dropped:
+            # The capture keeps the tail: the first folders would be missing, silently.
+            raise ComfyVastError(
+                f"The model folders on '{server.name}' list more than "
+                f"{LISTING_MAX_OUTPUT // 2**20} MiB of file names; the bot does not read "
+                "them whole. Tidy the models directory, or list with ComfyUI running."
+            )
         if f"{MARK}nomodels" in result.stdout:
             raise NotFound(
                 f"ComfyUI is not running on '{server.name}' and there is no models directory "

@@ -66,10 +66,12 @@ class ServerShell:
     async def run(
         self, server: ServerView, script: str, *, timeout: float, check: bool = True,
         input: str | None = None, on_line: LineCallback | None = None,
+        max_output: int | None = None,
     ) -> CommandResult:
+        extra = {} if max_output is None else {"max_output": max_output}
         return await self.ssh.run(
             self.target(server), script, timeout=timeout, check=check, input=input,
-            on_line=on_line,
+            on_line=on_line, **extra,
         )
 
 
