@@ -91,8 +91,18 @@ class ComfyVastBot(commands.Bot):
         self.services.server_ops.start_maintenance()
         metrics = self.services.settings.metrics
         if metrics.enabled:
-            self.metrics = MetricsServer(self.services.stats, metrics.host, metrics.port)
-            self.metrics_port = await self.metrics.start()
+            await self._start_metrics(metrics.host, metrics.port)
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        """Serve /metrics; a port already taken costs the metrics, not the bot."""
+        server = MetricsServer(self.services.stats, host, port)
+        try:
+            self.metrics_port = await server.start()
+        except OSError as exc:
+            log.error("metrics endpoint not started: cannot listen on %s:%d (%s)",
+                      host, port, exc.strerror or exc)
+            return
+        self.metrics = server
 
     async def _resume_jobs(self) -> None:
         await self.wait_until_ready()

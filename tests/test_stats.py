@@ -189,3 +189,18 @@ async def test_exposition_parses_as_prometheus_text(seeded: Services) -> None:
     month = families["comfyvast_spend_month_dollars"].samples[0].value
     assert spend == pytest.approx(month + 24.0)  # beta's 28 February is not this month
     assert families["comfyvast_budget_month_dollars"].samples[0].value == 200.0
+
+
+async def test_charts_render_off_the_event_loop_thread(seeded: Services) -> None:
+    import threading
+
+    report = await seeded.stats.stats(GUILD, "day", per_user_view=False)
+    seen: list[int] = []
+
+    def chart(r: object) -> bytes:
+        seen.append(threading.get_ident())
+        return stats_chart(r)  # type: ignore[arg-type]
+
+    png = await render(chart, report)
+    assert seen and seen[0] != threading.get_ident()
+    assert png.startswith(b"\x89PNG")

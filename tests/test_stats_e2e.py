@@ -131,3 +131,64 @@ async def test_metrics_endpoint_serves_prometheus_text_and_stops(
 
 async def test_metrics_are_off_unless_enabled(env: BotEnv) -> None:
     assert env.bot.metrics is None and env.bot.metrics_port is None
+
+
+async def test_a_taken_metrics_port_costs_the_metrics_not_the_bot(
+    fake_discord: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        settings = bot_settings(
+            tmp_path, fake_discord, metrics={"enabled": True, "port": port}
+        )
+        env = await start_bot(fake_discord, settings)
+        try:
+            assert env.bot.metrics is None and env.bot.metrics_port is None
+            assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+            asked = await env.slash("stats", {}, user=env.fake.member)
+            _png(await _reply(env, asked), "stats.png")  # the bot still answers
+        finally:
+            await env.stop()
+    finally:
+        taken.close()
+
+
+async def test_member_text_in_the_reply_is_escaped_and_fits(env: BotEnv) -> None:
+    """Forty servers with 64-character names and thirty distinct failure causes carrying
+    mentions and markdown: the reply stays within Discord's embed limits (the fake refuses
+    anything over them) and pings nobody."""
+    import datetime as dt
+
+    from core.db.models import ComfyGeneration, Server, ServerBilling
+
+    start = NOW - dt.timedelta(hours=2)
+    async with env.services.sessions.begin() as s:
+        servers = [Server(provider="ssh", name=f"{i:02d}" + "x" * 62, price_per_hour=1.0)
+                   for i in range(40)]
+        s.add_all(servers)
+        await s.flush()
+        s.add_all(ServerBilling(server_id=sv.id, state="running", price_per_hour=1.0,
+                                started_at=start) for sv in servers)
+        s.add_all(
+            ComfyGeneration(
+                server_id=servers[0].id, user_id=env.fake.member.id,
+                guild_id=env.fake.guild.id, prompt="p", status="failed", created_at=start,
+                started_at=start, completed_at=start,
+                error_message=f"@everyone `{chr(65 + i)}` **boom** <@{env.fake.admin.id}> "
+                + "y" * 200,
+            )
+            for i in range(30)
+        )
+    env.services.stats.clock = lambda: NOW
+    env.services.settings.costs.monthly_budget = 10.0
+    for name, user in (("stats", env.fake.admin), ("budget", env.fake.admin)):
+        reply = await _reply(env, await env.slash(name, {}, user=user))
+        text = str(reply.embeds)
+        assert "@everyone" not in text and f"<@{env.fake.admin.id}>" not in text
+        assert "… and 30 more" in text
+        _png(reply, f"{name}.png")
