@@ -5,18 +5,37 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.errors import ValidationFailed
-from core.services import Services
+from core.services import Services, build_services
 from core.stats.charts import budget_chart, render, stats_chart
 from core.stats.jobs import error_cause, percentile
 from core.stats.metrics import exposition
 from core.stats.spend import busy_seconds
+from tests.conftest import make_settings
 from tests.stats_fixtures import GUILD, NOW, OTHER_GUILD, at, seed
+
+
+async def test_the_queries_work_on_both_backends(db_url: str, tmp_path: Path) -> None:
+    """The column queries and the billing windows on SQLite and PostgreSQL alike."""
+    services = await build_services(make_settings(tmp_path, database={"url": db_url}))
+    try:
+        await seed(services.sessions)
+        services.stats.clock = lambda: NOW
+        report = await services.stats.stats(GUILD, "day", per_user_view=True)
+        assert (report.jobs.total, report.jobs.images) == (8, 8)
+        assert report.servers[0].busy_seconds == pytest.approx(2810)
+        budget = await services.stats.budget()
+        assert budget.month_to_date == pytest.approx(66 + 24 + 13.5 * 24 * 0.02)
+        snap = await services.stats.snapshot()
+        assert snap.jobs_by_state["completed"] == 6 and len(snap.runs) == 6
+    finally:
+        await services.close()
 
 
 @pytest.fixture
