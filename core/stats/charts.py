@@ -8,6 +8,7 @@ free while matplotlib works (a chart takes tens of milliseconds, the first one l
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,6 +19,7 @@ matplotlib.use("Agg")  # no display: never pick an interactive backend
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from core.stats.service import StatsReport  # noqa: E402
 from core.stats.spend import BudgetReport, month_end  # noqa: E402
@@ -52,6 +54,7 @@ def stats_chart(report: StatsReport) -> bytes:
     )
     step = max(len(labels) // 8, 1)
     jobs_ax.set_xticks(list(xs)[::step], labels[::step], rotation=45, fontsize=8)
+    jobs_ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # jobs come whole
     jobs_ax.set_title(f"Jobs per {'hour' if hourly else 'day'} (UTC)")
     jobs_ax.legend(fontsize=8)
     names = [s.name for s in report.servers[:8]]
@@ -70,6 +73,7 @@ def budget_chart(report: BudgetReport) -> bytes:
     days = [d.day for d, _ in report.daily]
     spend = [s for _, s in report.daily]
     ax.bar(days, spend, color="#5865f2", label="spend per day")
+    ax.set_xlim(0.5, (month_end(report.now) - dt.timedelta(days=1)).day + 0.5)
     ax.set_xlabel(f"day of {report.now:%B %Y} (UTC)")
     ax.set_ylabel("$ per day")
     total = ax.twinx()
