@@ -192,3 +192,34 @@ async def test_member_text_in_the_reply_is_escaped_and_fits(env: BotEnv) -> None
         assert "@everyone" not in text and f"<@{env.fake.admin.id}>" not in text
         assert "… and 30 more" in text
         _png(reply, f"{name}.png")
+
+
+async def test_stats_read_what_a_real_generation_wrote(studio: BotEnv) -> None:
+    """A job through the real pipeline (fake ComfyUI over a socket) shows up in /stats with
+    the columns the generation store writes: times, images, guild."""
+    from core.db.models import ComfyGeneration
+    from tests.conftest import eventually
+
+    env = studio
+    asked = await env.slash("generate", {"prompt": "a lighthouse", "batch": 2},
+                            user=env.fake.member)
+    await env.fake.wait_for(lambda: _answered(asked))
+
+    async def completed() -> bool:
+        from sqlalchemy import select
+
+        async with env.services.sessions() as session:
+            status = await session.scalar(select(ComfyGeneration.status))
+        return status == "completed"
+
+    await eventually(completed, timeout=30)
+    reply = await _reply(env, await env.slash("stats", {"period": "day"}, user=env.fake.member))
+    embed = reply.embeds[0]
+    assert "**1** jobs, 1 completed" in embed["description"]
+    assert "2 images" in embed["description"]
+    fields = _fields(reply)
+    assert fields["Success rate"] == "100 %"
+    wait_p50, _ = fields["Queue wait p50 / p95"].split(" / ")
+    run_p50, _ = fields["Run time p50 / p95"].split(" / ")
+    assert wait_p50 != "–" and run_p50 != "–"
+    _png(reply, "stats.png")
