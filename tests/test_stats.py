@@ -223,3 +223,14 @@ async def test_charts_render_off_the_event_loop_thread(seeded: Services) -> None
     png = await render(chart, report)
     assert seen and seen[0] != threading.get_ident()
     assert png.startswith(b"\x89PNG")
+
+
+def test_loading_the_bot_does_not_import_matplotlib() -> None:
+    """matplotlib's first import scans the fonts (seconds on a cold cache); it happens in
+    the chart worker thread, never while the bot loads its cogs on the event loop."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bot.bot, cogs.stats, core.stats.charts; "
+            "sys.exit(3 if 'matplotlib' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -2,7 +2,9 @@
 
 Each chart builds its own ``Figure`` (no pyplot, whose global state is not thread-safe) so
 it can be rendered in a worker thread; :func:`render` does that, keeping the event loop
-free while matplotlib works (a chart takes tens of milliseconds, the first one longer).
+free while matplotlib works (a chart takes tens of milliseconds). matplotlib itself is
+imported on first use, in that worker thread too: its first import scans the system fonts,
+which can take seconds, and must not stall the bot's start or its event loop.
 """
 
 from __future__ import annotations
@@ -11,25 +13,37 @@ import asyncio
 import datetime as dt
 import io
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import matplotlib
+from core.stats.service import StatsReport
+from core.stats.spend import BudgetReport, month_end
 
-matplotlib.use("Agg")  # no display: never pick an interactive backend
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from core.stats.service import StatsReport  # noqa: E402
-from core.stats.spend import BudgetReport, month_end  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 T = TypeVar("T")
 SIZE = (8.0, 4.5)  # inches; at 100 dpi an 800x450 PNG, well under Discord's upload limit
 DPI = 100
 
 
+def _figure() -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: never pick an interactive backend
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=SIZE, layout="constrained")
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _png(fig: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=DPI)
@@ -38,7 +52,7 @@ def _png(fig: Figure) -> bytes:
 
 def stats_chart(report: StatsReport) -> bytes:
     """Jobs per bucket (completed/failed/cancelled, stacked) and per-server utilisation."""
-    fig = Figure(figsize=SIZE, layout="constrained")
+    fig = _figure()
     jobs_ax, use_ax = fig.subplots(1, 2, width_ratios=[2, 1])
     hourly = report.period == "day"
     labels = [b.start.strftime("%H:00" if hourly else "%m-%d") for b in report.timeline]
@@ -54,7 +68,7 @@ def stats_chart(report: StatsReport) -> bytes:
     )
     step = max(len(labels) // 8, 1)
     jobs_ax.set_xticks(list(xs)[::step], labels[::step], rotation=45, fontsize=8)
-    jobs_ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # jobs come whole
+    jobs_ax.yaxis.set_major_locator(_integer_ticks())  # jobs come whole
     jobs_ax.set_title(f"Jobs per {'hour' if hourly else 'day'} (UTC)")
     jobs_ax.legend(fontsize=8)
     names = [s.name for s in report.servers[:8]]
@@ -68,7 +82,7 @@ def stats_chart(report: StatsReport) -> bytes:
 
 def budget_chart(report: BudgetReport) -> bytes:
     """Spend per day this month, the running total, the forecast and the budget."""
-    fig = Figure(figsize=SIZE, layout="constrained")
+    fig = _figure()
     ax = fig.subplots()
     days = [d.day for d, _ in report.daily]
     spend = [s for _, s in report.daily]
