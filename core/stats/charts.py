@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -113,6 +114,16 @@ def budget_chart(report: BudgetReport) -> bytes:
     return _png(fig)
 
 
+# matplotlib does not promise thread safety (shared font and text caches), so charts are
+# drawn one at a time; each takes tens of milliseconds.
+_DRAWING = threading.Lock()
+
+
+def _draw(chart: Callable[[T], bytes], report: T) -> bytes:
+    with _DRAWING:
+        return chart(report)
+
+
 async def render(chart: Callable[[T], bytes], report: T) -> bytes:
     """Draw in a worker thread so the event loop keeps serving Discord meanwhile."""
-    return await asyncio.to_thread(chart, report)
+    return await asyncio.to_thread(_draw, chart, report)
