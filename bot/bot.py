@@ -23,6 +23,7 @@ from bot.checks import actor_of, is_admin_command
 from bot.tree import ComfyVastTree, _options
 from core.audit import OUTCOME_OK
 from core.services import Services
+from core.stats.metrics import MetricsServer
 from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ EXTENSIONS = (
     "cogs.workflows",
     "cogs.setup",
     "cogs.models",
+    "cogs.stats",
 )
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
@@ -68,6 +70,8 @@ class ComfyVastBot(commands.Bot):
         self.started_at = time.monotonic()
         self._extensions = extensions
         self._tasks = TaskRegistry("bot")
+        self.metrics: MetricsServer | None = None
+        self.metrics_port: int | None = None
 
     async def setup_hook(self) -> None:
         from bot.jobs import DYNAMIC_ITEMS, DiscordJobObserver
@@ -85,6 +89,20 @@ class ComfyVastBot(commands.Bot):
         await self.services.models.recover()
         self.spawn(self._resume_jobs(), name="resume-generations")
         self.services.server_ops.start_maintenance()
+        metrics = self.services.settings.metrics
+        if metrics.enabled:
+            await self._start_metrics(metrics.host, metrics.port)
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        """Serve /metrics; a port already taken costs the metrics, not the bot."""
+        server = MetricsServer(self.services.stats, host, port)
+        try:
+            self.metrics_port = await server.start()
+        except OSError as exc:
+            log.error("metrics endpoint not started: cannot listen on %s:%d (%s)",
+                      host, port, exc.strerror or exc)
+            return
+        self.metrics = server
 
     async def _resume_jobs(self) -> None:
         await self.wait_until_ready()
@@ -144,6 +162,8 @@ class ComfyVastBot(commands.Bot):
         )
 
     async def close(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.services.generation.close()
         await self.services.server_ops.close()
         if hasattr(self, "relay"):

@@ -151,6 +151,15 @@ class CostsSettings(_Section):
     orphan_timeout: int = Field(default=60, ge=5)
 
 
+class MetricsSettings(_Section):
+    """The opt-in Prometheus endpoint (GET /metrics)."""
+
+    enabled: bool = False
+    # Loopback by default: the numbers (spend, job counts) are for operators only.
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)  # 0 picks a free port (tests)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="COMFYVAST_",
@@ -168,6 +177,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     costs: CostsSettings = Field(default_factory=CostsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from core.servers import ServerRegistry, ServerView
 from core.servers.keys import KeyRotation
 from core.servers.service import ServerService
 from core.setup import SetupService
+from core.stats import StatsService
 from core.vast import VastClient
 from core.workflow_store import WorkflowStore
 
@@ -45,6 +46,7 @@ class Services:
     diagnostics: Diagnostics
     models: ModelService
     keys: KeyRotation
+    stats: StatsService
 
     async def close(self) -> None:
         await self.server_ops.close()
@@ -125,4 +127,5 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         diagnostics=Diagnostics(servers, remote, setup, http),
         models=models,
         keys=keys,
+        stats=StatsService(settings, sessions),
     )
