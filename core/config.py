@@ -101,6 +101,8 @@ class ComfySettings(_Section):
     civitai_token: SecretStr | None = None
     # http:// download sources allowed besides https:// (hostnames); tests use loopback.
     http_allowlist: list[str] = Field(default_factory=list)
+    # Models every server fetches when it joins (setup succeeded): "folder/file=https://...".
+    popular_models: list[str] = Field(default_factory=list)
 
 
 class SSHSettings(_Section):
