@@ -304,3 +304,60 @@ def _admin(env: BotEnv) -> Any:
     from core.audit import Actor
 
     return Actor(user_id=int(env.fake.admin.id), is_admin=True)
+
+
+def test_the_services_fetch_popular_models_when_a_setup_succeeds(env: BotEnv) -> None:
+    # core/services.py wires the hook the join test below wires by hand (it swaps in a
+    # SetupService with the test profile and a ModelService on the test's install dir).
+    runner = env.services.setup._runner  # type: ignore[attr-defined]
+    assert env.services.models.server_joined in runner.on_installed
+
+
+async def test_popular_models_arrive_when_a_server_joins(
+    fake_discord: Any, tmp_path: Path, source: ModelSource
+) -> None:
+    from tests.setup_fixtures import free_port, make_setup_service, stop_supervisor
+    from tests.sshserver import AsyncSSHTestServer
+
+    source.files["pop.safetensors"] = pop = secrets.token_bytes(300_000)
+    source.files["have.safetensors"] = b"never fetched"
+    settings = bot_settings(tmp_path, fake_discord, comfy={
+        "http_allowlist": ["127.0.0.1"], "model_cache_size": LIMIT,
+        "popular_models": [
+            f"checkpoints/pop.safetensors={source.url('pop.safetensors')}",
+            f"loras/have.safetensors={source.url('have.safetensors')}",
+            "not a model spec",
+        ],
+    })
+    env = await start_bot(fake_discord, settings)
+    ssh = AsyncSSHTestServer(env.services.remote.key.public_openssh)
+    await ssh.start()
+    install_dir = tmp_path / "srv" / "ComfyUI"
+    setup = make_setup_service(env.services, install_dir)
+    models = build_service(env, install_dir)
+    setup.when_installed(models.server_joined)
+    try:
+        await register_ssh_server(env, ssh, comfy_port=free_port())
+        have = put(install_dir, "have.safetensors", size=10, folder="loras")
+        await setup.startup()
+        had = have.read_bytes()
+        assert not (install_dir / "models" / "checkpoints" / "pop.safetensors").exists()
+        execution = await setup.run(_admin(env), "box", "test")
+        assert execution.succeeded, execution.error
+
+        target = install_dir / "models" / "checkpoints" / "pop.safetensors"
+
+        async def arrived() -> bool:
+            return target.exists()
+
+        await eventually(arrived, timeout=30)
+        await models.close()  # waits for the join task
+        assert target.read_bytes() == pop
+        assert have.read_bytes() == had  # already there: not fetched again
+        assert not [s for s in source.seen if "have" in s.path]
+    finally:
+        await models.close()
+        await setup.close()
+        stop_supervisor(install_dir)
+        await ssh.close()
+        await env.stop()
