@@ -246,6 +246,10 @@ async def test_pinned_models_stay_and_pins_are_for_admins(
         assert member.ephemeral and "for admins" in member.content
     assert await env.services.models.cache.pins.pins(box.id) == set()  # type: ignore[attr-defined]
 
+    typo = await reply(env, await env.slash(
+        "models", {**options, "filename": "kep.safetensors"}, user=env.fake.admin,
+        subcommand="pin"))
+    assert typo.content == "There is no checkpoints/kep.safetensors on 'box'."
     pinned = await reply(env, await env.slash("models", options, user=env.fake.admin,
                                               subcommand="pin"))
     assert pinned.content == ("Pinned `checkpoints/keep.safetensors` on **box**: the cache "
@@ -326,7 +330,6 @@ async def test_popular_models_arrive_when_a_server_joins(
         "popular_models": [
             f"checkpoints/pop.safetensors={source.url('pop.safetensors')}",
             f"loras/have.safetensors={source.url('have.safetensors')}",
-            "not a model spec",
         ],
     })
     env = await start_bot(fake_discord, settings)
@@ -361,3 +364,11 @@ async def test_popular_models_arrive_when_a_server_joins(
         stop_supervisor(install_dir)
         await ssh.close()
         await env.stop()
+
+
+def test_a_malformed_popular_model_stops_the_bot_at_start(tmp_path: Path) -> None:
+    from core.config import Settings
+    from core.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="folder/file=https://"):
+        Settings(comfy={"popular_models": ["sd_xl.safetensors"]})  # type: ignore[arg-type]

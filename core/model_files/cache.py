@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from core.audit import OUTCOME_OK, Actor, AuditService
 from core.config import Settings
 from core.db.engine import SessionFactory
-from core.errors import ValidationFailed
+from core.errors import NotFound, ValidationFailed
 from core.model_files.names import validate_folder, validate_model_path
 from core.model_files.planning import Plan
 from core.model_files.shell import COMMAND_TIMEOUT, MARK, ServerShell
@@ -208,6 +208,9 @@ class ModelCache:
 
     async def pin(self, actor: Actor, server: str, folder: str, filename: str) -> str:
         view, key = await self._target(server, folder, filename)
+        # A typo must not pin nothing while the intended model stays evictable.
+        if key not in {f.key for f in await read_files(self._shell, view)}:
+            raise NotFound(f"There is no {key[0]}/{key[1]} on '{view.name}'.")
         if not await self.pins.pin(view.id, key, actor.user_id):
             raise ValidationFailed(f"{key[0]}/{key[1]} is already pinned on '{view.name}'.")
         await self._audit.record(actor, "models pin", outcome=OUTCOME_OK,
