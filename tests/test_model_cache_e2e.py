@@ -372,3 +372,23 @@ def test_a_malformed_popular_model_stops_the_bot_at_start(tmp_path: Path) -> Non
 
     with pytest.raises((ConfigError, ValueError), match="folder/file=https://"):
         Settings(comfy={"popular_models": ["sd_xl.safetensors"]})  # type: ignore[arg-type]
+
+
+async def test_downloads_under_way_count_with_their_full_size(
+    env: BotEnv, box: ServerView, source: ModelSource, install: Path
+) -> None:
+    put(install, "a.safetensors")
+    source.rate = 1_000_000  # the 2 MB file takes about two seconds
+    source.files["slow.safetensors"] = secrets.token_bytes(2 * MB)
+    first = await reply(env, await env.slash(
+        "models", {"server": "box", "url": source.url("slow.safetensors", "slow"),
+                   "folder": "checkpoints"}, user=env.fake.admin, subcommand="download"))
+    assert "Downloading" in first.content, first.content
+    # While slow is only partly on disk: 1 MB + 2 MB promised + 1 MB passes 3.5 MB.
+    second = await download(env, source, "b.safetensors", MB)
+    assert "Downloading" in second.content, second.content
+    await downloaded(env, install, "slow.safetensors")
+    await downloaded(env, install, "b.safetensors")
+    assert on_disk(install) == {"slow.safetensors", "b.safetensors"}
+    total = sum(p.stat().st_size for p in (install / "models" / "checkpoints").iterdir())
+    assert total <= LIMIT
