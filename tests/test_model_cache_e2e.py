@@ -67,7 +67,8 @@ async def ssh_host(env: BotEnv) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def comfy() -> AsyncIterator[FakeComfy]:
-    fake = FakeComfy(models={"checkpoints": CHECKPOINTS}, step_delay=0.01,
+    fake = FakeComfy(models={"checkpoints": CHECKPOINTS, "loras": ["wf-lora.safetensors"]},
+                     step_delay=0.01,
                      output_size=(32, 32))
     await fake.start()
     yield fake
@@ -392,3 +393,42 @@ async def test_downloads_under_way_count_with_their_full_size(
     assert on_disk(install) == {"slow.safetensors", "b.safetensors"}
     total = sum(p.stat().st_size for p in (install / "models" / "checkpoints").iterdir())
     assert total <= LIMIT
+
+
+async def test_a_model_a_running_custom_workflow_names_is_never_evicted(
+    env: BotEnv, box: ServerView, comfy: FakeComfy, source: ModelSource, install: Path
+) -> None:
+    import json
+
+    from core.comfy.workflows import GenerationParams, LoraSpec, build_workflow
+
+    # The workflow's own LoRA loader names wf-lora; the job's parameters do not.
+    workflow = build_workflow(GenerationParams(
+        prompt="placeholder", model="held.safetensors", steps=3, seed=1,
+        loras=(LoraSpec("wf-lora.safetensors", 0.8),)))
+    add = await env.slash(
+        "workflow", {"name": "mine", "file": "wf.json"}, user=env.fake.admin,
+        subcommand="add",
+        attachments={"file": ("wf.json", json.dumps(workflow).encode(), "application/json")})
+    assert "Added workflow **mine**" in (await reply(env, add)).content
+    put(install, "wf-lora.safetensors", folder="loras")  # the oldest file
+    put(install, "held.safetensors", mtime=OLD + 50)
+    put(install, "spare.safetensors", mtime=OLD + 10**9)
+    comfy.pause_sampling()
+    interaction = await env.slash("generate", {"prompt": "mine", "workflow": "mine"},
+                                  user=env.fake.member)
+    await reply(env, interaction)
+    async with env.services.sessions() as session:
+        job, prompt_id = (await session.execute(
+            select(ComfyGeneration.id, ComfyGeneration.comfy_prompt_id)
+            .order_by(ComfyGeneration.id.desc()).limit(1))).one()
+    await comfy.wait_running(prompt_id, timeout=15)
+
+    # 3 MB + 1.2 MB needs 0.7 MB: not wf-lora nor held (the job's), so spare goes.
+    answer = await download(env, source, "small.safetensors", 1_200_000)
+    assert "Downloading" in answer.content, answer.content
+    await downloaded(env, install, "small.safetensors")
+    assert (install / "models" / "loras" / "wf-lora.safetensors").exists()
+    assert on_disk(install) == {"held.safetensors", "small.safetensors"}
+    comfy.resume_sampling()
+    await eventually(lambda: _completed(env, job), timeout=30)

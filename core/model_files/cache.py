@@ -9,8 +9,11 @@ evicted: a model a queued or running job needs, a pinned model, a file being dow
 When not enough can be freed the download is refused with a sentence naming what is in
 use or pinned, and nothing is deleted.
 
-A job submitted in the instant between the check and the deletion could still name an
-evicted model; it then fails with "model not on server" like any missing model.
+"Needs" reads the generation rows: the models a job's parameters name (checkpoint, LoRA,
+upscale model) and, for a saved workflow, every model file its nodes name (in any folder).
+The jobs are read again right before deleting; a job submitted during the few
+milliseconds of the ``rm`` itself could still name an evicted model, and then fails with
+"model not on server" like any missing model.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from core.audit import OUTCOME_OK, Actor, AuditService
 from core.config import Settings
 from core.db.engine import SessionFactory
-from core.errors import NotFound, ValidationFailed
+from core.errors import NotFound, ResourceBusy, ValidationFailed
 from core.model_files.names import validate_folder, validate_model_path
 from core.model_files.planning import Plan
 from core.model_files.shell import COMMAND_TIMEOUT, MARK, ServerShell
@@ -36,6 +39,7 @@ from core.model_files.usage import (
     ModelKey,
     PinStore,
     UsageReader,
+    needs,
     read_files,
 )
 from core.servers import ServerRegistry, ServerView
@@ -133,6 +137,14 @@ class ModelCache:
             victims: list[ModelFile] = []
             if excess > 0:
                 victims = await self._choose(server, files, excess, need, used)
+                # A job may have asked for a victim while we chose: look once more, right
+                # before anything is deleted.
+                needed = await self.usage.in_use(server.id)
+                wanted = [v for v in victims if needs(needed, v.key)]
+                if wanted:
+                    raise ResourceBusy(
+                        f"A job just asked for {wanted[0].folder}/{wanted[0].name} on "
+                        f"'{server.name}'; try the download again in a moment.")
                 for victim in victims:
                     await self._evict(server, victim, actor, plan.filename)
             self._reserved[plan.key] = need
@@ -144,10 +156,11 @@ class ModelCache:
         needed = await self.usage.in_use(server.id)
         last = await self.usage.last_used(server.id)
         kept_pinned = sorted(f.key for f in files if f.key in pinned)
-        kept_in_use = sorted(f.key for f in files if f.key in needed and f.key not in pinned)
+        kept_in_use = sorted(f.key for f in files
+                             if needs(needed, f.key) and f.key not in pinned)
         candidates = [
             f for f in files
-            if f.key not in pinned and f.key not in needed
+            if f.key not in pinned and not needs(needed, f.key)
             and not self._is_busy(server.id, f.folder, f.name)
         ]
 
@@ -201,7 +214,7 @@ class ModelCache:
         last = await self.usage.last_used(server.id)
         entries = tuple(
             CacheEntry(f.folder, f.name, f.size, last.get(f.key), f.key in pinned,
-                       f.key in needed)
+                       needs(needed, f.key))
             for f in sorted(files, key=lambda f: (f.folder, f.name.lower()))
         )
         return CacheReport(server.id, server.name, self.limit, entries)

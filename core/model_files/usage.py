@@ -18,9 +18,9 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from core.db.engine import SessionFactory
-from core.db.models import ComfyGeneration, GenerationStatus, ModelPin
+from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, ModelPin
 from core.model_files.shell import COMMAND_TIMEOUT, MARK, ServerShell
-from core.model_files.types import MODEL_FOLDERS
+from core.model_files.types import MODEL_EXTENSIONS, MODEL_FOLDERS
 from core.servers import ServerView
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ ModelKey = tuple[str, str]
 
 # Jobs that have not ended: the models they name must stay on their server.
 ACTIVE_STATUSES = tuple(s.value for s in GenerationStatus if not s.finished)
+
+# The folder of a model a saved workflow names: its nodes say only the file name, so it is
+# protected in every folder.
+ANY_FOLDER = "*"
 
 # Which job parameter names a model in which folder (core.generation.types.job_parameters).
 PARAMETER_FOLDERS: tuple[tuple[str, str], ...] = (
@@ -59,6 +63,26 @@ def models_named(parameters: dict[str, Any] | None) -> set[ModelKey]:
         if isinstance(value, str) and value:
             found.add((folder, value))
     return found
+
+
+def models_in_workflow(workflow: Any) -> set[ModelKey]:
+    """Every string input of a saved (API-format) workflow that names a model file."""
+    found: set[ModelKey] = set()
+    stack = [workflow]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and item.lower().endswith(MODEL_EXTENSIONS):
+            found.add((ANY_FOLDER, item))
+    return found
+
+
+def needs(needed: set[ModelKey], key: ModelKey) -> bool:
+    """Whether a job needs the file ``key`` (named with its folder, or by a workflow)."""
+    return key in needed or (ANY_FOLDER, key[1]) in needed
 
 
 async def read_files(shell: ServerShell, server: ServerView) -> list[ModelFile]:
@@ -120,14 +144,23 @@ class UsageReader:
         """Models a queued or running job on the server needs. Jobs not placed on a server
         yet (no server id) count for every server: they may land anywhere."""
         g = ComfyGeneration
-        stmt = select(g.parameters).where(
+        stmt = select(g.parameters, g.workflow_id).where(
             g.status.in_(ACTIVE_STATUSES),
             or_(g.server_id == server_id, g.server_id.is_(None)),
         )
         needed: set[ModelKey] = set()
+        workflow_ids: set[int] = set()
         async with self._sessions() as session:
-            for (params,) in (await session.execute(stmt)).all():
+            for params, workflow_id in (await session.execute(stmt)).all():
                 needed |= models_named(params)
+                if workflow_id is not None:
+                    workflow_ids.add(workflow_id)
+            if workflow_ids:
+                # A custom workflow's own loaders name models the parameters do not.
+                rows = await session.execute(
+                    select(ComfyWorkflow.workflow).where(ComfyWorkflow.id.in_(workflow_ids)))
+                for (workflow,) in rows.all():
+                    needed |= models_in_workflow(workflow)
         return needed
 
 
