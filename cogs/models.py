@@ -44,8 +44,7 @@ from core.model_files import (
 from core.providers import has_shell
 
 if TYPE_CHECKING:
-    from core.model_files import ModelService
-    from core.model_files.cache import CacheEntry, CacheReport
+    from core.model_files import CacheEntry, CacheReport, ModelService
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +144,7 @@ def listing_embeds(listings: list[ModelListing], folder: str | None,
         budget -= len(listing.server_name) + len(footer)
         folders = [folder] if folder else [f for f in MODEL_FOLDERS if listing.names(f)]
         if not folders:
-            embed.description = (embed.description or "") + "\nNo models yet."
+            embed.description = "\n".join(filter(None, [embed.description, "No models yet."]))
         for name in folders:
             names = listing.names(name)
             lines = [entry_line(n, entries.get((name, n)), now) for n in names]

@@ -432,3 +432,25 @@ async def test_a_model_a_running_custom_workflow_names_is_never_evicted(
     assert on_disk(install) == {"held.safetensors", "small.safetensors"}
     comfy.resume_sampling()
     await eventually(lambda: _completed(env, job), timeout=30)
+
+
+async def test_ensure_models_reports_each_model_and_goes_through_the_cache(
+    env: BotEnv, box: ServerView, models: ModelService, source: ModelSource, install: Path
+) -> None:
+    # What pools call for their models: one outcome per entry, never an exception.
+    put(install, "keep.safetensors", size=3 * MB)
+    await models.pin(_admin(env), "box", "checkpoints", "keep.safetensors")
+    source.files["big.safetensors"] = secrets.token_bytes(MB)
+    source.files["tiny.safetensors"] = tiny = secrets.token_bytes(1000)
+    outcomes = await models.ensure_models(box, [
+        "checkpoints/keep.safetensors=" + source.url("keep.safetensors"),
+        "checkpoints/big.safetensors=" + source.url("big.safetensors"),
+        "loras/tiny.safetensors=" + source.url("tiny.safetensors"),
+        "no spec",
+    ])
+    assert outcomes["checkpoints/keep.safetensors"] == "present"
+    assert "pinned: checkpoints/keep.safetensors" in outcomes["checkpoints/big.safetensors"]
+    assert outcomes["loras/tiny.safetensors"] == "completed"
+    assert "folder/file=https://" in outcomes["no spec"]
+    assert (install / "models" / "loras" / "tiny.safetensors").read_bytes() == tiny
+    assert on_disk(install) == {"keep.safetensors"}
