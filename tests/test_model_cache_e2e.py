@@ -56,11 +56,13 @@ async def env(fake_discord: Any, tmp_path: Path) -> AsyncIterator[BotEnv]:
 
 
 @pytest.fixture
-async def ssh_host(env: BotEnv) -> AsyncIterator[Any]:
-    from tests.sshserver import AsyncSSHTestServer
+async def ssh_host(request: pytest.FixtureRequest, env: BotEnv) -> AsyncIterator[Any]:
+    """asyncssh unless a test asks for both kinds (the remote scripts run in a real shell
+    under either)."""
+    from tests.sshserver import start_ssh_server
 
-    server = AsyncSSHTestServer(env.services.remote.key.public_openssh)
-    await server.start()
+    server = await start_ssh_server(getattr(request, "param", "asyncssh"),
+                                    env.services.remote.key.public_openssh)
     yield server
     await server.close()
 
@@ -156,6 +158,7 @@ async def generate_and_finish(env: BotEnv, model: str) -> None:
     await eventually(done, timeout=30)
 
 
+@pytest.mark.parametrize("ssh_host", ["asyncssh", "openssh"], indirect=True)
 async def test_eviction_goes_by_last_use(
     env: BotEnv, box: ServerView, source: ModelSource, install: Path
 ) -> None:

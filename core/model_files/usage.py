@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.db.engine import SessionFactory
 from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, ModelPin
+from core.errors import ExternalServiceError
 from core.model_files.shell import COMMAND_TIMEOUT, MARK, ServerShell
 from core.model_files.types import MODEL_EXTENSIONS, MODEL_FOLDERS
 from core.servers import ServerView
@@ -96,12 +97,19 @@ async def read_files(shell: ServerShell, server: ServerView) -> list[ModelFile]:
     script = (
         f"root={shlex.quote(root)}; "
         f'[ -d "$root" ] || exit 0; '
+        # Sizes come from GNU find's -printf (Ubuntu/Debian images); without it the cache
+        # must say so rather than see an empty folder and never evict.
+        f"find \"$root\" -maxdepth 0 -printf '' 2>/dev/null || {{ echo {MARK}nofind; exit 0; }}; "
         f"for f in {folders}; do "
         f'[ -d "$root/$f" ] || continue; echo "{MARK}folder $f"; '
         f'(cd "$root/$f" && find -L . -name ".*" ! -name . -prune -o -type f '
         f"-printf '%s %T@ %P\\n' 2>/dev/null); done"
     )
     result = await shell.run(server, script, timeout=COMMAND_TIMEOUT)
+    if f"{MARK}nofind" in result.stdout:
+        raise ExternalServiceError(
+            f"'{server.name}' has no GNU find, so the bot cannot measure its models folder "
+            "for the model cache.")
     files: list[ModelFile] = []
     folder: str | None = None
     for line in result.stdout.splitlines():
