@@ -457,3 +457,21 @@ async def test_ensure_models_reports_each_model_and_goes_through_the_cache(
     assert "folder/file=https://" in outcomes["no spec"]
     assert (install / "models" / "loras" / "tiny.safetensors").read_bytes() == tiny
     assert on_disk(install) == {"keep.safetensors"}
+
+
+async def test_a_download_of_unknown_size_is_trimmed_after_it_arrived(
+    env: BotEnv, box: ServerView, source: ModelSource, install: Path
+) -> None:
+    for i, name in enumerate(("a.safetensors", "b.safetensors", "c.safetensors")):
+        put(install, name, mtime=OLD + i)
+    source.files["chunked.safetensors"] = secrets.token_bytes(800_000)
+    answer = await reply(env, await env.slash(
+        "models", {"server": "box", "url": source.url("chunked.safetensors", "nosize"),
+                   "folder": "checkpoints"}, user=env.fake.admin, subcommand="download"))
+    assert "Downloading" in answer.content, answer.content
+    # Nothing could be made room for before (the size was unknown): 3.8 MB arrive ...
+    await downloaded(env, install, "chunked.safetensors")
+    # ... and the oldest model went right after, so the folder is under the limit again.
+    assert on_disk(install) == {"b.safetensors", "c.safetensors", "chunked.safetensors"}
+    total = sum(p.stat().st_size for p in (install / "models" / "checkpoints").iterdir())
+    assert total <= LIMIT

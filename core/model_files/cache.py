@@ -137,18 +137,43 @@ class ModelCache:
             victims: list[ModelFile] = []
             if excess > 0:
                 victims = await self._choose(server, files, excess, need, used)
-                # A job may have asked for a victim while we chose: look once more, right
-                # before anything is deleted.
-                needed = await self.usage.in_use(server.id)
-                wanted = [v for v in victims if needs(needed, v.key)]
-                if wanted:
-                    raise ResourceBusy(
-                        f"A job just asked for {wanted[0].folder}/{wanted[0].name} on "
-                        f"'{server.name}'; try the download again in a moment.")
-                for victim in victims:
-                    await self._evict(server, victim, actor, plan.filename)
+                await self._evict_all(server, victims, actor, plan.filename)
             self._reserved[plan.key] = need
         return [f"{v.folder}/{v.name}" for v in victims]
+
+    async def trim(self, server: ServerView, keep: tuple[str, str], actor: Actor) -> list[str]:
+        """After a download whose size was not known in advance: evict until the folder is
+        under the limit again (never ``keep``, the new file). When that cannot be done the
+        file stays and the cache is over its limit until the next download; logged."""
+        lock = self._locks.setdefault(server.id, asyncio.Lock())
+        async with lock:
+            files = await read_files(self._shell, server)
+            used = sum(f.size for f in files) + self._reserved_on(server.id, files)
+            excess = used - self.limit
+            if excess <= 0:
+                return []
+            try:
+                victims = await self._choose(server, [f for f in files if f.key != keep],
+                                             excess, 0, used)
+                await self._evict_all(server, victims, actor, keep[1])
+            except (DiskFull, ResourceBusy) as exc:
+                log.warning("cache of %s stays over its limit after %s/%s: %s", server.name,
+                            keep[0], keep[1], exc)
+                return []
+        return [f"{v.folder}/{v.name}" for v in victims]
+
+    async def _evict_all(self, server: ServerView, victims: list[ModelFile], actor: Actor,
+                         reason: str) -> None:
+        # A job may have asked for a victim while we chose: look once more, right before
+        # anything is deleted.
+        needed = await self.usage.in_use(server.id)
+        wanted = [v for v in victims if needs(needed, v.key)]
+        if wanted:
+            raise ResourceBusy(
+                f"A job just asked for {wanted[0].folder}/{wanted[0].name} on "
+                f"'{server.name}'; try the download again in a moment.")
+        for victim in victims:
+            await self._evict(server, victim, actor, reason)
 
     async def _choose(self, server: ServerView, files: list[ModelFile], excess: int,
                       need: int, used: int) -> list[ModelFile]:
@@ -221,8 +246,10 @@ class ModelCache:
 
     async def pin(self, actor: Actor, server: str, folder: str, filename: str) -> str:
         view, key = await self._target(server, folder, filename)
-        # A typo must not pin nothing while the intended model stays evictable.
-        if key not in {f.key for f in await read_files(self._shell, view)}:
+        self._shell.target(view)  # a direct ComfyUI URL has no files the cache manages
+        # A typo must not pin nothing while the intended model stays evictable; a stopped
+        # server cannot be looked at, so its pins are taken as given.
+        if view.is_ready and key not in {f.key for f in await read_files(self._shell, view)}:
             raise NotFound(f"There is no {key[0]}/{key[1]} on '{view.name}'.")
         if not await self.pins.pin(view.id, key, actor.user_id):
             raise ValidationFailed(f"{key[0]}/{key[1]} is already pinned on '{view.name}'.")

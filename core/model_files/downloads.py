@@ -251,6 +251,12 @@ class DownloadService:
                 await asyncio.shield(self.store.save(view))
             return
         await self.store.save(view)
+        if view.status == "completed" and plan.bytes_total is None and self.cache is not None:
+            # Its size was unknown when room was made: keep the limit now.
+            try:
+                await self.cache.trim(plan.server, (plan.folder, plan.filename), actor)
+            except ComfyVastError as exc:
+                log.warning("could not trim the model cache of %s: %s", plan.server.name, exc)
         await self._registry.touch(plan.server.id)
         outcome = OUTCOME_OK if view.status == "completed" else OUTCOME_ERROR
         details: dict[str, object] = {"url": view.url, "bytes": view.bytes_done}
