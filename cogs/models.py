@@ -7,6 +7,7 @@ progress is a regular channel message the bot owns, edited through the shared
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from bot.rendering import (
     progress_bar,
     truncate,
 )
+from core.db.models import utcnow
 from core.errors import ComfyVastError
 from core.model_files import (
     MODEL_FOLDERS,
@@ -39,9 +41,10 @@ from core.model_files import (
     validate_folder,
     validate_model_path,
 )
+from core.providers import has_shell
 
 if TYPE_CHECKING:
-    from core.model_files import ModelService
+    from core.model_files import CacheEntry, CacheReport, ModelService
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +107,48 @@ def download_embed(d: DownloadView) -> discord.Embed:
     return embed
 
 
+def _last_use(when: dt.datetime | None, now: dt.datetime) -> str:
+    if when is None:
+        return "never used"
+    return f"used {human_duration((now - when).total_seconds())} ago"
+
+
+def entry_line(name: str, entry: CacheEntry | None, now: dt.datetime) -> str:
+    """One model: its name, then size, last use and pin (when the disk could be read)."""
+    if entry is None:
+        return name
+    parts = [name, format_size(entry.size), _last_use(entry.last_used, now)]
+    if entry.pinned:
+        parts.append("pinned")
+    if entry.in_use:
+        parts.append("in use")
+    return " · ".join(parts)
+
+
 def listing_embeds(listings: list[ModelListing], folder: str | None,
-                   failures: list[str]) -> list[discord.Embed]:
+                   failures: list[str],
+                   reports: dict[int, CacheReport] | None = None) -> list[discord.Embed]:
     budget = EMBED_BUDGET
     embeds: list[discord.Embed] = []
+    now = utcnow()
     for listing in listings[:MAX_EMBEDS]:
         source = "ComfyUI" if listing.source == "comfyui" else "the disk over SSH (ComfyUI is down)"
         footer = f"Read from {source}"
+        report = (reports or {}).get(listing.server_id)
+        entries = {(e.folder, e.name): e for e in report.entries} if report else {}
         embed = discord.Embed(title=listing.server_name, colour=BRAND_COLOUR)
+        if report is not None:
+            embed.description = (f"Model cache: {format_size(report.used)} of "
+                                 f"{format_size(report.limit)} used")
+            budget -= len(embed.description)
         budget -= len(listing.server_name) + len(footer)
         folders = [folder] if folder else [f for f in MODEL_FOLDERS if listing.names(f)]
         if not folders:
-            embed.description = "No models yet."
+            embed.description = "\n".join(filter(None, [embed.description, "No models yet."]))
         for name in folders:
             names = listing.names(name)
-            value = "\n".join(names) if names else "(empty)"
+            lines = [entry_line(n, entries.get((name, n)), now) for n in names]
+            value = "\n".join(lines) if lines else "(empty)"
             room = max(min(1024, budget - len(name) - 8), 0)
             if room < 20:
                 break
@@ -209,6 +239,7 @@ class Models(commands.GroupCog, group_name="models",
             return
         listings: list[ModelListing] = []
         failures: list[str] = []
+        reports: dict[int, CacheReport] = {}
         for view in views:
             try:
                 listings.append(await self.service.list(view, refresh=refresh))
@@ -216,8 +247,15 @@ class Models(commands.GroupCog, group_name="models",
                 if server is not None:
                     raise
                 failures.append(f"**{view.name}**: {exc}")
+                continue
+            if has_shell(view):
+                # Sizes, last use and pins; the names alone still show when SSH fails.
+                try:
+                    reports[view.id] = await self.service.report(view)
+                except ComfyVastError as exc:
+                    log.info("no cache details for %s: %s", view.name, exc)
         await interaction.followup.send(
-            embeds=listing_embeds(listings, folder, failures), ephemeral=True)
+            embeds=listing_embeds(listings, folder, failures, reports), ephemeral=True)
 
     @app_commands.command(name="download",
                           description="Download a model onto a server (the server fetches it).")
@@ -270,14 +308,49 @@ class Models(commands.GroupCog, group_name="models",
         await interaction.followup.send(f"Deleted `{removed}` from **{view.name}**.",
                                         ephemeral=True)
 
+    @app_commands.command(name="pin", description="Never let the cache evict this model.")
+    @app_commands.describe(server="The server.", folder="The model folder.",
+                           filename="The model to keep.")
+    @app_commands.choices(folder=FOLDER_CHOICES)
+    @admin_only()
+    async def pin(
+        self, interaction: discord.Interaction, server: ServerOption, folder: str,
+        filename: app_commands.Range[str, 1, 300],
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        view = await self.bot.services.servers.get(server)
+        path = await self.service.pin(actor_of(interaction), view.name, folder, filename)
+        await interaction.followup.send(
+            f"Pinned `{path}` on **{view.name}**: the cache will not evict it.", ephemeral=True)
+
+    @app_commands.command(name="unpin", description="Let the cache evict this model again.")
+    @app_commands.describe(server="The server.", folder="The model folder.",
+                           filename="The pinned model.")
+    @app_commands.choices(folder=FOLDER_CHOICES)
+    @admin_only()
+    async def unpin(
+        self, interaction: discord.Interaction, server: ServerOption, folder: str,
+        filename: app_commands.Range[str, 1, 300],
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        view = await self.bot.services.servers.get(server)
+        path = await self.service.unpin(actor_of(interaction), view.name, folder, filename)
+        await interaction.followup.send(
+            f"Unpinned `{path}` on **{view.name}**: the cache may evict it when room is "
+            "needed.", ephemeral=True)
+
     # -- autocomplete
 
     # The server option completes with bot.autocomplete.server_autocomplete (shared).
     list_models.autocomplete("server")(server_autocomplete)
     download.autocomplete("server")(server_autocomplete)
     delete.autocomplete("server")(server_autocomplete)
+    pin.autocomplete("server")(server_autocomplete)
+    unpin.autocomplete("server")(server_autocomplete)
 
     @delete.autocomplete("filename")
+    @pin.autocomplete("filename")
+    @unpin.autocomplete("filename")
     async def _filename_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:

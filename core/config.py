@@ -101,6 +101,19 @@ class ComfySettings(_Section):
     civitai_token: SecretStr | None = None
     # http:// download sources allowed besides https:// (hostnames); tests use loopback.
     http_allowlist: list[str] = Field(default_factory=list)
+    # Models every server fetches when it joins (setup succeeded): "folder/file=https://...".
+    popular_models: list[str] = Field(default_factory=list)
+
+    @field_validator("popular_models")
+    @classmethod
+    def _model_specs(cls, value: list[str]) -> list[str]:
+        # The full checks (folder, name, URL) run per download; this catches the form.
+        for spec in value:
+            where, sep, url = spec.partition("=")
+            if not sep or "/" not in where or not url.strip().startswith(("https://", "http://")):
+                raise ValueError(
+                    f"each entry must look like folder/file=https://..., not {spec[:80]!r}")
+        return value
 
 
 class SSHSettings(_Section):

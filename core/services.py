@@ -108,6 +108,8 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         settings, sessions, servers, comfy, remote.pool, remote.target, audit,
         on_change=generation.catalog.invalidate, install_dir=install_dir,
     )
+    # A server whose setup succeeded fetches comfy.popular_models.
+    setup.when_installed(models.server_joined)
     return Services(
         settings=settings,
         engine=engine,

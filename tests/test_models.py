@@ -87,6 +87,7 @@ class ModelSource:
         app.router.add_get("/slow/{name}", self._serve)
         app.router.add_get("/cut/{name}", self._serve)
         app.router.add_get("/cd/{name}", self._serve)
+        app.router.add_get("/nosize/{name}", self._serve)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -105,6 +106,18 @@ class ModelSource:
         data = self.files.get(name)
         if data is None:
             raise web.HTTPNotFound()
+        if kind == "nosize":
+            # A server may ignore Range (RFC 9110 section 14.2) and stream chunked, with no
+            # Content-Length (RFC 9112 section 6.1): the size is unknown until the end.
+            response = web.StreamResponse(status=200)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            try:
+                await response.write(data)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # curl's probe stops reading early
+            return response
         start, status = 0, 200
         headers = {"Accept-Ranges": "bytes"}
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("Range", ""))

@@ -41,6 +41,7 @@ EXPECTED_TABLES = {
     "audit_log",
     "server_billing",
     "bot_state",
+    "model_pins",
 }
 
 

@@ -22,10 +22,14 @@ Modules, each depending only on those above it:
 - ``sources``: URL checks, redaction, tokens, probing the source;
 - ``listing``: per-folder listings (ComfyUI, else SSH), cached;
 - ``planning``: every check before a download; ``transfer``: curl and the final rename;
+- ``usage``: file sizes over SSH, last use and need from the generation rows, the pins;
+- ``cache``: keeps each server under ``comfy.model_cache_size`` (evicts LRU, never a
+  model a job needs, never a pinned one);
 - ``store``: the download rows; ``downloads``: DownloadService, one task per download;
 - ``deletion``: deleting a file; ``service``: the ModelService facade.
 """
 
+from core.model_files.cache import CacheEntry, CacheReport, ModelCache
 from core.model_files.curl import CurlMeter, CurlProgress, curl_config, parse_curl_size
 from core.model_files.names import (
     filename_from_source,
@@ -34,7 +38,7 @@ from core.model_files.names import (
     validate_folder,
     validate_model_path,
 )
-from core.model_files.service import ModelService
+from core.model_files.service import ModelService, parse_model_spec
 from core.model_files.shell import parse_df_available
 from core.model_files.sources import validate_url
 from core.model_files.types import (
@@ -57,6 +61,8 @@ __all__ = [
     "DEFAULT_INSTALL_DIR",
     "MODEL_EXTENSIONS",
     "MODEL_FOLDERS",
+    "CacheEntry",
+    "CacheReport",
     "CurlMeter",
     "CurlProgress",
     "DiskFull",
@@ -65,6 +71,7 @@ __all__ = [
     "DownloadRequest",
     "DownloadView",
     "InstallDir",
+    "ModelCache",
     "ModelListing",
     "ModelService",
     "SourceError",
@@ -73,6 +80,7 @@ __all__ = [
     "format_size",
     "parse_curl_size",
     "parse_df_available",
+    "parse_model_spec",
     "redact_url",
     "temp_name",
     "validate_filename",

@@ -22,6 +22,7 @@ from core.config import Settings
 from core.db.engine import SessionFactory
 from core.db.models import utcnow
 from core.errors import GENERIC_FAILURE, ComfyVastError, ResourceBusy
+from core.model_files.cache import ModelCache
 from core.model_files.curl import CurlProgress
 from core.model_files.planning import DEFAULT_RESERVE_BYTES, Plan, Planner
 from core.model_files.shell import ServerShell
@@ -64,6 +65,8 @@ class DownloadService:
         self._busy: set[tuple[int, str, str]] = set()
         self._tasks = TaskRegistry("model-downloads")
         self._live: dict[int, DownloadView] = {}
+        # Keeps each server's models under comfy.model_cache_size (set by ModelService).
+        self.cache: ModelCache | None = None
 
     def is_busy(self, server_id: int, folder: str, filename: str) -> bool:
         return (server_id, folder, filename) in self._busy
@@ -89,6 +92,9 @@ class DownloadService:
         self._busy.add(key)
         try:
             plan = await self.planner.confirm(plan)
+            if self.cache is not None:
+                # Evicts least recently used models, or refuses (nothing deleted then).
+                await self.cache.make_room(plan, request.actor)
             view = await self._insert(request.actor, plan)
             try:
                 ids = await observer.on_started(view)
@@ -104,6 +110,8 @@ class DownloadService:
                 raise
         except BaseException:
             self._busy.discard(key)
+            if self.cache is not None:
+                self.cache.release(key)
             raise
         # Activity keeps the idle autostop away while the server downloads.
         await self._registry.touch(plan.server.id, channel_id=request.actor.channel_id)
@@ -119,6 +127,8 @@ class DownloadService:
     def _forget(self, key: tuple[int, str, str], download_id: int) -> None:
         self._busy.discard(key)
         self._live.pop(download_id, None)
+        if self.cache is not None:
+            self.cache.release(key)
 
     async def download(
         self, request: DownloadRequest, observer: DownloadObserver | None = None
@@ -241,6 +251,12 @@ class DownloadService:
                 await asyncio.shield(self.store.save(view))
             return
         await self.store.save(view)
+        if view.status == "completed" and plan.bytes_total is None and self.cache is not None:
+            # Its size was unknown when room was made: keep the limit now.
+            try:
+                await self.cache.trim(plan.server, (plan.folder, plan.filename), actor)
+            except ComfyVastError as exc:
+                log.warning("could not trim the model cache of %s: %s", plan.server.name, exc)
         await self._registry.touch(plan.server.id)
         outcome = OUTCOME_OK if view.status == "completed" else OUTCOME_ERROR
         details: dict[str, object] = {"url": view.url, "bytes": view.bytes_done}

@@ -7,14 +7,17 @@ cogs, the CLI and the tests use; the work is done in :mod:`core.model_files.list
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 
 from pydantic import SecretStr
 
-from core.audit import Actor, AuditService
+from core.audit import SYSTEM, Actor, AuditService
 from core.comfy.pool import ComfyPool
 from core.config import Settings
 from core.db.engine import SessionFactory
+from core.errors import ComfyVastError
+from core.model_files.cache import CacheReport, ModelCache
 from core.model_files.deletion import Deletion
 from core.model_files.downloads import DEFAULT_DOWNLOAD_TIMEOUT, DownloadService
 from core.model_files.listing import LISTING_TTL, ListingService
@@ -28,8 +31,22 @@ from core.model_files.types import (
     InstallDir,
     ModelListing,
 )
+from core.model_files.usage import read_files
+from core.providers import has_shell
 from core.servers import ServerRegistry, ServerView
 from core.ssh import SSHPool, SSHTarget
+from core.tasks import TaskRegistry
+
+log = logging.getLogger(__name__)
+
+
+def parse_model_spec(spec: str) -> tuple[str, str, str]:
+    """``"folder/file=url"`` (comfy.popular_models, a pool's models) -> (folder, file, url)."""
+    where, sep, url = spec.partition("=")
+    folder, slash, filename = where.strip().partition("/")
+    if not sep or not slash or not url.strip():
+        raise ValueError(f"a model must be written folder/file=https://..., not {spec[:80]!r}")
+    return folder, filename, url.strip()
 
 
 class ModelService:
@@ -64,6 +81,14 @@ class ModelService:
             registry, self._shell, audit, is_busy=self._downloads.is_busy,
             on_change=self._changed,
         )
+        self.cache = ModelCache(
+            settings, sessions, registry, self._shell, audit,
+            is_busy=self._downloads.is_busy, on_change=self._changed,
+        )
+        self._downloads.cache = self.cache
+        self._settings = settings
+        self._registry = registry
+        self._joins = TaskRegistry("model-joins")
 
     def _changed(self, server_id: int) -> None:
         self._listing.forget(server_id)
@@ -157,6 +182,7 @@ class ModelService:
 
     async def close(self) -> None:
         """Stop running downloads (their remote curl is killed; partial files stay)."""
+        await self._joins.close(timeout=None)
         await self._downloads.close()
 
     # -- deleting
@@ -164,3 +190,61 @@ class ModelService:
     async def delete(self, actor: Actor, server: str, folder: str, filename: str) -> str:
         """Delete one model file; returns the path removed (relative to the models dir)."""
         return await self._deletion.delete(actor, server, folder, filename)
+
+    # -- the cache
+
+    async def report(self, server: ServerView) -> CacheReport:
+        """Each model file with its size, last use, pin and need (SSH servers only)."""
+        return await self.cache.report(server)
+
+    async def pin(self, actor: Actor, server: str, folder: str, filename: str) -> str:
+        """Never evict this model from this server."""
+        return await self.cache.pin(actor, server, folder, filename)
+
+    async def unpin(self, actor: Actor, server: str, folder: str, filename: str) -> str:
+        return await self.cache.unpin(actor, server, folder, filename)
+
+    async def ensure_models(
+        self, server: str | int | ServerView, specs: Sequence[str], actor: Actor = SYSTEM
+    ) -> dict[str, str]:
+        """Download each ``"folder/file=url"`` the server lacks, one after the other (each
+        through the cache, so it may evict or be refused). Returns spec path -> outcome
+        ("present", "completed", or the sentence that refused or failed it); never raises
+        for one model, so one bad entry does not stop the others."""
+        view = server if isinstance(server, ServerView) else await self._registry.get(server)
+        outcomes: dict[str, str] = {}
+        try:
+            present = {f.key for f in await read_files(self._shell, view)}
+        except ComfyVastError as exc:
+            log.warning("cannot read the models on %s: %s", view.name, exc)
+            return {spec: str(exc) for spec in specs}
+        for spec in specs:
+            try:
+                folder, filename, url = parse_model_spec(spec)
+            except ValueError as exc:
+                log.warning("popular model skipped: %s", exc)
+                outcomes[spec] = str(exc)
+                continue
+            path = f"{folder}/{filename}"
+            if (folder, filename) in present:
+                outcomes[path] = "present"
+                continue
+            request = DownloadRequest(actor=actor, server=view.name, url=url, folder=folder,
+                                      filename=filename)
+            try:
+                done = await self.download(request)
+            except ComfyVastError as exc:
+                outcomes[path] = str(exc)
+            else:
+                outcomes[path] = done.status if done.status != "failed" else (
+                    done.error or "failed")
+            log.info("model %s on %s: %s", path, view.name, outcomes[path])
+        return outcomes
+
+    def server_joined(self, server: ServerView) -> None:
+        """A server finished its setup: fetch comfy.popular_models in the background."""
+        specs = list(self._settings.comfy.popular_models)
+        if not specs or not has_shell(server):
+            return
+        self._joins.spawn(self.ensure_models(server, specs), key=server.id,
+                          name=f"popular-models-{server.id}")

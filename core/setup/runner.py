@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, AuditService
 from core.db.models import ExecutionStatus, utcnow
@@ -46,6 +47,8 @@ class SetupRunner:
         self._audit = audit
         self.tick = tick
         self.observer = SetupObserver()
+        # Told (synchronously, with the server) after a setup succeeded: the server joins.
+        self.on_installed: list[Callable[[ServerView], None]] = []
         self.runs: dict[int, Run] = {}
         # server id -> execution id (0 while reserving): one setup or reset per server.
         self.active: dict[int, int] = {}
@@ -182,6 +185,9 @@ class SetupRunner:
                              "version": run.profile.version, "error": run.error},
                 )
                 await self.observer.on_finished(view, run.text())
+            if view.succeeded:
+                for callback in self.on_installed:
+                    callback(run.server)
         except Exception:
             log.exception("reporting the end of setup #%d failed", run.execution_id)
         finally:

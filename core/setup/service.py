@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, Actor, AuditService
@@ -78,6 +78,10 @@ class SetupService:
     @observer.setter
     def observer(self, observer: SetupObserver) -> None:
         self._runner.observer = observer
+
+    def when_installed(self, callback: Callable[[ServerView], None]) -> None:
+        """Call ``callback(server)`` after each setup that succeeded (the server joined)."""
+        self._runner.on_installed.append(callback)
 
     @property
     def tick(self) -> float:
