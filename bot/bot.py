@@ -34,6 +34,7 @@ EXTENSIONS = (
     "cogs.workflows",
     "cogs.setup",
     "cogs.models",
+    "cogs.pools",
 )
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"

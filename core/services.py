@@ -16,6 +16,8 @@ from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
 from core.model_files import DEFAULT_INSTALL_DIR, ModelService
+from core.pools import Autoscaler, PoolService
+from core.pools.ready import prepare_member
 from core.remote import Remote
 from core.servers import ServerRegistry, ServerView
 from core.servers.keys import KeyRotation
@@ -45,8 +47,11 @@ class Services:
     diagnostics: Diagnostics
     models: ModelService
     keys: KeyRotation
+    pools: PoolService
+    autoscaler: Autoscaler
 
     async def close(self) -> None:
+        await self.autoscaler.close()
         await self.server_ops.close()
         await self.generation.close()
         await self.comfy.close()
@@ -106,6 +111,10 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         settings, sessions, servers, comfy, remote.pool, remote.target, audit,
         on_change=generation.catalog.invalidate, install_dir=install_dir,
     )
+    pools = PoolService(sessions, servers, audit)
+    autoscaler = Autoscaler(pools, server_ops, servers, audit)
+    autoscaler.on_ready = prepare_member(setup, models)
+    server_ops.pool_check = autoscaler.tick
     return Services(
         settings=settings,
         engine=engine,
@@ -125,4 +134,6 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         diagnostics=Diagnostics(servers, remote, setup, http),
         models=models,
         keys=keys,
+        pools=pools,
+        autoscaler=autoscaler,
     )

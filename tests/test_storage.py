@@ -41,6 +41,10 @@ EXPECTED_TABLES = {
     "audit_log",
     "server_billing",
     "bot_state",
+    # 0003_pools (core/pools/models.py)
+    "server_pools",
+    "pool_members",
+    "pool_decisions",
 }
 
 
