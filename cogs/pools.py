@@ -84,10 +84,14 @@ class Pools(AdminCog, commands.GroupCog, group_name="pool",
     )
     async def create(
         self, interaction: discord.Interaction, name: PoolName, gpu: GpuOption,
-        max_price: float | None = None, image: app_commands.Range[str, 1, 255] | None = None,
-        disk: int | None = None, profile: ProfileOption | None = None,
+        max_price: app_commands.Range[float, 0.01, 100.0] | None = None,
+        image: app_commands.Range[str, 1, 255] | None = None,
+        disk: app_commands.Range[int, 10, 2000] | None = None,
+        profile: ProfileOption | None = None,
         models: app_commands.Range[str, 1, 4000] | None = None,
-        min: int = 0, max: int = 2, target_wait: int = 60, idle_timeout: int = 15,
+        min: app_commands.Range[int, 0, 20] = 0, max: app_commands.Range[int, 1, 20] = 2,
+        target_wait: app_commands.Range[int, 5, 86400] = 60,
+        idle_timeout: app_commands.Range[int, 1, 10080] = 15,
     ) -> None:
         template = Template(gpu, max_price, image, disk, profile, parse_models(models))
         pool = await self.service.create(
@@ -102,7 +106,7 @@ class Pools(AdminCog, commands.GroupCog, group_name="pool",
     @app_commands.describe(name="The pool.", setting="What to change.", value="The new value.")
     @app_commands.autocomplete(name=pool_autocomplete)
     async def set_(self, interaction: discord.Interaction, name: PoolName, setting: Setting,
-                   value: float) -> None:
+                   value: app_commands.Range[float, 0, 86400]) -> None:
         pool = await self.service.set(actor_of(interaction), name, setting, value)
         await interaction.response.send_message(f"Updated. {pool_line(pool)}.", ephemeral=True)
 
