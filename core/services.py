@@ -114,6 +114,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     pools = PoolService(sessions, servers, audit)
     autoscaler = Autoscaler(pools, server_ops, servers, audit)
     autoscaler.on_ready = prepare_member(setup, models)
+    autoscaler.rebalance = generation.rebalancer.to
     server_ops.pool_check = autoscaler.tick
     return Services(
         settings=settings,

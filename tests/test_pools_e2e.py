@@ -287,3 +287,50 @@ async def _is(env: BotEnv, name: str, status: str) -> bool:
 
 async def _states(env: BotEnv, wanted: list[str]) -> bool:
     return [s for _, _, s in await decisions(env)] == wanted
+
+
+async def test_queued_jobs_move_to_a_server_that_comes_up(
+    fake_discord: Any, tmp_path: Path, comfy: Any
+) -> None:
+    """Jobs waiting in one ComfyUI's queue share a new pool member; none runs twice."""
+    from tests.conftest import MODELS, add_server, bot_settings, start_bot
+    from tests.fakecomfy import FakeComfy
+    from tests.test_generation_e2e import finished_row, generate, job_row
+
+    env = await start_bot(fake_discord, bot_settings(
+        tmp_path, fake_discord, limits={"user_concurrent_jobs": 10}))
+    second = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
+    await second.start()
+    try:
+        await add_server(env, "busy", comfy.url)
+        await admin(env, "create", {"name": "p", "gpu": "RTX 4090"})
+        await admin(env, "add-server", {"name": "p", "server": "busy"})
+        comfy.pause_sampling()
+        for i in range(5):
+            await generate(env, {"prompt": f"job {i}", "steps": 3})
+        first = await job_row(env, 1)
+        await comfy.wait_running(first.comfy_prompt_id, timeout=10)
+        await env.fake.wait_for(lambda: len(comfy.pending_prompt_ids) == 4)
+        waiting = {(await job_row(env, i)).comfy_prompt_id: i for i in range(2, 6)}
+
+        await add_server(env, "fresh", second.url)
+        view = await env.services.servers.get("fresh")
+        await admin(env, "add-server", {"name": "p", "server": "fresh"})
+        pool = await env.services.pools.store.get("p")
+        moved = await env.services.autoscaler.share_queue(pool, view)
+        # Four waiting, two servers: the two queued last move; the running one stays.
+        assert moved == [5, 4]
+        for job_id in moved:
+            row = await finished_row(env, job_id)
+            assert row.status == "completed" and row.server_id == view.id
+        assert sorted(waiting[p] for p in comfy.pending_prompt_ids) == [2, 3]
+        assert len(second.history) == 2  # each moved job ran once, on the new server
+        comfy.resume_sampling()
+        for job_id in (1, 2, 3):
+            row = await finished_row(env, job_id)
+            assert row.status == "completed" and row.server_id != view.id
+        assert len(comfy.history) == 3  # the moved ones never ran on the old server
+    finally:
+        comfy.resume_sampling()
+        await second.stop()
+        await env.stop()

@@ -43,6 +43,9 @@ COMING = (ServerStatus.CREATING.value, ServerStatus.LOADING.value,
 
 # Runs the pool's setup profile and model downloads on a new member (set by the wiring).
 OnReady = Callable[[PoolView, ServerView], Awaitable[None]]
+# Moves jobs waiting on the other servers to the new one; the ids moved (the wiring sets
+# core.generation.rebalance.Rebalancer.to).
+Rebalance = Callable[[ServerView, list[ServerView]], Awaitable[list[int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class Autoscaler:
         self._audit = audit
         self._tasks = TaskRegistry("pools")
         self.on_ready: OnReady | None = None
+        self.rebalance: Rebalance | None = None
         # One tick at a time: the maintenance loop and a command may both ask.
         self._lock = asyncio.Lock()
 
@@ -273,10 +277,23 @@ class Autoscaler:
         if self.on_ready is not None and (pool.profile or pool.models):
             await self.on_ready(pool, server)
         await self._store.settle(decision.id, DONE, f"{server.name} is {server.status}")
+        moved = await self.share_queue(pool, server)
         if pool.channel_id:
+            jobs = f"; {len(moved)} queued jobs moved to it" if moved else ""
             await self._ops.events.notice(
-                pool.channel_id, f"Pool **{pool.name}**: **{server.name}** is ready."
+                pool.channel_id, f"Pool **{pool.name}**: **{server.name}** is ready{jobs}."
             )
+
+    async def share_queue(self, pool: PoolView, server: ServerView) -> list[int]:
+        """Jobs waiting on the pool's other ready servers move to ``server``."""
+        if self.rebalance is None:
+            return []
+        others = [s for s in await self._pools.members(pool) if s.is_ready and s.id != server.id]
+        try:
+            return await self.rebalance(server, others)
+        except Exception:  # the jobs stay where they are
+            log.exception("moving queued jobs to %s failed", server.name)
+            return []
 
     async def close(self) -> None:
         await self._tasks.close()
