@@ -277,11 +277,15 @@ class Autoscaler:
         if self.on_ready is not None and (pool.profile or pool.models):
             await self.on_ready(pool, server)
         await self._store.settle(decision.id, DONE, f"{server.name} is {server.status}")
-        moved = await self.share_queue(pool, server)
         if pool.channel_id:
-            jobs = f"; {len(moved)} queued jobs moved to it" if moved else ""
             await self._ops.events.notice(
-                pool.channel_id, f"Pool **{pool.name}**: **{server.name}** is ready{jobs}."
+                pool.channel_id, f"Pool **{pool.name}**: **{server.name}** is ready."
+            )
+        moved = await self.share_queue(pool, server)
+        if moved and pool.channel_id:
+            await self._ops.events.notice(
+                pool.channel_id,
+                f"Pool **{pool.name}**: {len(moved)} queued jobs moved to **{server.name}**.",
             )
 
     async def share_queue(self, pool: PoolView, server: ServerView) -> list[int]:
