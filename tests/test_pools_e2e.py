@@ -334,3 +334,64 @@ async def test_queued_jobs_move_to_a_server_that_comes_up(
         comfy.resume_sampling()
         await second.stop()
         await env.stop()
+
+
+async def finished_jobs(env: BotEnv, server: str, count: int, seconds: float) -> None:
+    """Jobs the server finished lately, each ``seconds`` long (the measured job time)."""
+    import datetime as dt
+
+    view = await env.services.servers.get(server)
+    now = dt.datetime.now(dt.UTC)
+    async with env.services.sessions.begin() as session:
+        for i in range(count):
+            done = now - dt.timedelta(minutes=i + 1)
+            session.add(ComfyGeneration(
+                server_id=view.id, user_id=7, prompt=f"done {i}", status="completed",
+                parameters={}, started_at=done - dt.timedelta(seconds=seconds),
+                completed_at=done))
+
+
+async def test_measured_job_time_decides_how_many(fake_discord: Any, tmp_path: Path,
+                                                  vast: FakeVast) -> None:
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 5,
+                                    "target_wait": 60})
+        for name in ("warm", "cold", "colder"):
+            await rent_running(env, "RTX 4090", name)
+            await admin(env, "add-server", {"name": "gpu", "server": name})
+        for name in ("colder", "cold"):
+            await env.slash("server", {"server": name}, user=env.fake.admin,
+                            subcommand="stop")
+            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        # Jobs take 10 s here: 10 queued wait ~100 s on one server, so two servers do
+        # (at the 60 s default it would take ten: both stopped ones and two rentals).
+        await finished_jobs(env, "warm", 5, 10.0)
+        await queue_jobs(env, "warm", 10)
+        text = await admin(env, "status", {"name": "gpu"})
+        assert "10 jobs, ~10 s each, expected wait 100 s" in text
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold")]
+        assert "10 jobs would wait ~100 s (target 60 s)" in made[0].reason
+        await eventually(lambda: running(env, "cold"), timeout=20)
+        assert await status_of(env, "colder") == "stopped"
+    finally:
+        await env.stop()
+
+
+async def test_below_min_starts_one_without_jobs(fake_discord: Any, tmp_path: Path,
+                                                 vast: FakeVast) -> None:
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "min": 1})
+        await rent_running(env, "RTX 4090", "only")
+        await admin(env, "add-server", {"name": "gpu", "server": "only"})
+        assert await env.services.autoscaler.tick() == []  # one running: the minimum
+        await env.slash("server", {"server": "only"}, user=env.fake.admin, subcommand="stop")
+        await eventually(lambda: _is(env, "only", "stopped"), timeout=20)
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name, d.reason) for d in made] == [
+            ("start", "only", "below the pool's minimum of 1")]
+        await eventually(lambda: running(env, "only"), timeout=20)
+    finally:
+        await env.stop()
