@@ -115,6 +115,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     autoscaler = Autoscaler(pools, server_ops, servers, audit)
     autoscaler.on_ready = prepare_member(setup, models)
     autoscaler.rebalance = generation.rebalancer.to
+    generation.rebalancer.on_unplaced(autoscaler.note_unplaced)
     server_ops.pool_check = autoscaler.tick
     return Services(
         settings=settings,

@@ -395,3 +395,25 @@ async def test_below_min_starts_one_without_jobs(fake_discord: Any, tmp_path: Pa
         await eventually(lambda: running(env, "only"), timeout=20)
     finally:
         await env.stop()
+
+
+async def test_a_refused_job_starts_a_pool_at_zero(fake_discord: Any, tmp_path: Path,
+                                                   vast: FakeVast) -> None:
+    """Nothing running: /generate is refused, and that demand starts the pool's server."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090"})
+        await rent_running(env, "RTX 4090", "cold")
+        await admin(env, "add-server", {"name": "gpu", "server": "cold"})
+        await env.slash("server", {"server": "cold"}, user=env.fake.admin, subcommand="stop")
+        await eventually(lambda: _is(env, "cold", "stopped"), timeout=20)
+        assert await env.services.autoscaler.tick() == []  # no demand, min 0: stays off
+        interaction = await env.slash("generate", {"prompt": "a cat"})
+        reply = await env.fake.wait_for(lambda: _answered(interaction))
+        assert "No server is running" in (reply.content or "")
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold")]
+        assert made[0].reason == "1 job would wait ~forever (no server is ready) (target 60 s)"
+        await eventually(lambda: running(env, "cold"), timeout=20)
+    finally:
+        await env.stop()

@@ -11,6 +11,7 @@ store) and follows it again: on the new server, or where it was if anything went
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from core.comfy.pool import ComfyPool
 from core.db.models import GenerationStatus
@@ -30,6 +31,10 @@ class Rebalancer:
         self._runner = runner
         self._pool = pool
         self._placement = placement
+
+    def on_unplaced(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a job finds no server with room (pools' demand)."""
+        self._placement.on_unplaced = callback
 
     async def to(self, target: ServerView, sources: list[ServerView]) -> list[int]:
         """Move an even share of the jobs waiting on ``sources`` to ``target``; the ids."""

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # A pool that has finished no job yet is assumed to take this long per job (seconds).
 DEFAULT_JOB_SECONDS = 60.0
+# How long a refused job counts as demand at most.
+UNPLACED_MEMORY = dt.timedelta(hours=1)
 COMING = (ServerStatus.CREATING.value, ServerStatus.LOADING.value,
           ServerStatus.STARTING.value)
 
@@ -79,6 +81,14 @@ class Autoscaler:
         self.rebalance: Rebalance | None = None
         # One tick at a time: the maintenance loop and a command may both ask.
         self._lock = asyncio.Lock()
+        # When jobs found no server with room (placement refused them): demand that no
+        # member's queue shows, counted for each pool within its target wait.
+        self._unplaced: list[dt.datetime] = []
+
+    def note_unplaced(self) -> None:
+        now = self._ops.clock()
+        self._unplaced = [t for t in self._unplaced if now - t < UNPLACED_MEMORY]
+        self._unplaced.append(now)
 
     # ------------------------------------------------------------------ measuring
 
@@ -95,10 +105,13 @@ class Autoscaler:
             1 for s in members
             if not s.is_ready and (s.status in COMING or s.name in planned)
         ) + sum(1 for name in planned if name not in names)
-        job_seconds = await self._store.job_seconds([s.id for s in members], self._ops.clock())
+        now = self._ops.clock()
+        job_seconds = await self._store.job_seconds([s.id for s in members], now)
+        recent = dt.timedelta(seconds=pool.target_wait)
+        refused = sum(1 for t in self._unplaced if now - t < recent)
         return Load(
             ready=sum(1 for s in members if s.is_ready), coming=coming,
-            queued=sum(busy.get(s.id, 0) for s in members),
+            queued=sum(busy.get(s.id, 0) for s in members) + refused,
             job_seconds=job_seconds or DEFAULT_JOB_SECONDS, planned=planned,
         )
 
@@ -147,7 +160,8 @@ class Autoscaler:
         have = load.ready + load.coming
         if load.wait > pool.target_wait:
             wanted = math.ceil(load.queued * load.job_seconds / pool.target_wait)
-            why = (f"{load.queued} jobs would wait ~{_secs(load.wait)} "
+            jobs = "1 job" if load.queued == 1 else f"{load.queued} jobs"
+            why = (f"{jobs} would wait ~{_secs(load.wait)} "
                    f"(target {pool.target_wait} s)")
         elif have < pool.min_servers:
             wanted, why = pool.min_servers, f"below the pool's minimum of {pool.min_servers}"
