@@ -386,13 +386,23 @@ async def test_below_min_starts_one_without_jobs(fake_discord: Any, tmp_path: Pa
         await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "min": 1})
         await rent_running(env, "RTX 4090", "only")
         await admin(env, "add-server", {"name": "gpu", "server": "only"})
-        assert await env.services.autoscaler.tick() == []  # one running: the minimum
+        await rent_running(env, "RTX 4090", "extra")
+        await admin(env, "add-server", {"name": "gpu", "server": "extra"})
+        assert await env.services.autoscaler.tick() == []  # running: at least the minimum
+        # The minimum's cheapest member never idle-stops; the other one does.
+        assert (await env.services.servers.get("only")).idle_timeout == 0
+        assert (await env.services.servers.get("extra")).idle_timeout == 15
+        await env.slash("server", {"server": "extra"}, user=env.fake.admin, subcommand="stop")
+        await eventually(lambda: _is(env, "extra", "stopped"), timeout=20)
         await env.slash("server", {"server": "only"}, user=env.fake.admin, subcommand="stop")
         await eventually(lambda: _is(env, "only", "stopped"), timeout=20)
         made = await env.services.autoscaler.tick()
+        # Below the minimum: the cheapest stopped member starts ("only", $0.30 < $0.40).
         assert [(d.action, d.server_name, d.reason) for d in made] == [
             ("start", "only", "below the pool's minimum of 1")]
         await eventually(lambda: running(env, "only"), timeout=20)
+        await env.services.autoscaler.tick()
+        assert (await env.services.servers.get("only")).idle_timeout == 0
     finally:
         await env.stop()
 

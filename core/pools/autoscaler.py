@@ -154,8 +154,19 @@ class Autoscaler:
             # The server's own recovery (creating/starting rows) finishes the operation.
             await self._store.settle(decision.id, DONE, f"recovered: {server.status}")
 
+    async def _keep_minimum(self, pool: PoolView, members: list[ServerView]) -> None:
+        """The pool's ``min`` cheapest running members never idle-stop (autostop 0); the
+        others stop after the pool's idle timeout. Else autostop and the minimum would
+        take turns stopping and starting the same server."""
+        ready = sorted((s for s in members if s.is_ready), key=lambda s: (s.price_per_hour, s.id))
+        for index, server in enumerate(ready):
+            minutes = 0 if index < pool.min_servers else pool.idle_timeout
+            if server.idle_timeout != minutes:
+                await self._store.set_idle(server.id, minutes)
+
     async def _scale(self, pool: PoolView) -> list[DecisionView]:
         members = await self._pools.members(pool)
+        await self._keep_minimum(pool, members)
         load = await self.load(pool, members)
         have = load.ready + load.coming
         if load.wait > pool.target_wait:

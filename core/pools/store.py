@@ -62,6 +62,12 @@ class PoolStore:
             if server is not None:
                 server.idle_timeout = idle_timeout
 
+    async def set_idle(self, server_id: int, minutes: int) -> None:
+        async with self._sessions.begin() as session:
+            server = await session.get(Server, server_id)
+            if server is not None and server.idle_timeout != minutes:
+                server.idle_timeout = minutes
+
     async def job_seconds(self, server_ids: list[int], now: dt.datetime) -> float | None:
         """Mean run time of the latest finished jobs on these servers; None without any."""
         if not server_ids:
