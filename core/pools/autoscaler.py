@@ -30,7 +30,7 @@ from core.pools.models import ABANDONED, DONE, FAILED, REFUSED
 from core.pools.service import PoolService
 from core.pools.types import DecisionView, PoolStatus, PoolView
 from core.servers.registry import ServerRegistry, ServerView
-from core.servers.service import ServerService
+from core.servers.service import RentPlan, ServerService
 from core.tasks import TaskRegistry
 from core.vast import OfferQuery
 
@@ -230,9 +230,11 @@ class Autoscaler:
                            f"{verb} **{decision.server_name}** (${price:.3f}/h): {why}")
         return decision
 
-    async def _decide_rent(self, pool: PoolView, committed: float, why: str):  # type: ignore[no-untyped-def]
+    async def _decide_rent(self, pool: PoolView, committed: float,
+                           why: str) -> tuple[DecisionView, RentPlan | None]:
         query = OfferQuery(gpu_name=pool.gpu, max_price_per_hour=pool.max_price,
                            min_disk_gb=pool.disk_gb)
+        plan: RentPlan | None
         try:
             plan = await self._ops.plan(query)
         except BudgetExceeded:
@@ -291,7 +293,7 @@ class Autoscaler:
         server = await self._ops.start(SYSTEM, decision.server_name)
         await self._joined(pool, decision, server)
 
-    async def _rent(self, pool: PoolView, decision: DecisionView, plan) -> None:  # type: ignore[no-untyped-def]
+    async def _rent(self, pool: PoolView, decision: DecisionView, plan: RentPlan) -> None:
         assert decision.server_name is not None
         server = await self._ops.rent(SYSTEM, plan, decision.server_name, image=pool.image,
                                       disk_gb=pool.disk_gb)
