@@ -67,9 +67,10 @@ def split_model(entry: str) -> tuple[str, str]:
     """``"loras:https://…"`` -> ("loras", "https://…"); a bare URL goes to checkpoints."""
     folder, url = "checkpoints", entry
     head, sep, rest = entry.partition(":")
-    if sep and FOLDER_RE.match(head) and rest.startswith("https://"):
+    if sep and FOLDER_RE.match(head) and rest.startswith(("https://", "http://")):
         folder, url = head, rest
-    if not url.startswith("https://") or len(url) > 2000:
+    # http:// only reaches hosts in comfy.http_allowlist: the download checks that.
+    if not url.startswith(("https://", "http://")) or len(url) > 2000:
         raise ValidationFailed(
             f"'{entry[:60]}' is not a model to download: give an https:// URL, "
             "optionally after a folder (loras:https://…)."
