@@ -36,6 +36,7 @@ EXTENSIONS = (
     "cogs.setup",
     "cogs.models",
     "cogs.stats",
+    "cogs.pools",
 )
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"

@@ -16,6 +16,8 @@ from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
 from core.model_files import DEFAULT_INSTALL_DIR, ModelService
+from core.pools import Autoscaler, PoolService
+from core.pools.ready import prepare_member
 from core.remote import Remote
 from core.servers import ServerRegistry, ServerView
 from core.servers.keys import KeyRotation
@@ -47,8 +49,11 @@ class Services:
     models: ModelService
     keys: KeyRotation
     stats: StatsService
+    pools: PoolService
+    autoscaler: Autoscaler
 
     async def close(self) -> None:
+        await self.autoscaler.close()
         await self.server_ops.close()
         await self.generation.close()
         await self.comfy.close()
@@ -110,6 +115,14 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     )
     # A server whose setup succeeded fetches comfy.popular_models.
     setup.when_installed(models.server_joined)
+    pools = PoolService(sessions, servers, audit)
+    stats = StatsService(settings, sessions)
+    stats.pool_of = pools.server_pools  # /budget's per-pool spend
+    autoscaler = Autoscaler(pools, server_ops, servers, audit)
+    autoscaler.on_ready = prepare_member(setup, models)
+    autoscaler.rebalance = generation.rebalancer.to
+    generation.rebalancer.on_unplaced(autoscaler.note_unplaced)
+    server_ops.pool_check = autoscaler.tick
     return Services(
         settings=settings,
         engine=engine,
@@ -129,5 +142,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
         diagnostics=Diagnostics(servers, remote, setup, http),
         models=models,
         keys=keys,
-        stats=StatsService(settings, sessions),
+        stats=stats,
+        pools=pools,
+        autoscaler=autoscaler,
     )

@@ -42,6 +42,10 @@ EXPECTED_TABLES = {
     "server_billing",
     "bot_state",
     "model_pins",
+    # 0004_pools (core/pools/models.py)
+    "server_pools",
+    "pool_members",
+    "pool_decisions",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from core.audit import Actor
 from core.comfy.errors import ComfyError
@@ -72,6 +73,13 @@ class Placement:
         self._reserved: dict[int, int] = {}
         self._choose_lock = asyncio.Lock()
         self._prefetches = TaskRegistry("generation-prefetch")
+        # Told when a job finds no server (none running, or every one full): the pools'
+        # autoscaler counts it as demand (core.pools), so a pool at zero can start one.
+        self.on_unplaced: Callable[[], None] | None = None
+
+    def _unplaced(self) -> None:
+        if self.on_unplaced is not None:
+            self.on_unplaced()
 
     async def choose(
         self, req: GenerationRequest, *, exclude: set[int], model: str | None = None
@@ -91,6 +99,7 @@ class Placement:
             return await self._reserve([server], cap, explicit=True)
         candidates = [s for s in await self._registry.list() if s.is_ready and s.id not in exclude]
         if not candidates:
+            self._unplaced()
             raise ValidationFailed(
                 "No server is running. An admin can add one with /server add-direct, "
                 "/server add-ssh or /server create."
@@ -127,6 +136,7 @@ class Placement:
                         f"Server '{usable[0].name}' already has {cap} jobs queued; "
                         "try again shortly."
                     )
+                self._unplaced()
                 raise ResourceBusy("Every server is busy; try again in a moment.")
             chosen = min(free, key=lambda s: (load[s.id], s.id))
             self._reserved[chosen.id] = self._reserved.get(chosen.id, 0) + 1

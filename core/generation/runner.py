@@ -78,6 +78,13 @@ class JobRunner:
     async def close(self) -> None:
         await self._tasks.close(timeout=None)
 
+    async def detach(self, job_id: int) -> None:
+        """Stop following a job without ending it: it is about to move (rebalance)."""
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
     async def cancel(self, job: JobView, actor: Actor) -> None:
         """Cancel a job: dequeue it if waiting, interrupt exactly it if running."""
         if actor.user_id != job.user_id and not actor.is_admin:

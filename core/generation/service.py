@@ -25,6 +25,7 @@ from core.generation.follow import Follower, QueueSnapshots
 from core.generation.inputs import InputFiles
 from core.generation.live import LiveJobs, job_view
 from core.generation.placement import ModelCatalog, Placement
+from core.generation.rebalance import Rebalancer
 from core.generation.runner import JobRunner
 from core.generation.store import GenerationStore
 from core.generation.types import (
@@ -69,6 +70,8 @@ class GenerationService:
             self._store, self._live, self._placement, self._delivery, follower, queues,
             registry, pool, self._inputs,
         )
+        # Pools (core.pools): queued jobs share a server that just came up.
+        self.rebalancer = Rebalancer(self._store, self._runner, pool, self._placement)
 
     @property
     def observer(self) -> JobObserver:

@@ -76,6 +76,8 @@ class ServerService:
         self._tasks = ctx.tasks
         # Set by the wiring: the SSH key rotation's periodic check (core.servers.keys).
         self.key_check: Callable[[], Awaitable[None]] | None = None
+        # Set by the wiring: the pools' autoscaler (core.pools), after the autostop.
+        self.pool_check: Callable[[], Awaitable[object]] | None = None
 
     # The knobs tests and the wiring set on the service reach every part.
 
@@ -282,6 +284,8 @@ class ServerService:
                 await self.autostop_tick()
                 if self.key_check is not None:
                     await self.key_check()  # SSH key rotation, when ssh.rotate_days is due
+                if self.pool_check is not None:
+                    await self.pool_check()
             except Exception:
                 log.exception("server maintenance failed; retrying on the next tick")
             await asyncio.sleep(autostop_every)
