@@ -121,6 +121,7 @@ class World:
     failures: list[str] = field(default_factory=list)
     recorder: Recorder = field(default_factory=Recorder)
     forged_messages: set[int] = field(default_factory=set)
+    box_id: int = 0
 
 
 async def build_world(tmp_path: Path) -> World:
@@ -168,6 +169,7 @@ async def build_world(tmp_path: Path) -> World:
         reply = await fake.wait_for(lambda itx=itx: final_answer(itx), timeout=30)
         assert "Added server" in reply.content, reply.content
         world.servers.append(name)
+    world.box_id = (await env.services.servers.get("box")).id
     return world
 
 
@@ -512,7 +514,14 @@ async def send(world: World, action: Action) -> Interaction | None:
                 guild_id=fake.guild.id, timeout=15, **kw)
             assert isinstance(itx_choices, list)
             return None
-        return await fake.slash(leaf.name, action.options, user=user, guild_id=fake.guild.id,
+        options = action.options
+        if leaf.label == "setup run" and str(options.get("server", "")).strip().lower() in (
+                "box", f"#{world.box_id}"):
+            # The SSH "box" is this machine: a real setup run would apt-get, clone and pip
+            # install ComfyUI here. Its options (server, profile) are names, validated
+            # before anything runs; the run itself is tested in tests/test_setup_e2e.py.
+            options = {**options, "server": "gpu-1"}
+        return await fake.slash(leaf.name, options, user=user, guild_id=fake.guild.id,
                                 attachments=action.attachments or None,
                                 force=leaf.admin_only and action.user != "admin", **kw)
     if action.kind == "click":
@@ -649,8 +658,9 @@ async def check_world(world: World, actions: list[Action]) -> None:
 
 
 def canaries_anywhere(root: Path) -> list[Path]:
-    return [p for p in root.rglob(f"*{CANARY_NAME}*")
-            if "canary" not in p.parent.name or p.parent != root / "canary"]
+    """Any file named like the canary under the test's directory (data dir, database,
+    inputs, logs): a path value that escaped where the bot meant to write it."""
+    return list(root.rglob(f"*{CANARY_NAME}*"))
 
 
 # ----------------------------------------------------------------------------- the test
@@ -728,3 +738,41 @@ def fuzz_the_bot(tmp_path: Path, cases: int, *, together: bool) -> None:
         root_logger.setLevel(saved_level)
         for lg in product_loggers:
             lg.setLevel(logging.NOTSET)
+
+
+@pytest.mark.timeout(120)
+def test_the_fuzz_checks_catch_what_they_look_for(tmp_path: Path) -> None:
+    """Each check above can fail: a refused reply, an ERROR record, a secret in the log
+    and the canary file are each reported."""
+    loop = LoopThread()
+    recorder = Recorder()
+    logging.getLogger().addHandler(recorder)
+    world: World | None = None
+    try:
+        world = loop.run(build_world(tmp_path), timeout=120)
+        world.recorder = recorder
+        about = next(leaf for leaf in command_leaves(world.fake) if leaf.label == "about")
+
+        async def scenario(world: World) -> list[str]:
+            await check_world(world, [])
+            assert world.failures == [], world.failures
+            world.fake.fail_once("POST", "/callback", 400, 50035, "Invalid Form Body")
+            with contextlib.suppress(Exception):
+                await run_batch(world, [Action("slash", about)], together=False)
+            logging.getLogger("core.fuzzcheck").error("boom")
+            logging.getLogger("core.fuzzcheck").warning("key=%s", VAST_KEY)
+            (world.canary_dir / CANARY_NAME).touch()
+            await check_world(world, [])
+            return world.failures
+
+        failures = "\n".join(loop.run(scenario(world), timeout=60))
+        assert "Discord refused POST" in failures, failures
+        assert "logged core.fuzzcheck ERROR: boom" in failures, failures
+        assert "a secret in the log" in failures, failures
+        assert "the canary file appeared" in failures, failures
+    finally:
+        if world is not None:
+            with contextlib.suppress(Exception):
+                loop.run(close_world(world), timeout=60)
+        loop.close()
+        logging.getLogger().removeHandler(recorder)
