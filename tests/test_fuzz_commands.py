@@ -122,6 +122,7 @@ class World:
     recorder: Recorder = field(default_factory=Recorder)
     forged_messages: set[int] = field(default_factory=set)
     box_id: int = 0
+    commands_run: set[str] = field(default_factory=set)
 
 
 async def build_world(tmp_path: Path) -> World:
@@ -514,6 +515,7 @@ async def send(world: World, action: Action) -> Interaction | None:
                 guild_id=fake.guild.id, timeout=15, **kw)
             assert isinstance(itx_choices, list)
             return None
+        world.commands_run.add(leaf.label)
         options = action.options
         if leaf.label == "setup run" and str(options.get("server", "")).strip().lower() in (
                 "box", f"#{world.box_id}"):
@@ -728,6 +730,9 @@ def fuzz_the_bot(tmp_path: Path, cases: int, *, together: bool) -> None:
               f"(setup {fuzz_started - started:.1f} s); the fake refused "
               f"{world.refused_by_fake} out-of-constraint values")
         assert world.interactions >= cases
+        if cases >= 1000:  # every command was run (a new one is fuzzed without edits here)
+            missed = sorted({leaf.label for leaf in leaves} - world.commands_run)
+            assert not missed, missed
         assert world.refused_by_fake > 0
     finally:
         if world is not None:
