@@ -512,7 +512,10 @@ class FakeDiscord:
         except ApiError as err:
             resp = json_response(err.body, err.status, err.headers)
         rec.status = resp.status
-        if isinstance(resp, web.Response) and resp.content_type == "application/json":
+        # Only API answers are recorded as JSON: the CDN serves uploads with whatever
+        # content type the uploader gave (a "JSON" attachment may hold any bytes).
+        if (isinstance(resp, web.Response) and resp.content_type == "application/json"
+                and request.path.startswith(API_PREFIX)):
             rec.response = json.loads(resp.body)  # type: ignore[arg-type]
         return resp
 
@@ -1448,6 +1451,12 @@ class FakeDiscord:
             assert isinstance(value, tuple) and len(value) == 3, (
                 f"{where}: pass attachments={{name: (filename, bytes, content_type)}}")
             filename, blob, ctype = value
+            # Discord keeps an upload under a URL-safe base name (no directories, no
+            # control characters; its client turns spaces into underscores), so the CDN
+            # URL it hands out always resolves. Modelled as: the last path part, every
+            # character outside letters, digits, "._-" replaced by "_".
+            filename = re.sub(r"[^\w.-]", "_", filename.replace("\\", "/").rsplit("/", 1)[-1])
+            filename = filename.strip(".") or "unknown"
             att = self._new_attachment(filename, blob, channel_id, ephemeral=True)
             att.content_type = ctype
             resolved.setdefault("attachments", {})[str(att.id)] = att.payload()
