@@ -397,6 +397,7 @@ user_concurrent_jobs = {self.args.jobs + 10}
         req_mark = len(self.discord.requests)
         prompt_marks = [len(c.prompts) for c in self.comfys]
         known = set(self.discord.messages)
+        submit_profiler = await self.start_profiler(pid, self.args.profile_submit)
         cpu0, t0 = proc_cpu(pid), time.monotonic()
         gens = [("generate",
                  {"prompt": PROMPTS[n % len(PROMPTS)], "width": args.size, "height": args.size,
@@ -411,14 +412,13 @@ user_concurrent_jobs = {self.args.jobs + 10}
         marks = self.sent_marks()
         cpu1, t1 = proc_cpu(pid), time.monotonic()
         phase.cpu_submit = cpu1 - cpu0
+        await self.stop_profiler(submit_profiler)
         phase.notes.append(f"submitting took {t1 - t0:.1f} s wall")
-        profiler = await self.start_profiler(pid)
+        profiler = await self.start_profiler(pid, self.args.profile)
         self.resume()
         results = await self.wait_results(req_mark, jobs - len(refused), deadline)
         cpu2 = proc_cpu(pid)
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            await asyncio.wait_for(profiler.wait(), 30)
+        await self.stop_profiler(profiler)
         end = max(r.time for r in results) if results else time.monotonic()
         phase.run_wall = end - t1
         phase.cpu_run = cpu2 - cpu1
@@ -537,13 +537,20 @@ user_concurrent_jobs = {self.args.jobs + 10}
             last = max([last] + [comfy.success_at.get(p, started) for p in mine])
         phase.comfy_wall = last - started
 
-    async def start_profiler(self, pid: int) -> asyncio.subprocess.Process | None:
-        if not self.args.profile:
+    @staticmethod
+    async def stop_profiler(profiler: asyncio.subprocess.Process | None) -> None:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            await asyncio.wait_for(profiler.wait(), 30)
+
+    async def start_profiler(self, pid: int, output: str | None
+                             ) -> asyncio.subprocess.Process | None:
+        if not output:
             return None
         py_spy = os.environ.get("PY_SPY") or shutil.which("py-spy") or "py-spy"
         return await asyncio.create_subprocess_exec(
             py_spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
-            "--threads", "--output", self.args.profile, stdout=asyncio.subprocess.DEVNULL,
+            "--threads", "--output", output, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
 
@@ -784,6 +791,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sample the bot with py-spy while the jobs run (collapsed stacks "
                              "to PATH, each round overwriting the last; py-spy from $PY_SPY "
                              "or PATH); skews the CPU figures")
+    parser.add_argument("--profile-submit", metavar="PATH",
+                        help="the same, while the /generate commands are submitted")
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.servers, args.channels, args.users = 40, 4, 4, 8
