@@ -148,6 +148,10 @@ class MessageRelay:
             self._channels[slot.channel_id] = channel
         if slot.sending:
             return  # the worker queues it again after the send
+        if urgent and slot.final:
+            # Final states are sent in the order they were set: a message queued long ago
+            # (its progress starved by other finals) must not jump ahead of older finals.
+            channel.pending.pop(slot.message_id, None)
         if slot.message_id not in channel.pending:
             channel.pending[slot.message_id] = slot
             urgent = True
@@ -160,7 +164,7 @@ class MessageRelay:
 
     def _next(self, channel: _Channel) -> tuple[_Slot, float]:
         """The message to edit next and when its interval allows: a final state first (the
-        oldest), else the progress of the message edited least recently."""
+        one set first), else the progress of the message edited least recently."""
         best: _Slot | None = None
         for slot in channel.pending.values():
             if slot.final:
