@@ -1,11 +1,19 @@
-"""Coalesced message edits: at most one edit per message per interval, within a
-per-channel budget, and the final state always lands.
+"""Coalesced message edits: at most one progress edit per message per interval, within a
+per-channel budget shared fairly, and final states first.
 
 Progress arrives far faster than Discord lets a bot edit (ComfyUI sends a message per
-sampler step, several jobs share a channel). Each message keeps only its latest wanted
-state; one worker per message sends it when both the message's interval and the
-channel's token bucket allow. A newer state replaces an unsent older one, so nothing
-queues up, and a final state is awaited by its caller.
+sampler step, several jobs share a channel, and Discord allows 5 edits per 5 s per channel).
+Each message keeps only its latest wanted state; a newer state replaces an unsent older one,
+so nothing queues up. One worker per channel spends that channel's budget:
+
+- a final state (done, failed, cancelled) goes before any progress, without waiting for the
+  message's interval, and progress edits leave a token in reserve for it, so the final state
+  lands with the result instead of queueing behind other jobs' progress;
+- progress edits go to the message edited least recently (round robin), so when the budget
+  is short every job of the channel gets its share and none starves, and when it is not a
+  message is edited every ``interval``.
+
+A final state is awaited by its caller.
 """
 
 from __future__ import annotations
@@ -44,10 +52,10 @@ class TokenBucket:
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    def delay(self) -> float:
-        """Seconds until a token is available (0 when one is)."""
+    def delay(self, tokens: float = 1.0) -> float:
+        """Seconds until ``tokens`` are available (0 when they are)."""
         self._refill()
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+        return 0.0 if self._tokens >= tokens else (tokens - self._tokens) / self.rate
 
     def take(self) -> None:
         self._refill()
@@ -60,11 +68,20 @@ class _Slot:
     message_id: int
     builder: EditBuilder | None = None
     final: bool = False
-    last_edit: float = 0.0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Never edited: first in the round robin, and its interval has long passed.
+    last_edit: float = float("-inf")
+    sending: bool = False
     done: asyncio.Future[None] | None = None
-    worker: asyncio.Task[None] | None = None
     edits: int = 0
+
+
+@dataclass
+class _Channel:
+    bucket: TokenBucket
+    # Messages of this channel with an unsent state, in the order they first wanted one.
+    pending: dict[int, _Slot] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
 
 
 class MessageRelay:
@@ -75,21 +92,23 @@ class MessageRelay:
         interval: float = 1.0,
         channel_capacity: float = 5.0,
         channel_rate: float = 1.0,
+        final_reserve: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self.interval = interval
+        # Discord: 5 edits per 5 s per channel; a bucket of 5 refilled at 1 per second keeps
+        # to it on average, and discord.py waits out the headers if a burst runs ahead.
         self._capacity = channel_capacity
         self._rate = channel_rate
+        # Tokens progress edits leave unspent, so a final state never waits for the refill.
+        self._reserve = final_reserve
         self._clock = clock
         self._slots: dict[int, _Slot] = {}
-        self._buckets: dict[int, TokenBucket] = {}
+        self._channels: dict[int, _Channel] = {}
         # Messages whose final state was sent: later (stale) updates are ignored.
         self._finished: dict[int, None] = {}
-        # One worker task per message in flight. The registry's bookkeeping (a done callback)
-        # costs once per message, a few microseconds, and nothing per edit: an update only
-        # wakes the message's running worker. Unkeyed: _slots already holds at most one
-        # worker per message.
+        # One worker task per channel with edits to send; it ends when the channel has none.
         self._workers = TaskRegistry("relay")
 
     def update(self, channel_id: int, message_id: int, builder: EditBuilder) -> None:
@@ -100,7 +119,7 @@ class MessageRelay:
         if slot.final:
             return  # the end state is set; later progress is stale
         slot.builder = builder
-        slot.wake.set()
+        self._want(slot, urgent=False)
 
     async def finish(self, channel_id: int, message_id: int, builder: EditBuilder) -> None:
         """Set the final state and wait until it has been sent (never dropped)."""
@@ -109,7 +128,7 @@ class MessageRelay:
         slot.final = True
         if slot.done is None:
             slot.done = asyncio.get_running_loop().create_future()
-        slot.wake.set()
+        self._want(slot, urgent=True)
         await asyncio.shield(slot.done)
 
     def _slot(self, channel_id: int, message_id: int) -> _Slot:
@@ -117,54 +136,102 @@ class MessageRelay:
         if slot is None:
             slot = _Slot(channel_id, message_id)
             self._slots[message_id] = slot
-            slot.worker = self._workers.spawn(self._work(slot), name=f"relay-{message_id}")
         return slot
 
-    def _bucket(self, channel_id: int) -> TokenBucket:
-        bucket = self._buckets.get(channel_id)
-        if bucket is None:
-            bucket = TokenBucket(self._capacity, self._rate, self._clock)
-            self._buckets[channel_id] = bucket
-        return bucket
+    def _want(self, slot: _Slot, *, urgent: bool) -> None:
+        """``slot`` has a state to send: queue it in its channel and make sure a worker runs.
+        A progress state replacing one already queued changes nothing for the worker, so
+        it is not woken (that happens per progress event)."""
+        channel = self._channels.get(slot.channel_id)
+        if channel is None:
+            channel = _Channel(TokenBucket(self._capacity, self._rate, self._clock))
+            self._channels[slot.channel_id] = channel
+        if slot.sending:
+            return  # the worker queues it again after the send
+        if urgent and slot.final:
+            # Final states are sent in the order they were set: a message queued long ago
+            # (its progress starved by other finals) must not jump ahead of older finals.
+            channel.pending.pop(slot.message_id, None)
+        if slot.message_id not in channel.pending:
+            channel.pending[slot.message_id] = slot
+            urgent = True
+        if channel.worker is None:
+            channel.worker = self._workers.spawn(
+                self._work(slot.channel_id, channel), name=f"relay-{slot.channel_id}"
+            )
+        elif urgent:
+            channel.wake.set()
 
-    async def _work(self, slot: _Slot) -> None:
-        bucket = self._bucket(slot.channel_id)
+    def _next(self, channel: _Channel) -> tuple[_Slot, float]:
+        """The message to edit next and when its interval allows: a final state first (the
+        one set first), else the progress of the message edited least recently."""
+        best: _Slot | None = None
+        for slot in channel.pending.values():
+            if slot.final:
+                return slot, 0.0
+            if best is None or slot.last_edit < best.last_edit:
+                best = slot
+        assert best is not None
+        return best, best.last_edit + self.interval
+
+    async def _work(self, channel_id: int, channel: _Channel) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                await slot.wake.wait()
-                # Wait out this message's interval and the channel's budget, then send the
-                # newest state (it may have been replaced while we slept).
-                while True:
-                    wait = max(slot.last_edit + self.interval - self._clock(), bucket.delay())
-                    if wait <= 0:
-                        break
-                    await asyncio.sleep(wait)
-                slot.wake.clear()
+            while channel.pending:
+                slot, ready_at = self._next(channel)
+                wait = max(
+                    ready_at - self._clock(),
+                    channel.bucket.delay(1.0 if slot.final else 1.0 + self._reserve),
+                )
+                if wait > 0:
+                    # Sleep until then, or until a final state or a new message wants an edit.
+                    channel.wake.clear()
+                    timer = loop.call_later(wait, channel.wake.set)
+                    try:
+                        await channel.wake.wait()
+                    finally:
+                        timer.cancel()
+                    continue
+                del channel.pending[slot.message_id]
                 builder, final = slot.builder, slot.final
+                slot.builder = None
                 if builder is None:
                     continue
-                slot.builder = None
-                bucket.take()
-                await self._send(slot, builder, final)
+                channel.bucket.take()
+                slot.sending = True
+                try:
+                    gone = not await self._send(slot, builder, final)
+                finally:
+                    slot.sending = False
                 # Measured from the end of the edit: building and sending can take a
                 # while under load, and the next edit must still wait a full interval.
                 slot.last_edit = self._clock()
-                if final and slot.builder is None:
-                    self._finished[slot.message_id] = None
-                    if len(self._finished) > 10_000:
-                        del self._finished[next(iter(self._finished))]
-                    if slot.done is not None and not slot.done.done():
-                        slot.done.set_result(None)
-                    return
+                if gone or (final and slot.builder is None):
+                    channel.pending.pop(slot.message_id, None)
+                    self._settle(slot)
+                elif slot.builder is not None:
+                    channel.pending[slot.message_id] = slot  # changed while it was sent
         except asyncio.CancelledError:
-            if slot.done is not None and not slot.done.done():
-                slot.done.cancel()
+            for slot in self._slots.values():
+                if slot.channel_id == channel_id and slot.done is not None and not slot.done.done():
+                    slot.done.cancel()
             raise
         finally:
-            if self._slots.get(slot.message_id) is slot:
-                del self._slots[slot.message_id]
+            # The channel (and its bucket's state) stays: a new worker spends the same budget.
+            channel.worker = None
 
-    async def _send(self, slot: _Slot, builder: EditBuilder, final: bool) -> None:
+    def _settle(self, slot: _Slot) -> None:
+        """The final state was sent: forget the message, wake its caller."""
+        self._finished[slot.message_id] = None
+        if len(self._finished) > 10_000:
+            del self._finished[next(iter(self._finished))]
+        if self._slots.get(slot.message_id) is slot:
+            del self._slots[slot.message_id]
+        if slot.done is not None and not slot.done.done():
+            slot.done.set_result(None)
+
+    async def _send(self, slot: _Slot, builder: EditBuilder, final: bool) -> bool:
+        """Send one state; False when the message is gone (no more edits are worth it)."""
         channel = self._client.get_partial_messageable(slot.channel_id)
         message = channel.get_partial_message(slot.message_id)
         attempts = 3 if final else 1
@@ -175,10 +242,10 @@ class MessageRelay:
                 kwargs = fit_message(await builder())
                 await message.edit(**kwargs)
                 slot.edits += 1
-                return
+                return True
             except discord.NotFound:
                 log.info("status message %s is gone; no more edits", slot.message_id)
-                return
+                return False
             except (discord.HTTPException, OSError) as exc:
                 # discord.py already retried 429s; a final state gets a few more tries.
                 log.warning("edit of message %s failed (%s)", slot.message_id, exc)
@@ -186,7 +253,8 @@ class MessageRelay:
                     await asyncio.sleep(1.0 * (attempt + 1))
             except Exception:
                 log.exception("building the state of message %s failed", slot.message_id)
-                return
+                return True
+        return True
 
     async def close(self) -> None:
         # Cancel every worker and wait (no time limit, as before) until each has ended.

@@ -166,19 +166,13 @@ class GenerationStore:
 
     async def counts(self, user_id: int | None, since: dt.datetime) -> tuple[int, int]:
         """(jobs started since ``since``, jobs in progress) of one member."""
+        # One statement for both counts: submission runs it once per /generate.
+        stmt = select(
+            func.count().filter(ComfyGeneration.created_at >= since),
+            func.count().filter(ComfyGeneration.status.in_(ACTIVE)),
+        ).where(ComfyGeneration.user_id == user_id)
         async with self._sessions() as session:
-            recent = await session.scalar(
-                select(func.count())
-                .select_from(ComfyGeneration)
-                .where(ComfyGeneration.user_id == user_id)
-                .where(ComfyGeneration.created_at >= since)
-            )
-            active = await session.scalar(
-                select(func.count())
-                .select_from(ComfyGeneration)
-                .where(ComfyGeneration.user_id == user_id)
-                .where(ComfyGeneration.status.in_(ACTIVE))
-            )
+            recent, active = (await session.execute(stmt)).one()
         return recent or 0, active or 0
 
     async def workflow_named(self, name: str) -> ComfyWorkflow | None:

@@ -57,6 +57,8 @@ class SentMessage:
     sid: str | None
     type: str
     data: Any
+    # time.monotonic() when it was sent: benchmarks measure how stale a status became.
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
