@@ -37,6 +37,13 @@ _TOKEN_PREFIXES = re.compile(
 )
 # A URL inside free text: a scheme, then anything up to whitespace or a quote/bracket.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"'`]+")
+# A credential-named ``name=value`` pair anywhere in a text: catches query strings that
+# the URL pattern above does not take whole (a URL cut at a quote or backtick, a query
+# pasted without its URL).
+_SECRET_PAIR = re.compile(
+    r"([\w.-]*(?:token|key|sig|auth|pass|secret|credential)[\w.-]*=)[^&\s#\"'<>`]+",
+    re.IGNORECASE,
+)
 # Records deeper than this are cut (audit details are a few levels at most).
 _MAX_DEPTH = 8
 
@@ -68,6 +75,7 @@ def redact_url(url: str) -> str:
 def redact_text(text: str) -> str:
     """``text`` with every URL in it redacted and every prefixed token replaced."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    text = _SECRET_PAIR.sub(lambda m: m.group(1) + REDACTED, text)
     return _TOKEN_PREFIXES.sub(REDACTED, text)
 
 

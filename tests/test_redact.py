@@ -54,3 +54,12 @@ def test_the_log_filter_also_redacts_secrets_it_was_not_told() -> None:
     text = record.getMessage()
     assert "m3mb3r" not in text and "config-secret-1" not in text
     assert "token=REDACTED" in text
+
+
+def test_a_secret_pair_after_a_backtick_is_still_replaced() -> None:
+    # Found by the fuzzer: the URL pattern stops at the backtick, leaving the query's
+    # tail outside any URL; the token has no recognisable prefix.
+    url = "https://127.0.0.1:9/a;touch%20X?x=`id`&token=plainSecret42&y=1"
+    out = redact_text(url)
+    assert "plainSecret42" not in out and "token=REDACTED&y=1" in out
+    assert redact_text("pasted ?api_key=zzz9 alone") == "pasted ?api_key=REDACTED alone"

@@ -24,7 +24,8 @@ from core.servers.billing import interval_cost, month_start
 WORKING_STATES = frozenset({"loading", "running"})
 
 # Which pool each server belongs to (server id -> pool name). The pools package supplies
-# it once pools exist (set StatsService.pool_of); without it /budget shows no pool section.
+# it once pools exist (set StatsService.pool_of); without it, or while no server is in a
+# pool, /budget shows no pool section.
 PoolLookup = Callable[[], Awaitable[Mapping[int, str]]]
 
 
@@ -222,7 +223,7 @@ def budget_report(
     now_rate = sum(rate.values())
     hours_left = max((month_end(now) - now).total_seconds(), 0.0) / 3600
     by_pool: list[tuple[str, float, float]] | None = None
-    if pools is not None:
+    if pools:  # no section while no server is in a pool
         grouped: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for s in servers:
             entry = grouped[pools.get(s.server_id, "(no pool)")]
