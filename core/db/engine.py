@@ -50,17 +50,6 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
-            # The driver's own deferred BEGIN is replaced by the one below.
-            dbapi_conn.isolation_level = None
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            # A deferred transaction that reads and then writes fails at once with
-            # "database is locked" when another connection wrote in between (WAL's
-            # SQLITE_BUSY_SNAPSHOT: busy_timeout does not apply); the fuzz test hit it on
-            # a job's cancel. Taking the write lock at BEGIN makes writers queue on
-            # busy_timeout instead (SQLAlchemy's recipe for pysqlite/aiosqlite).
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
