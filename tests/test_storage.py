@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import event, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.audit import OUTCOME_OK, OUTCOME_REFUSED, Actor, AuditService
@@ -210,3 +213,41 @@ async def test_overview_counts_servers_and_jobs(sessions: SessionFactory) -> Non
     stats = await overview(sessions)
     assert (stats.servers_total, stats.servers_running) == (2, 1)
     assert (stats.jobs_waiting, stats.jobs_running, stats.queue_length) == (2, 1, 3)
+
+
+async def test_a_writer_cancelled_mid_statement_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """Found by the fuzz test (a job's Cancel button cancels its runner mid-UPDATE): the
+    cancelled connection is invalidated and closed, and SQLite's close left it a zombie
+    holding the write lock, so the next writer failed with "database is locked". Each
+    round cancels writers at a random point; a write must then get through."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/cancel.db", busy_timeout=2.0)
+    invalidated: list[object] = []
+    event.listen(engine.sync_engine.pool, "invalidate", lambda *_a: invalidated.append(1))
+    sessions = create_session_factory(engine)
+    rng = random.Random(7)
+    try:
+        await migrate(engine)
+        async with sessions.begin() as s:
+            s.add_all(ComfyGeneration(user_id=i, prompt="p", status="pending") for i in range(5))
+
+        async def write_forever(user_id: int) -> None:
+            while True:
+                async with sessions.begin() as s:
+                    await s.execute(
+                        update(ComfyGeneration).where(ComfyGeneration.user_id == user_id)
+                        .values(progress=ComfyGeneration.progress + 0.01)
+                        .returning(ComfyGeneration.id)
+                    )
+
+        for _ in range(25):
+            writers = [asyncio.create_task(write_forever(i)) for i in range(5)]
+            await asyncio.sleep(rng.uniform(0.001, 0.02))
+            for task in writers:
+                task.cancel()
+            await asyncio.wait(writers)
+            async with sessions.begin() as s:  # "database is locked" after 2 s without the fix
+                await s.execute(update(ComfyGeneration).values(error_message="ok"))
+        # The rounds did cancel writers in the middle of a statement.
+        assert invalidated
+    finally:
+        await engine.dispose()

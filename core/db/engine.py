@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 from alembic import command
@@ -23,14 +24,42 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SessionFactory = async_sessionmaker[AsyncSession]
 
 
-def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
+#: How long a SQLite writer waits for another connection's write lock, in seconds.
+SQLITE_BUSY_TIMEOUT = 30.0
+
+
+class RollbackOnClose(sqlite3.Connection):
+    """A SQLite connection that rolls back its open transaction when it is closed.
+
+    A task cancelled in the middle of a statement (a job's Cancel button cancels its
+    runner; ``wait_for`` timeouts; shutdown) makes SQLAlchemy invalidate and close the
+    connection. ``sqlite3.Connection.close`` uses ``sqlite3_close_v2``, which leaves a
+    "zombie" while the cancelled cursor's statement is not finalized, and a zombie keeps
+    its transaction and so the database's write lock: every other writer then waited out
+    the busy timeout and failed with "database is locked" until garbage collection. A
+    ROLLBACK first ends the transaction whatever statements are pending (SQLite aborts
+    them since 3.7.11).
+    """
+
+    def close(self) -> None:
+        try:
+            if self.in_transaction:
+                self.rollback()
+        except sqlite3.Error as exc:  # already broken: closing is all that is left
+            log.debug("rollback before close failed: %s", exc)
+        super().close()
+
+
+def create_engine(
+    url: str, *, echo: bool = False, busy_timeout: float = SQLITE_BUSY_TIMEOUT
+) -> AsyncEngine:
     """Create the engine; for SQLite, create the file's directory and enable foreign keys."""
     parsed = make_url(url)
     kwargs: dict[str, object] = {"echo": echo}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"timeout": 30}
+        kwargs["connect_args"] = {"timeout": busy_timeout, "factory": RollbackOnClose}
         if parsed.database and parsed.database != ":memory:":
             # Each aiosqlite connection is a thread plus PRAGMAs to open; the default pool
             # (5 + 10 overflow, the overflow closed after each use) reopens them all the
@@ -48,7 +77,7 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cur.close()
 
     return engine
