@@ -14,7 +14,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from core.comfy.events import ComfyEvent, Disconnected, Listener, PromptDone, Reconnected
+from core.comfy.events import (
+    ComfyEvent,
+    Disconnected,
+    Listener,
+    NodeProgress,
+    PreviewEvent,
+    Progress,
+    ProgressState,
+    PromptDone,
+    Reconnected,
+    TextEvent,
+    UnknownMessage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +35,17 @@ CLOSED = object()
 
 # Events that concern the connection, handed to every subscription.
 _CONNECTION_EVENTS = (Disconnected, Reconnected)
+
+#: Events a subscription may hold before it sheds stale ones. A real ComfyUI sends a few
+#: per sampler step and the reader keeps up; a hostile server can send previews (each up
+#: to the frame cap) far faster than a reader that waits on Discord, so the queue is
+#: bounded instead of growing with whatever the server sends.
+MAX_PENDING = 256
+
+# Only the newest of each of these matters to a reader: older ones are shed first.
+_STALE_KINDS = (Progress, ProgressState, NodeProgress, PreviewEvent, TextEvent, UnknownMessage)
+# Never shed: the end of the prompt, the connection's state, the end of the subscription.
+_KEEP = (PromptDone, *_CONNECTION_EVENTS)
 
 
 class EventSubscription:
@@ -40,10 +63,46 @@ class EventSubscription:
         self.prompt_id = prompt_id
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._ended = False
+        self.shed = 0  # events dropped because the reader fell MAX_PENDING behind
 
     def put(self, event: Any) -> None:
         """Called by the stream only."""
+        if self._queue.qsize() >= MAX_PENDING and event is not CLOSED:
+            self._shed_stale()
+            if self._queue.qsize() >= MAX_PENDING and not isinstance(event, _KEEP):
+                self._note_shed(1)
+                return
         self._queue.put_nowait(event)
+
+    def _shed_stale(self) -> None:
+        """Keep, in order, every event that is not stale plus the newest of each stale
+        kind (the latest progress and preview are what a reader shows)."""
+        items: list[Any] = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        newest: dict[type, int] = {}
+        for index, item in enumerate(items):
+            if isinstance(item, _STALE_KINDS):
+                newest[type(item)] = index
+        kept = [item for index, item in enumerate(items)
+                if not isinstance(item, _STALE_KINDS) or newest[type(item)] == index]
+        for item in kept:
+            self._queue.put_nowait(item)
+        self._note_shed(len(items) - len(kept))
+
+    def _note_shed(self, count: int) -> None:
+        if count and not self.shed:
+            log.warning("prompt %s: the reader fell %d events behind; stale progress and "
+                        "previews are dropped", self.prompt_id, MAX_PENDING)
+        self.shed += count
+
+    @property
+    def pending(self) -> int:
+        """Events waiting to be read."""
+        return self._queue.qsize()
 
     async def get(self, timeout: float | None = None) -> ComfyEvent:
         """The next event; raises StopAsyncIteration once the subscription ended."""

@@ -23,9 +23,10 @@ from core.comfy.errors import (
     ComfyRedirectRefused,
     ComfyResponseTooLarge,
 )
-from core.comfy.events import Disconnected, PromptDone
+from core.comfy.events import Disconnected, Progress, PromptDone
 from core.comfy.limits import DEFAULT_LIMITS, MiB, ResponseLimits
 from core.comfy.stream import ComfyEventStream
+from core.comfy.subscriptions import MAX_PENDING
 from core.comfy.workflows import (
     GenerationParams,
     build_workflow,
@@ -35,6 +36,7 @@ from core.comfy.workflows import (
 from core.errors import ValidationFailed
 from tests.fakecomfy import FakeComfy
 from tests.fakecomfy.hostile import JUNK_TEXT_FRAMES, HitRecorder
+from tests.fakecomfy.images import latent_preview_jpeg
 
 MODEL = "tiny-random-sd15.safetensors"
 
@@ -107,6 +109,32 @@ async def test_a_frame_over_the_cap_reconnects_and_jobs_still_deliver(
         await stream.wait_connected(20)
         done = await healthy_job(stream, client, "p-after-big-frame")
         assert done.ok and done.outputs
+
+
+async def test_a_flood_of_progress_and_previews_waits_in_a_bounded_queue(
+    stream: ComfyEventStream, client: ComfyClient, fake: FakeComfy
+) -> None:
+    """A server sending progress and previews faster than the reader takes them: the
+    subscription keeps at most MAX_PENDING events (it used to keep every one, each preview
+    up to the frame cap), the newest progress and the end of the prompt are not lost."""
+    flood = 3 * MAX_PENDING
+    seen: list[Progress] = []
+    stream.add_listener(
+        lambda e: seen.append(e) if isinstance(e, Progress) and e.prompt_id == "p-flood" else None
+    )
+    fake.pause_sampling()
+    sub = stream.subscribe("p-flood")
+    await client.queue_prompt(txt2img(), prompt_id="p-flood")
+    await fake.flood_progress("p-flood", flood, latent_preview_jpeg(8, 8))
+    await until(lambda: any(e.value == flood for e in seen))  # the stream read them all
+    assert sub.pending <= MAX_PENDING and sub.shed >= flood
+    fake.resume_sampling()
+    events = []
+    async for event in sub:  # the reader catches up
+        events.append(event)
+    flooded = [e for e in events if isinstance(e, Progress) and e.max == flood]
+    assert flooded and flooded[-1].value == flood  # the newest progress was kept
+    assert isinstance(events[-1], PromptDone) and events[-1].ok and events[-1].outputs
 
 
 async def test_junk_queue_rows_do_not_stop_the_poll_loop(

@@ -153,6 +153,22 @@ async def send_junk(sockets: list[web.WebSocketResponse]) -> None:
             await ws.send_bytes(frame)
 
 
+async def flood_progress(sockets: list[web.WebSocketResponse], prompt_id: str, count: int,
+                         preview: bytes) -> None:
+    """``count`` rounds of a ``progress`` message and a type-4 preview frame for one
+    prompt, as fast as the sockets take them: a server outrunning a reader that waits on
+    Discord (a real ComfyUI sends one of each per sampler step; comfyui.md, trace 3)."""
+    meta = json.dumps({"node_id": "3", "prompt_id": prompt_id, "display_node_id": "3",
+                       "parent_node_id": None, "real_node_id": "3",
+                       "image_type": "image/jpeg"}).encode("utf-8")
+    frame = _meta(meta) + preview
+    for ws in sockets:
+        for step in range(count):
+            await ws.send_str(json.dumps({"type": "progress", "data": {
+                "value": step + 1, "max": count, "prompt_id": prompt_id, "node": "3"}}))
+            await ws.send_bytes(frame)
+
+
 @dataclass
 class HitRecorder:
     """A loopback server standing for an internal service: it records every request, so

@@ -34,7 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from tests.fakecomfy import facts, images
 from tests.fakecomfy.engine import ExecutionList, Prompt, Validator, is_link, signatures
-from tests.fakecomfy.hostile import HostileModes, send_junk
+from tests.fakecomfy.hostile import HostileModes, flood_progress, send_junk
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,10 @@ class FakeComfy:
     async def send_junk(self) -> None:
         """Every junk WebSocket frame of tests/fakecomfy/hostile to every open socket."""
         await send_junk(list(self._all_ws))
+
+    async def flood_progress(self, prompt_id: str, count: int, preview: bytes) -> None:
+        """``count`` progress messages and previews for one prompt to every open socket."""
+        await flood_progress(list(self._all_ws), prompt_id, count, preview)
 
     def fail_node(self, node: str, message: str = "CUDA out of memory",
                   exception_type: str = "torch.OutOfMemoryError") -> None:
