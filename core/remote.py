@@ -16,6 +16,7 @@ from core.config import Settings
 from core.db.engine import SessionFactory
 from core.db.models import Server
 from core.errors import ValidationFailed
+from core.netguard import guarded_connector
 from core.providers import provider_for
 from core.retry import Backoff
 from core.servers import ServerView
@@ -128,7 +129,7 @@ class Remote:
                 # The tunnel's endpoint is a private Unix socket (core.ssh.tunnels).
                 unix = unix_session(url, look)
                 http, base = unix if unix is not None else (
-                    aiohttp.ClientSession(timeout=look), url)
+                    aiohttp.ClientSession(timeout=look, connector=guarded_connector()), url)
                 async with http, http.get(f"{base}/system_stats",
                                           allow_redirects=False) as resp:
                     await resp.content.read(64 * 1024)

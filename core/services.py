@@ -16,6 +16,7 @@ from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
 from core.model_files import DEFAULT_INSTALL_DIR, ModelService
+from core.netguard import guarded_connector
 from core.pools import Autoscaler, PoolService
 from core.pools.ready import prepare_member
 from core.remote import Remote
@@ -75,7 +76,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     if run_migrations:
         await migrate(engine)
     sessions = create_session_factory(engine)
-    http = aiohttp.ClientSession(timeout=http_timeout(settings))
+    http = aiohttp.ClientSession(timeout=http_timeout(settings), connector=guarded_connector())
     audit = AuditService(sessions)
     servers = ServerRegistry(sessions, audit)
     remote = Remote(settings, sessions)

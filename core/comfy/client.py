@@ -20,6 +20,7 @@ The ``aiohttp.ClientSession`` is injected and shared; this class never closes it
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
@@ -142,7 +143,11 @@ class ComfyClient:
                         body = await read_prefix(resp, self.limits.error_body)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-                if attempt + 1 < attempts and not isinstance(exc, TimeoutError):
+                refused = (isinstance(exc, aiohttp.ClientConnectorError)
+                           and exc.os_error.errno == errno.EACCES)
+                if refused:  # core.netguard: the name resolves only to refused addresses
+                    reason = str(exc.os_error.strerror)
+                if attempt + 1 < attempts and not (refused or isinstance(exc, TimeoutError)):
                     log.debug("GET %s failed (%s), retrying", path, reason)
                     # Not a core.retry.Backoff: one quick re-send of a GET whose pooled
                     # connection was dropped, after a short fixed pause in [0.1, 0.3] s

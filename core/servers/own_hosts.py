@@ -19,11 +19,11 @@ from core.audit import Actor
 from core.comfy.client import ComfyClient, SystemStats
 from core.comfy.errors import ComfyError
 from core.errors import ValidationFailed
+from core.netguard import refused_address
 from core.remote import Remote
 from core.servers.registry import ServerRegistry, ServerView
 from core.servers.validation import (
     REFUSED_ADDRESS,
-    refused_address,
     validate_comfy_url,
     validate_name,
     validate_ssh_target,
@@ -75,9 +75,9 @@ RESOLVE_TIMEOUT = 15.0
 async def check_addresses(url: str) -> None:
     """Refuse ``url`` when its host resolves to any link-local or metadata address.
 
-    Every address counts, not just the first: the connection may use any of them. This
-    is checked when the server is added; a name that is later made to resolve elsewhere
-    (DNS rebinding) is not caught, so admins should register addresses they control.
+    Every address counts, not just the first: the connection may use any of them. A name
+    that is later made to resolve elsewhere (DNS rebinding) is caught on each connection
+    by :class:`core.netguard.GuardedResolver`.
     """
     parts = urlsplit(url)
     host = parts.hostname or ""

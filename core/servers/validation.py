@@ -93,33 +93,10 @@ METADATA_HOSTS = frozenset({
     "metadata", "metadata.google.internal", "metadata.goog", "instance-data",
     "instance-data.ec2.internal", "metadata.azure.internal",
 })
-# Metadata services at addresses that are not link-local: AWS's IPv6 one, Alibaba's.
-METADATA_ADDRESSES = frozenset({
-    ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200"),
-})
 REFUSED_ADDRESS = (
     "That address is link-local, unspecified or a cloud metadata service; the bot does not "
     "connect there."
 )
-
-
-def refused_address(address: str) -> bool:
-    """Is ``address`` (an IP literal, maybe with a %scope) one the bot never connects to?
-
-    Link-local (169.254.0.0/16 with the metadata service 169.254.169.254, fe80::/10),
-    metadata, unspecified and multicast addresses, also inside IPv4-mapped IPv6. Loopback
-    and private ranges stay allowed: a ComfyUI on the bot's own machine or LAN is the
-    usual direct server, and the tests' fakes listen on 127.0.0.1.
-    """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip in METADATA_ADDRESSES
-    )
 
 
 def validate_host(host: str) -> str:
