@@ -432,3 +432,28 @@ async def test_a_refused_job_starts_a_pool_at_zero(fake_discord: Any, tmp_path: 
         await eventually(lambda: running(env, "cold"), timeout=20)
     finally:
         await env.stop()
+
+
+async def test_a_job_sent_again_counts_once(fake_discord: Any, tmp_path: Path,
+                                            vast: FakeVast) -> None:
+    """A member who sends a refused job again is one job of demand, not one per try."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 3})
+        for name in ("cold", "colder"):
+            await rent_running(env, "RTX 4090", name)
+            await admin(env, "add-server", {"name": "gpu", "server": name})
+            await env.slash("server", {"server": name}, user=env.fake.admin,
+                            subcommand="stop")
+            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        for _ in range(3):  # refused each time: nothing runs
+            interaction = await env.slash("generate", {"prompt": "a cat"})
+            reply = await env.fake.wait_for(lambda i=interaction: _answered(i))
+            assert "No server is running" in (reply.content or "")
+        # One job at the default 60 s against a 60 s target: one server, not three.
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold")]
+        assert made[0].reason.startswith("1 job would wait")
+        await eventually(lambda: running(env, "cold"), timeout=20)
+    finally:
+        await env.stop()

@@ -20,7 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REFUSED, SYSTEM, AuditService
@@ -82,13 +82,14 @@ class Autoscaler:
         # One tick at a time: the maintenance loop and a command may both ask.
         self._lock = asyncio.Lock()
         # When jobs found no server with room (placement refused them): demand that no
-        # member's queue shows, counted for each pool within its target wait.
-        self._unplaced: list[dt.datetime] = []
+        # member's queue shows, counted for each pool within its target wait. Keyed by the
+        # job: a member who sends a refused job again (every 30 s, say) is still one job.
+        self._unplaced: dict[Hashable, dt.datetime] = {}
 
-    def note_unplaced(self) -> None:
+    def note_unplaced(self, job: Hashable | None = None) -> None:
         now = self._ops.clock()
-        self._unplaced = [t for t in self._unplaced if now - t < UNPLACED_MEMORY]
-        self._unplaced.append(now)
+        self._unplaced = {k: t for k, t in self._unplaced.items() if now - t < UNPLACED_MEMORY}
+        self._unplaced[object() if job is None else job] = now
 
     # ------------------------------------------------------------------ measuring
 
@@ -108,7 +109,7 @@ class Autoscaler:
         now = self._ops.clock()
         job_seconds = await self._store.job_seconds([s.id for s in members], now)
         recent = dt.timedelta(seconds=pool.target_wait)
-        refused = sum(1 for t in self._unplaced if now - t < recent)
+        refused = sum(1 for t in self._unplaced.values() if now - t < recent)
         return Load(
             ready=sum(1 for s in members if s.is_ready), coming=coming,
             queued=sum(busy.get(s.id, 0) for s in members) + refused,
