@@ -89,6 +89,7 @@ class Config:
     verbose: bool = False
     first_hour: int = 0  # --from-hour/--hours: a window of the day (for trying settings)
     hours: int = 24
+    port_base: int = 21000
 
 
 # --------------------------------------------------------------------------- demand
@@ -247,12 +248,12 @@ class ComfyHosts:
             await self._halt(instance_id)
 
 
-def offers(policy_index: int) -> list[dict[str, Any]]:
+def offers(policy_index: int, port_base: int = 21000) -> list[dict[str, Any]]:
     from tests.fakevast.server import make_offer
 
     # Loopback only; each policy's fake hands out its own range of host ports (below the
     # kernel's ephemeral range) so the three runs' ComfyUIs never collide.
-    base = 21000 + 1000 * policy_index
+    base = port_base + 1000 * policy_index
     prices = [("RTX 4090", 0.38), ("RTX 4090", 0.40), ("RTX 4090", 0.42), ("RTX 4090", 0.45),
               ("RTX 4090", 0.50), ("RTX 4090", 0.55), ("RTX 3090", 0.22)]
     return [
@@ -279,6 +280,7 @@ class Result:
     failed: int = 0
     refusals: int = 0
     waits: list[float] = field(default_factory=list)
+    refused_waits: list[float] = field(default_factory=list)  # jobs refused at first
     gpu_seconds: float = 0.0
     nominal_seconds: float = 0.0
     bot_job_seconds: float = 0.0
@@ -335,7 +337,7 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
     window = cfg.first_hour * 3600.0
     span = cfg.hours * 3600.0
     clock = SimClock(cfg.scale, midnight + dt.timedelta(seconds=window - SETUP))
-    vast = FakeVast(offers=offers(index), clock=clock.epoch, credit=1000.0,
+    vast = FakeVast(offers=offers(index, cfg.port_base), clock=clock.epoch, credit=1000.0,
                     provision_seconds=10.0, boot_seconds=cfg.boot_seconds,
                     restart_seconds=cfg.restart_seconds, timeout_hang=5.0)
     await vast.start()
@@ -346,7 +348,9 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
         data_dir=workdir / "data",
         database={"url": f"sqlite+aiosqlite:///{workdir}/sim.db"},
         vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 10},
-        comfy={"expose_port": True},
+        # The waits the bot times itself, on the simulated clock too.
+        comfy={"expose_port": True, "failover_after": clock.real(20.0),
+               "job_timeout": clock.real(1800.0)},
         costs={"idle_timeout": idle, "idle_warning": 0},
         # Per-member limits throttle members, not servers; off so waits are the servers'.
         limits={"user_jobs_per_minute": 1000, "user_concurrent_jobs": 1000},
@@ -393,6 +397,8 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
         jobs = [j for j in demand(cfg) if window <= j.at < window + span]
         result.jobs = len(jobs)
         tried: dict[int, float] = {}  # job id -> first try (simulated s since midnight)
+        keys: dict[int, tuple[int, int]] = {}
+        refused: set[tuple[int, int]] = set()  # jobs refused at least once
 
         async def member(job: Job) -> None:
             await clock.until(SETUP + job.at - window)
@@ -404,11 +410,13 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
                     view = await svc.generation.submit(req)
                 except ComfyVastError as exc:
                     result.refusals += 1
+                    refused.add((job.session, job.n))
                     if admin is not None and "No server is running" in str(exc):
                         admin.refused()
                     await clock.sleep(cfg.retry)
                     continue
                 tried[view.id] = job.at
+                keys[view.id] = (job.session, job.n)
                 svc.generation.start(view.id)
                 return
 
@@ -478,6 +486,8 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
             result.done += 1
             start = clock.from_wall(wall) + window - SETUP  # simulated s after midnight
             result.waits.append(start - tried[row.id])
+            if keys[row.id] in refused:
+                result.refused_waits.append(start - tried[row.id])
             inst = every.get(int(server.provider_id or 0))
             gpu = inst.offer["gpu_name"] if inst is not None else "RTX 4090"
             result.nominal_seconds += IMAGE_SECONDS_4090 / GPU_SPEED[gpu]
@@ -533,6 +543,8 @@ def table(results: list[Result], cfg: Config) -> str:
         row("cost against the ideal", lambda r: f"{r.spend / r.ideal:.2f}×" if r.ideal else "–"),
         row("jobs done / failed (of submitted)",
             lambda r: f"{r.done} / {r.failed} (of {r.jobs})"),
+        row("jobs refused at first try / their wait p50",
+            lambda r: f"{len(r.refused_waits)} / {pct(r.refused_waits, .5):.0f} s"),
         row("refused tries (member sent it again)", lambda r: str(r.refusals)),
         row("servers used / starts at Vast", lambda r: f"{r.servers_used} / {r.starts}"),
         row("/budget over the day (product's intervals)", lambda r: f"${r.budget_view:.2f}"),
@@ -576,12 +588,15 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--from-hour", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--hours", type=int, default=24, help=argparse.SUPPRESS)
+    ap.add_argument("--port-base", type=int, default=21000,
+                    help="host ports for the fake ComfyUIs: 3000 from here")
     ap.add_argument("--verbose", action="store_true", help="one line per simulated hour")
     ap.add_argument("--policy", choices=POLICIES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = Config(seed=args.seed, pool_idle=args.pool_idle, target_wait=args.target_wait,
                  cooldown=args.cooldown, pool_max=args.pool_max, admin_delay=args.admin_delay,
-                 verbose=args.verbose, first_hour=args.from_hour, hours=args.hours)
+                 verbose=args.verbose, first_hour=args.from_hour, hours=args.hours,
+                 port_base=args.port_base)
     cfg.scale = args.scale or (720.0 if args.quick else 180.0)
     if args.quick:
         cfg.day_fraction = 0.5
@@ -605,8 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         procs = []
         for policy in POLICIES:
             out = Path(tmp) / f"{policy}.json"
-            cmd = [sys.executable, "-m", "bench.costsim", "--policy", policy,
-                   "--json", str(out), *(argv if argv is not None else sys.argv[1:])]
+            # The parent's options first: the child's --json (the last one) wins.
+            cmd = [sys.executable, "-m", "bench.costsim",
+                   *(argv if argv is not None else sys.argv[1:]),
+                   "--policy", policy, "--json", str(out)]
             procs.append((out, subprocess.Popen(cmd, env=os.environ.copy())))
         results = []
         for out, proc in procs:
