@@ -89,6 +89,7 @@ class Config:
     first_hour: int = 0  # --from-hour/--hours: a window of the day (for trying settings)
     hours: int = 24
     port_base: int = 21000
+    max_generations: int = 5  # comfy.max_generations: jobs a server takes before refusing
 
 
 # --------------------------------------------------------------------------- demand
@@ -347,7 +348,8 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
         database={"url": f"sqlite+aiosqlite:///{workdir}/sim.db"},
         vast={"api_key": vast.api_key, "base_url": vast.base_url, "request_timeout": 10},
         # The waits the bot times itself, on the simulated clock too.
-        comfy={"expose_port": True, "failover_after": clock.real(20.0),
+        comfy={"expose_port": True, "max_generations": cfg.max_generations,
+               "failover_after": clock.real(20.0),
                "job_timeout": clock.real(1800.0)},
         costs={"idle_timeout": idle, "idle_warning": 0},
         # Per-member limits throttle members, not servers; off so waits are the servers'.
@@ -589,6 +591,8 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--from-hour", type=int, default=0,
                     help="simulate only a window of the day: its first hour")
     ap.add_argument("--hours", type=int, default=24, help="the window's length in hours")
+    ap.add_argument("--max-generations", type=int, default=5,
+                    help="comfy.max_generations (jobs queued per server before refusing)")
     ap.add_argument("--port-base", type=int, default=21000,
                     help="host ports for the fake ComfyUIs: 3000 from here")
     ap.add_argument("--verbose", action="store_true", help="one line per simulated hour")
@@ -597,7 +601,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     cfg = Config(seed=args.seed, pool_idle=args.pool_idle, target_wait=args.target_wait,
                  cooldown=args.cooldown, pool_max=args.pool_max, admin_delay=args.admin_delay,
                  verbose=args.verbose, first_hour=args.from_hour, hours=args.hours,
-                 port_base=args.port_base)
+                 port_base=args.port_base, max_generations=args.max_generations)
     # Quick: a shorter window, not a stronger compression: at 720× the bot's own time
     # (×720) swamps the 30-s jobs and the queue never drains.
     cfg.scale = args.scale or (240.0 if args.quick else 180.0)
