@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -12,6 +14,7 @@ from core.botstate import StateStore
 from core.comfy.pool import ComfyPool
 from core.config import Settings
 from core.db.engine import SessionFactory, create_engine, create_session_factory, migrate
+from core.db.models import utcnow
 from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
@@ -70,8 +73,15 @@ def http_timeout(settings: Settings) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=10, sock_read=settings.comfy.request_timeout)
 
 
-async def build_services(settings: Settings, *, run_migrations: bool = True) -> Services:
-    """Create the long-lived resources once: engine, sessions, one HTTP session."""
+async def build_services(
+    settings: Settings, *, run_migrations: bool = True,
+    clock: Callable[[], dt.datetime] = utcnow,
+) -> Services:
+    """Create the long-lived resources once: engine, sessions, one HTTP session.
+
+    ``clock`` is "now" for every service that stamps or compares times (the real one;
+    bench.costsim passes a compressed one).
+    """
     engine = create_engine(settings.database.url, echo=settings.database.echo)
     if run_migrations:
         await migrate(engine)
@@ -79,6 +89,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     http = aiohttp.ClientSession(timeout=http_timeout(settings), connector=guarded_connector())
     audit = AuditService(sessions)
     servers = ServerRegistry(sessions, audit)
+    servers.clock = clock
     remote = Remote(settings, sessions)
     endpoints = EndpointResolver(remote)
     vast = (
@@ -95,7 +106,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     server_ops = ServerService(
         settings, sessions, servers, audit, vast,
         remote=remote, comfy_client_for=comfy.client_for,
-        public_key=lambda: remote.key.public_openssh,
+        public_key=lambda: remote.key.public_openssh, clock=clock,
     )
     server_ops.heartbeat = remote.heartbeat
     server_ops.comfy_ready = remote.wait_comfy
@@ -104,7 +115,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
                        rotate_days=settings.ssh.rotate_days)
     server_ops.key_check = keys.tick
     setup = SetupService(settings, sessions, servers, remote, audit)
-    generation = GenerationService(settings, sessions, servers, comfy)
+    generation = GenerationService(settings, sessions, servers, comfy, clock=clock)
 
     async def install_dir(server: ServerView) -> str:
         installation = await setup.installation(server)
@@ -117,7 +128,7 @@ async def build_services(settings: Settings, *, run_migrations: bool = True) -> 
     # A server whose setup succeeded fetches comfy.popular_models.
     setup.when_installed(models.server_joined)
     pools = PoolService(sessions, servers, audit)
-    stats = StatsService(settings, sessions)
+    stats = StatsService(settings, sessions, clock=clock)
     stats.pool_of = pools.server_pools  # /budget's per-pool spend
     autoscaler = Autoscaler(pools, server_ops, servers, audit)
     autoscaler.on_ready = prepare_member(setup, models)

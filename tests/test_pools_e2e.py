@@ -432,3 +432,65 @@ async def test_a_refused_job_starts_a_pool_at_zero(fake_discord: Any, tmp_path: 
         await eventually(lambda: running(env, "cold"), timeout=20)
     finally:
         await env.stop()
+
+
+async def test_a_job_sent_again_counts_once(fake_discord: Any, tmp_path: Path,
+                                            vast: FakeVast) -> None:
+    """A member who sends a refused job again is one job of demand, not one per try."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 3})
+        for name in ("cold", "colder"):
+            await rent_running(env, "RTX 4090", name)
+            await admin(env, "add-server", {"name": "gpu", "server": name})
+            await env.slash("server", {"server": name}, user=env.fake.admin,
+                            subcommand="stop")
+            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        for _ in range(3):  # refused each time: nothing runs
+            interaction = await env.slash("generate", {"prompt": "a cat"})
+            reply = await env.fake.wait_for(lambda i=interaction: _answered(i))
+            assert "No server is running" in (reply.content or "")
+        # One job at the default 60 s against a 60 s target: one server, not three.
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold")]
+        assert made[0].reason.startswith("1 job would wait")
+        await eventually(lambda: running(env, "cold"), timeout=20)
+    finally:
+        await env.stop()
+
+
+async def test_no_start_that_would_come_up_after_the_queue(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """Cold starts count: a server that would be up only once the ready ones have worked
+    off the queue is not started; a queue still long by then starts enough for the rest."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 5,
+                                    "target_wait": 60})
+        for name in ("warm", "cold", "colder"):
+            await rent_running(env, "RTX 4090", name)
+            await admin(env, "add-server", {"name": "gpu", "server": name})
+        for name in ("colder", "cold"):
+            await env.slash("server", {"server": name}, user=env.fake.admin,
+                            subcommand="stop")
+            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        autoscaler = env.services.autoscaler
+        autoscaler.ready_seconds["start"] = [120.0]  # this pool's starts took 2 minutes
+        await finished_jobs(env, "warm", 5, 10.0)
+        # 15 jobs of 10 s: ~150 s on one server, 30 s of it left when a start is up.
+        await queue_jobs(env, "warm", 15)
+        assert await autoscaler.tick() == []
+        # 30 jobs: 180 s of work left after 2 minutes, three servers' worth at 60 s.
+        await queue_jobs(env, "warm", 15)
+        made = await autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold"),
+                                                             ("start", "colder")]
+        for name in ("cold", "colder"):
+            await eventually(lambda n=name: running(env, n), timeout=20)
+        await eventually(lambda: _states(env, ["done", "done"]), timeout=20)
+        # Each start's own time joins the estimate (the fake boots in a fraction of 1 s).
+        seen = autoscaler.ready_seconds["start"]
+        assert len(seen) == 3 and all(0 < s < 30 for s in seen[1:])
+    finally:
+        await env.stop()

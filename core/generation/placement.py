@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from core.audit import Actor
 from core.comfy.errors import ComfyError
@@ -75,11 +75,14 @@ class Placement:
         self._prefetches = TaskRegistry("generation-prefetch")
         # Told when a job finds no server (none running, or every one full): the pools'
         # autoscaler counts it as demand (core.pools), so a pool at zero can start one.
-        self.on_unplaced: Callable[[], None] | None = None
+        # Given the request's identity: a member sending the same job again is one job.
+        self.on_unplaced: Callable[[Hashable], None] | None = None
 
-    def _unplaced(self) -> None:
+    def _unplaced(self, req: GenerationRequest) -> None:
         if self.on_unplaced is not None:
-            self.on_unplaced()
+            a = req.actor
+            self.on_unplaced((a.user_id, a.channel_id, req.kind, req.prompt, req.model,
+                              req.workflow, req.parent_id))
 
     async def choose(
         self, req: GenerationRequest, *, exclude: set[int], model: str | None = None
@@ -99,7 +102,7 @@ class Placement:
             return await self._reserve([server], cap, explicit=True)
         candidates = [s for s in await self._registry.list() if s.is_ready and s.id not in exclude]
         if not candidates:
-            self._unplaced()
+            self._unplaced(req)
             raise ValidationFailed(
                 "No server is running. An admin can add one with /server add-direct, "
                 "/server add-ssh or /server create."
@@ -116,10 +119,11 @@ class Placement:
             usable.append(server)
         if not usable and wanted_model:
             raise ValidationFailed(f"No running server has the model '{wanted_model}'.")
-        return await self._reserve(usable, cap)
+        return await self._reserve(usable, cap, req=req)
 
     async def _reserve(
-        self, usable: list[ServerView], cap: int, *, explicit: bool = False
+        self, usable: list[ServerView], cap: int, *, explicit: bool = False,
+        req: GenerationRequest | None = None,
     ) -> ServerView:
         """Pick the least loaded server and hold a slot on it until the row is written.
 
@@ -136,7 +140,8 @@ class Placement:
                         f"Server '{usable[0].name}' already has {cap} jobs queued; "
                         "try again shortly."
                     )
-                self._unplaced()
+                if req is not None:
+                    self._unplaced(req)
                 raise ResourceBusy("Every server is busy; try again in a moment.")
             chosen = min(free, key=lambda s: (load[s.id], s.id))
             self._reserved[chosen.id] = self._reserved.get(chosen.id, 0) + 1

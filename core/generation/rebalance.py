@@ -11,7 +11,7 @@ store) and follows it again: on the new server, or where it was if anything went
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from core.comfy.pool import ComfyPool
 from core.db.models import GenerationStatus
@@ -32,8 +32,9 @@ class Rebalancer:
         self._pool = pool
         self._placement = placement
 
-    def on_unplaced(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever a job finds no server with room (pools' demand)."""
+    def on_unplaced(self, callback: Callable[[Hashable], None]) -> None:
+        """Call ``callback`` whenever a job finds no server with room (pools' demand),
+        with the job's identity (the same member's same request is one job)."""
         self._placement.on_unplaced = callback
 
     async def to(self, target: ServerView, sources: list[ServerView]) -> list[int]:

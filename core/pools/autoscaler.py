@@ -3,7 +3,9 @@
 Each tick, for each pool: the expected wait is the pool's queued work (its active jobs)
 divided by its measured throughput (ready servers / mean job time of its latest finished
 jobs). When that passes the pool's target, or the pool is below its ``min``, it starts
-stopped members (cheapest first), then rents through the labelled rent path
+stopped members (cheapest first), as many as the work still queued once a new server
+would be up needs (the cold start is measured: the recent starts' and rents' own times),
+then rents through the labelled rent path
 (:mod:`core.servers.rental`, which never rents twice and whose rows a restart recovers).
 
 Every decision is written (``pool_decisions``, state ``planned``) before it is acted on,
@@ -20,7 +22,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REFUSED, SYSTEM, AuditService
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_JOB_SECONDS = 60.0
 # How long a refused job counts as demand at most.
 UNPLACED_MEMORY = dt.timedelta(hours=1)
+# How many recent starts (and rents) the cold-start estimate averages.
+COLD_START_SAMPLES = 5
 COMING = (ServerStatus.CREATING.value, ServerStatus.LOADING.value,
           ServerStatus.STARTING.value)
 
@@ -82,13 +86,18 @@ class Autoscaler:
         # One tick at a time: the maintenance loop and a command may both ask.
         self._lock = asyncio.Lock()
         # When jobs found no server with room (placement refused them): demand that no
-        # member's queue shows, counted for each pool within its target wait.
-        self._unplaced: list[dt.datetime] = []
+        # member's queue shows, counted for each pool within its target wait. Keyed by the
+        # job: a member who sends a refused job again (every 30 s, say) is still one job.
+        self._unplaced: dict[Hashable, dt.datetime] = {}
+        # Seconds the latest starts and rents of this process took until the server ran
+        # (a cold start): a server that would come up after the queue is worked off anyway
+        # only costs. None measured yet: taken as instant, as before any was measured.
+        self.ready_seconds: dict[str, list[float]] = {"start": [], "rent": []}
 
-    def note_unplaced(self) -> None:
+    def note_unplaced(self, job: Hashable | None = None) -> None:
         now = self._ops.clock()
-        self._unplaced = [t for t in self._unplaced if now - t < UNPLACED_MEMORY]
-        self._unplaced.append(now)
+        self._unplaced = {k: t for k, t in self._unplaced.items() if now - t < UNPLACED_MEMORY}
+        self._unplaced[object() if job is None else job] = now
 
     # ------------------------------------------------------------------ measuring
 
@@ -108,7 +117,7 @@ class Autoscaler:
         now = self._ops.clock()
         job_seconds = await self._store.job_seconds([s.id for s in members], now)
         recent = dt.timedelta(seconds=pool.target_wait)
-        refused = sum(1 for t in self._unplaced if now - t < recent)
+        refused = sum(1 for t in self._unplaced.values() if now - t < recent)
         return Load(
             ready=sum(1 for s in members if s.is_ready), coming=coming,
             queued=sum(busy.get(s.id, 0) for s in members) + refused,
@@ -164,16 +173,47 @@ class Autoscaler:
             if server.idle_timeout != minutes:
                 await self._store.set_idle(server.id, minutes)
 
+    def cold_start(self, action: str) -> float:
+        """Seconds a ``start`` or ``rent`` takes until the server runs (recent mean)."""
+        seen = self.ready_seconds[action]
+        return sum(seen) / len(seen) if seen else 0.0
+
+    def _timed(self, action: str, began: dt.datetime) -> None:
+        seen = self.ready_seconds[action]
+        seen.append((self._ops.clock() - began).total_seconds())
+        del seen[:-COLD_START_SAMPLES]
+
+    def _wanted(self, pool: PoolView, load: Load, stopped: bool) -> int:
+        """Servers the queue needs, counting the cold start: by the time a new server
+        runs, the ready ones have worked off part of the queue; only what is left then, if
+        it would still wait past the target, asks for more."""
+        boot = self.cold_start("start" if stopped else "rent")
+        left = load.queued * load.job_seconds - load.ready * boot
+        if load.ready and left / load.ready <= pool.target_wait:
+            return 0
+        return math.ceil(max(left, 0.0) / pool.target_wait)
+
     async def _scale(self, pool: PoolView) -> list[DecisionView]:
         members = await self._pools.members(pool)
         await self._keep_minimum(pool, members)
         load = await self.load(pool, members)
         have = load.ready + load.coming
+        stopped = sorted(
+            (s for s in members
+             if s.status == ServerStatus.STOPPED.value and s.name not in load.planned),
+            key=lambda s: (s.price_per_hour, s.id),
+        )
         if load.wait > pool.target_wait:
-            wanted = math.ceil(load.queued * load.job_seconds / pool.target_wait)
+            wanted = self._wanted(pool, load, bool(stopped))
             jobs = "1 job" if load.queued == 1 else f"{load.queued} jobs"
             why = (f"{jobs} would wait ~{_secs(load.wait)} "
                    f"(target {pool.target_wait} s)")
+            if wanted == 0 and have < pool.min_servers:
+                wanted = pool.min_servers
+            elif wanted == 0:
+                log.info("pool %s: %s, but a new server would be up after the queue "
+                         "is worked off", pool.name, why)
+                return []
         elif have < pool.min_servers:
             wanted, why = pool.min_servers, f"below the pool's minimum of {pool.min_servers}"
         else:
@@ -189,11 +229,6 @@ class Autoscaler:
             return []
         made: list[DecisionView] = []
         committed = 0.0  # $/h of this round's earlier actions, for the budget check
-        stopped = sorted(
-            (s for s in members
-             if s.status == ServerStatus.STOPPED.value and s.name not in load.planned),
-            key=lambda s: (s.price_per_hour, s.id),
-        )
         for server in stopped[:need]:
             decision = await self._decide(pool, "start", server.name, server.price_per_hour,
                                           committed, why)
@@ -290,13 +325,17 @@ class Autoscaler:
 
     async def _start(self, pool: PoolView, decision: DecisionView) -> None:
         assert decision.server_name is not None
+        began = self._ops.clock()
         server = await self._ops.start(SYSTEM, decision.server_name)
+        self._timed("start", began)
         await self._joined(pool, decision, server)
 
     async def _rent(self, pool: PoolView, decision: DecisionView, plan: RentPlan) -> None:
         assert decision.server_name is not None
+        began = self._ops.clock()
         server = await self._ops.rent(SYSTEM, plan, decision.server_name, image=pool.image,
                                       disk_gb=pool.disk_gb)
+        self._timed("rent", began)
         await self._store.add_member(pool.id, server.id, pool.idle_timeout)
         await self._joined(pool, decision, server)
 

@@ -7,6 +7,7 @@ the rows, names and the read side used by every other service.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,9 @@ class ServerRegistry:
     def __init__(self, session_factory: SessionFactory, audit: AuditService) -> None:
         self._sessions = session_factory
         self._audit = audit
+        # What "now" is for activity stamps; the services share one clock (bench.costsim
+        # runs them on a compressed one).
+        self.clock: Callable[[], dt.datetime] = utcnow
 
     async def get(self, name_or_id: str | int) -> ServerView:
         async with self._sessions() as session:
@@ -185,7 +189,7 @@ class ServerRegistry:
     ) -> ServerView:
         """Insert a server that is running from the start (ssh, direct) and audit it."""
         await self.ensure_name_free(name)
-        now = utcnow()
+        now = self.clock()
         async with self._sessions.begin() as session:
             row = Server(
                 name=name,
@@ -209,7 +213,7 @@ class ServerRegistry:
         async with self._sessions.begin() as session:
             row = await session.get(Server, server_id)
             if row is not None:
-                row.last_used_at = utcnow()
+                row.last_used_at = self.clock()
                 if channel_id is not None:
                     row.last_channel_id = channel_id
 

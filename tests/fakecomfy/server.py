@@ -126,6 +126,7 @@ class FakeComfy:
         models: Mapping[str, Iterable[str]] | None = None,
         corrupt_models: Iterable[str] = ("corrupt.safetensors",),
         step_delay: float = 0.0,
+        sample_seconds: float | None = None,
         node_delay: float = 0.0,
         previews: bool = True,
         preview_metadata_supported: bool = True,
@@ -143,6 +144,10 @@ class FakeComfy:
             self.models.update({k: list(v) for k, v in models.items()})
         self.corrupt_models = set(corrupt_models)
         self.step_delay = step_delay
+        # A KSampler's whole run, spread over its steps against one deadline (so a busy
+        # event loop's lateness does not add up step by step): a GPU's time per image,
+        # for bench.costsim. None: ``step_delay`` per step.
+        self.sample_seconds = sample_seconds
         self.node_delay = node_delay
         # False = a server started without --preview-method: no binary frames (trace 18).
         self.previews = previews
@@ -920,9 +925,12 @@ class FakeComfy:
         elif self.previews:
             preview = await asyncio.to_thread(
                 images.latent_preview_jpeg, latent["width"] // 8, latent["height"] // 8)
+        began = time.monotonic()
         for step in range(1, steps + 1):
             await self._gate.wait()
-            if self.step_delay:
+            if self.sample_seconds is not None:
+                await asyncio.sleep(began + self.sample_seconds * step / steps - time.monotonic())
+            elif self.step_delay:
                 await asyncio.sleep(self.step_delay)
             if self._interrupt_flag:  # checked in the progress hook, once per step
                 raise _Interrupted(node_id, class_type)
