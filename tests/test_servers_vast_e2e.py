@@ -568,3 +568,24 @@ async def test_pull_errors_never_destroy_a_server_that_ran_before(
         assert (await env.services.servers.get("ran")).status == "starting"
     finally:
         await env.stop()
+
+
+async def test_an_exposed_comfy_image_records_its_public_port(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """With comfy.expose_port, Vast's ComfyUI image (ComfyUI on 18188) is reached at the
+    public port Vast maps for 18188 (found by bench.costsim: the bot looked for 8188)."""
+    env = await vast_env(fake_discord, tmp_path, vast, comfy={"expose_port": True})
+    try:
+        await rent(env, {"gpu": "RTX 4090"})
+
+        async def running() -> Any:
+            servers = await env.services.servers.list()
+            return servers[0] if servers and servers[0].status == "running" else None
+
+        server = await eventually(running, timeout=15)
+        [instance] = vast.instances.values()
+        assert "-p 18188:18188" in instance.env
+        assert server.comfy_url == f"http://127.0.0.1:{instance.ports['18188/tcp']}"
+    finally:
+        await env.stop()

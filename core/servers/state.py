@@ -52,7 +52,7 @@ class ServerStates:
             endpoint = instance.ssh_endpoint
             if endpoint:
                 row.ssh_host, row.ssh_port = endpoint
-            comfy = instance.comfy_endpoint
+            comfy = instance.comfy_endpoint(row.comfy_port or ctx.settings.comfy.default_port)
             if comfy and ctx.settings.comfy.expose_port:
                 row.comfy_url = f"http://{comfy[0]}:{comfy[1]}"
             if instance.dph_total:

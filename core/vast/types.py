@@ -327,10 +327,11 @@ class Instance:
         """Direct SSH when mapped, else the proxy."""
         return self.direct_ssh or self.proxy_ssh
 
-    @property
-    def comfy_endpoint(self) -> tuple[str, int] | None:
-        port = self.public_port(8188)
-        return (self.public_ipaddr, port) if self.public_ipaddr and port else None
+    def comfy_endpoint(self, port: int = 8188) -> tuple[str, int] | None:
+        """Where ComfyUI's ``port`` inside the instance is reachable from outside, if it
+        is mapped (Vast's ComfyUI image listens on 18188, a plain image on 8188)."""
+        public = self.public_port(port)
+        return (self.public_ipaddr, public) if self.public_ipaddr and public else None
 
 
 @dataclass(frozen=True, slots=True)

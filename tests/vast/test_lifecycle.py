@@ -55,7 +55,7 @@ async def test_instance_boots_through_null_and_loading_to_running(client: VastCl
     assert ssh_port and comfy_port and ssh_port != comfy_port
     assert 40100 <= comfy_port <= 40199
     assert inst.direct_ssh == ("203.0.113.45", ssh_port)
-    assert inst.comfy_endpoint == ("203.0.113.45", comfy_port)
+    assert inst.comfy_endpoint() == ("203.0.113.45", comfy_port)
     assert inst.proxy_ssh is not None and inst.proxy_ssh[0].endswith(".vast.ai")
     assert inst.label == "comfybot:g1:u2:req3"
     assert inst.extra_env == {"-p 8188:8188": "1", "COMFY_PORT": "8188"}
@@ -178,7 +178,7 @@ async def test_set_network_points_instance_at_loopback(client: VastClient,
     fake.advance(60)
     inst = await client.show_instance(iid)
     assert inst.direct_ssh == ("127.0.0.1", 2222)
-    assert inst.comfy_endpoint == ("127.0.0.1", 8188)
+    assert inst.comfy_endpoint() == ("127.0.0.1", 8188)
 
 
 def test_instance_parses_documented_sample() -> None:
