@@ -75,7 +75,8 @@ class ComfyVastBot(commands.Bot):
         self.metrics_port: int | None = None
 
     async def setup_hook(self) -> None:
-        from bot.jobs import DYNAMIC_ITEMS, DiscordJobObserver
+        from bot.job_observer import DiscordJobObserver
+        from bot.jobs import DYNAMIC_ITEMS
         from bot.relay import MessageRelay
         from bot.server_events import DiscordServerEvents, KeepAliveButton
 

@@ -75,11 +75,16 @@ def status_embed(job: JobView, *, preview_name: str | None = None) -> discord.Em
 
 
 def result_embed(job: JobView, image_name: str) -> discord.Embed:
+    """The final state of a finished job: its status message becomes the result, so the
+    title is the final status ("Done · job #N") and the image and settings come with it."""
     p = job.parameters
+    description = truncate(job.prompt or "Upscale", 1000)
+    if job.negative:
+        description += f"\nNegative: {truncate(job.negative, 500)}"
     embed = discord.Embed(
-        title=truncate(job.prompt or "Upscale", 250),
+        title=f"{STATUS_WORDS['completed']} · job #{job.id}",
         colour=OK_COLOUR,
-        description=f"Negative: {truncate(job.negative, 500)}" if job.negative else None,
+        description=description,
     )
     fields = [
         ("Seed", str(p.get("seed"))),

@@ -1,14 +1,13 @@
-"""The Discord side of generations: status messages, results, persistent buttons.
+"""The Discord side of generations: launching jobs and their persistent buttons (how a
+job's events are shown is bot/job_observer.py).
 
 The status message is a regular channel message the bot owns, so it can be edited long
-after the 15-minute interaction token has expired; the interaction itself only gets a
-private "queued" reply.
+after the 15-minute interaction token has expired (and it becomes the result); the
+interaction itself only gets a private "queued" reply.
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
 import re
 from typing import Any
@@ -19,25 +18,16 @@ from discord import ui
 from bot.checks import actor_of
 from bot.context import BotContext, bot_of
 from bot.job_render import (
-    DEFAULT_UPLOAD_LIMIT,
-    MAX_FILES_PER_MESSAGE,
     STATUS_WORDS,
-    files_of,
-    plan_upload,
-    result_embed,
     status_embed,
 )
-from bot.relay import MessageRelay
 from bot.tree import send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
 from core.generation import (
-    GenerationFailed,
     GenerationRequest,
     InputImage,
-    JobObserver,
     JobView,
 )
-from core.images import UPLOAD_MARGIN, ImageFile, ImageRejected, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -232,163 +222,3 @@ async def launch_jobs(
     text = "Queued " + ", ".join(links) + "."
     await interaction.followup.send(text, ephemeral=True)
     return jobs
-
-
-# --------------------------------------------------------------------------- observer
-
-
-def _part_marker(job_id: int) -> str:
-    """How a later part of a batch's result begins (found again after a restart)."""
-    return f"Job #{job_id}, part "
-
-
-class DiscordJobObserver(JobObserver):
-    """Renders job events into the status message and delivers results to the channel."""
-
-    def __init__(self, bot: BotContext, relay: MessageRelay) -> None:
-        self.bot = bot
-        self.relay = relay
-        self._previews: dict[int, bytes] = {}
-        self._preview_sent: dict[int, int] = {}  # job id -> id() of the preview last sent
-        self._results: dict[int, str] = {}  # job id -> jump URL of its result message
-
-    async def on_update(self, job: JobView, preview: bytes | None) -> None:
-        if job.message_id is None or job.channel_id is None:
-            return
-        if preview is not None:
-            self._previews[job.id] = preview
-        self.relay.update(job.channel_id, job.message_id, lambda: self._render_status(job.id))
-
-    async def _render_status(self, job_id: int) -> dict[str, Any]:
-        # Built when the edit is really sent: always the newest state and preview.
-        job = await self.bot.services.generation.snapshot(job_id)
-        # No view: an edit without components keeps the Cancel button posted with the
-        # message (and building one per edit is most of an edit's garbage).
-        kwargs: dict[str, Any] = {}
-        preview = self._previews.get(job_id)
-        name = None
-        if preview is not None:
-            name = "preview.jpg"
-            if self._preview_sent.get(job_id) != id(preview):
-                try:
-                    thumb = await asyncio.to_thread(thumbnail, preview)
-                except ImageRejected as exc:
-                    # An untrusted server's preview: not shown, the progress still is.
-                    log.warning("preview of job %s refused: %s", job_id, exc)
-                    self._previews.pop(job_id, None)
-                    thumb, name = None, None
-                if thumb is not None:
-                    kwargs["attachments"] = [discord.File(io.BytesIO(thumb), filename=name)]
-                self._preview_sent[job_id] = id(preview)
-        kwargs["embed"] = status_embed(job, preview_name=name)
-        return kwargs
-
-    async def deliver(
-        self, job: JobView, images: list[ImageFile], *, check_existing: bool = False
-    ) -> None:
-        if job.channel_id is None:
-            return
-        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-        existing, parts_posted = (
-            await self._find_delivery(channel, job) if check_existing else (None, set())
-        )
-        if existing is not None and len(images) < MAX_FILES_PER_MESSAGE:
-            self._results[job.id] = existing.jump_url  # one message, already posted
-            return
-        limit = self._upload_limit(job.guild_id)
-        if len(images) == 1 and images[0].size <= limit - UPLOAD_MARGIN:
-            messages, shown = [images], images[0].filename  # nothing to re-encode
-        else:
-            try:
-                messages, shown = await asyncio.to_thread(plan_upload, images, limit)
-            except (ImageRejected, ValueError) as exc:
-                # A header that looked right over data that does not decode, or a file
-                # that cannot be made small enough: the job fails with the reason.
-                raise GenerationFailed(f"ComfyUI's images could not be posted: {exc}.") from exc
-        if existing is None:
-            upscale = self.bot.services.generation.has_upscale_model(job.server_id)
-            existing = await channel.send(
-                content=f"<@{job.user_id}>",
-                embed=result_embed(job, shown),
-                files=files_of(messages[0]),
-                view=result_view(
-                    job.id, upscale=upscale and job.parameters.get("kind") != "upscale"
-                ),
-                allowed_mentions=discord.AllowedMentions(users=True),
-                # Discord drops a second message with the same nonce sent shortly after.
-                nonce=f"cvjob{job.id}",
-            )
-        # The rest of a large batch, as replies to the first message; after a restart, only
-        # the parts that had not been posted yet (the plan is the same for the same images).
-        for part, files in enumerate(messages[1:], start=2):
-            if part in parts_posted:
-                continue
-            await channel.send(
-                content=f"{_part_marker(job.id)}{part} of {len(messages)}",
-                files=files_of(files),
-                allowed_mentions=discord.AllowedMentions.none(),
-                reference=existing,
-                mention_author=False,
-                nonce=f"cvjob{job.id}p{part}",
-            )
-        self._results[job.id] = existing.jump_url
-
-    async def on_finished(self, job: JobView) -> None:
-        """The final state of the status message: done (with a link), failed or cancelled."""
-        link = self._results.pop(job.id, None)
-        if job.message_id is not None and job.channel_id is not None:
-            await self.relay.finish(
-                job.channel_id,
-                job.message_id,
-                lambda: self._render_final(job, f"Finished: {link}" if link else None),
-            )
-        self._forget(job.id)
-
-    async def _render_final(self, job: JobView, link: str | None) -> dict[str, Any]:
-        # The final view comes with the event: no database read for the last edit.
-        embed = status_embed(job)
-        if link:
-            embed.add_field(name="Result", value=link, inline=False)
-        return {"embed": embed, "attachments": [], "view": None}
-
-    async def _find_delivery(
-        self, channel: discord.PartialMessageable, job: JobView
-    ) -> tuple[discord.Message | None, set[int]]:
-        """The result message already posted for this job (a restart mid-delivery), and the
-        numbers of the batch's later parts already posted."""
-        if job.message_id is None:
-            return None, set()
-        marker = f"Job #{job.id} "
-        parts = _part_marker(job.id)
-        found: discord.Message | None = None
-        posted: set[int] = set()
-        try:
-            async for message in channel.history(
-                after=discord.Object(id=job.message_id), limit=100
-            ):
-                if message.author.id != self.bot.user.id:  # type: ignore[union-attr]
-                    continue
-                if message.content.startswith(parts) and message.attachments:
-                    number = message.content[len(parts) :].split(" ", 1)[0]
-                    if number.isdigit():
-                        posted.add(int(number))
-                    continue
-                for embed in message.embeds:
-                    if (
-                        found is None
-                        and embed.footer.text
-                        and (embed.footer.text + " ").startswith(marker)
-                        and message.attachments
-                    ):
-                        found = message
-        except discord.HTTPException as exc:
-            log.warning("could not read channel history to check delivery: %s", exc)
-        return found, posted
-
-    def _upload_limit(self, guild_id: int | None) -> int:
-        guild = self.bot.get_guild(guild_id) if guild_id else None
-        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
-
-    def _forget(self, job_id: int) -> None:
-        self._previews.pop(job_id, None)
-        self._preview_sent.pop(job_id, None)

@@ -13,7 +13,8 @@ so nothing queues up. One worker per channel spends that channel's budget:
   is short every job of the channel gets its share and none starves, and when it is not a
   message is edited every ``interval``.
 
-A final state is awaited by its caller.
+A final state is awaited by its caller, who learns whether it was sent: a result carried by
+the final edit must be posted some other way when its message is gone.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from bot.rendering import fit_message
 from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
+
+# What became of a state sent (see MessageRelay._send).
+_SENT, _GONE, _FAILED = object(), object(), object()
 
 # What an edit sends: keyword arguments for PartialMessage.edit, built lazily so that
 # expensive work (thumbnails) is only done for states that are really sent.
@@ -71,7 +75,7 @@ class _Slot:
     # Never edited: first in the round robin, and its interval has long passed.
     last_edit: float = float("-inf")
     sending: bool = False
-    done: asyncio.Future[None] | None = None
+    done: asyncio.Future[bool] | None = None
     edits: int = 0
 
 
@@ -121,15 +125,16 @@ class MessageRelay:
         slot.builder = builder
         self._want(slot, urgent=False)
 
-    async def finish(self, channel_id: int, message_id: int, builder: EditBuilder) -> None:
-        """Set the final state and wait until it has been sent (never dropped)."""
+    async def finish(self, channel_id: int, message_id: int, builder: EditBuilder) -> bool:
+        """Set the final state and wait until it has been sent (never dropped). True when
+        it was; False when the message is gone, cannot be edited, or every try failed."""
         slot = self._slot(channel_id, message_id)
         slot.builder = builder
         slot.final = True
         if slot.done is None:
             slot.done = asyncio.get_running_loop().create_future()
         self._want(slot, urgent=True)
-        await asyncio.shield(slot.done)
+        return await asyncio.shield(slot.done)
 
     def _slot(self, channel_id: int, message_id: int) -> _Slot:
         slot = self._slots.get(message_id)
@@ -200,15 +205,15 @@ class MessageRelay:
                 channel.bucket.take()
                 slot.sending = True
                 try:
-                    gone = not await self._send(slot, builder, final)
+                    outcome = await self._send(slot, builder, final)
                 finally:
                     slot.sending = False
                 # Measured from the end of the edit: building and sending can take a
                 # while under load, and the next edit must still wait a full interval.
                 slot.last_edit = self._clock()
-                if gone or (final and slot.builder is None):
+                if outcome is _GONE or (final and slot.builder is None):
                     channel.pending.pop(slot.message_id, None)
-                    self._settle(slot)
+                    self._settle(slot, sent=outcome is _SENT)
                 elif slot.builder is not None:
                     channel.pending[slot.message_id] = slot  # changed while it was sent
         except asyncio.CancelledError:
@@ -220,18 +225,19 @@ class MessageRelay:
             # The channel (and its bucket's state) stays: a new worker spends the same budget.
             channel.worker = None
 
-    def _settle(self, slot: _Slot) -> None:
-        """The final state was sent: forget the message, wake its caller."""
+    def _settle(self, slot: _Slot, *, sent: bool) -> None:
+        """The final state was sent (or cannot be): forget the message, wake its caller."""
         self._finished[slot.message_id] = None
         if len(self._finished) > 10_000:
             del self._finished[next(iter(self._finished))]
         if self._slots.get(slot.message_id) is slot:
             del self._slots[slot.message_id]
         if slot.done is not None and not slot.done.done():
-            slot.done.set_result(None)
+            slot.done.set_result(sent)
 
-    async def _send(self, slot: _Slot, builder: EditBuilder, final: bool) -> bool:
-        """Send one state; False when the message is gone (no more edits are worth it)."""
+    async def _send(self, slot: _Slot, builder: EditBuilder, final: bool) -> object:
+        """Send one state: _SENT; _GONE when the message is gone or cannot be edited (no
+        more edits are worth it); _FAILED when every try failed."""
         channel = self._client.get_partial_messageable(slot.channel_id)
         message = channel.get_partial_message(slot.message_id)
         attempts = 3 if final else 1
@@ -242,10 +248,12 @@ class MessageRelay:
                 kwargs = fit_message(await builder())
                 await message.edit(**kwargs)
                 slot.edits += 1
-                return True
-            except discord.NotFound:
-                log.info("status message %s is gone; no more edits", slot.message_id)
-                return False
+                return _SENT
+            except (discord.NotFound, discord.Forbidden) as exc:
+                # Deleted, or no longer ours to edit (e.g. the channel's permissions changed).
+                log.info("status message %s cannot be edited (%s); no more edits",
+                         slot.message_id, exc)
+                return _GONE
             except (discord.HTTPException, OSError) as exc:
                 # discord.py already retried 429s; a final state gets a few more tries.
                 log.warning("edit of message %s failed (%s)", slot.message_id, exc)
@@ -253,8 +261,8 @@ class MessageRelay:
                     await asyncio.sleep(1.0 * (attempt + 1))
             except Exception:
                 log.exception("building the state of message %s failed", slot.message_id)
-                return True
-        return True
+                return _FAILED
+        return _FAILED
 
     async def close(self) -> None:
         # Cancel every worker and wait (no time limit, as before) until each has ended.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import struct
 import time
@@ -637,6 +638,43 @@ async def test_eleven_attachments_are_refused(fake_discord: FakeDiscord) -> None
     assert resp.status == 400 and body["code"] == 50035
     assert "attachments" in body["errors"]
     assert not fake.messages
+
+
+async def test_a_multipart_edit_replaces_attachments_within_ten(
+    fake_discord: FakeDiscord,
+) -> None:
+    """Edit Message with files (multipart PATCH): ``attachments`` is the complete list to
+    keep, existing ones by id and new ones by index (Message Resource, "Edit Message");
+    the 10-attachment limit counts both."""
+    fake = fake_discord
+    url = f"{fake.api_base}/channels/{fake.guild.channel_id}/messages"
+    headers = {"Authorization": f"Bot {fake.token}"}
+
+    def form(payload: str, count: int) -> aiohttp.FormData:
+        data = aiohttp.FormData(quote_fields=False)
+        data.add_field("payload_json", payload, content_type="application/json")
+        for k in range(count):
+            data.add_field(f"files[{k}]", PNG, filename=f"{k}.png",
+                           content_type="application/octet-stream")
+        return data
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=form('{"content": "six"}', 6), headers=headers) as resp:
+            message = await resp.json()
+        kept = [{"id": a["id"]} for a in message["attachments"]]
+        new = [{"id": k, "filename": f"{k}.png"} for k in range(5)]
+        edit = f"{url}/{message['id']}"
+        too_many = json.dumps({"attachments": kept + new})
+        async with http.patch(edit, data=form(too_many, 5), headers=headers) as resp:
+            body = await resp.json()
+        assert resp.status == 400 and "attachments" in body["errors"]
+        assert len(fake.messages[int(message["id"])].attachments) == 6  # unchanged
+        replace = json.dumps({"content": "one", "attachments": [new[0]]})
+        async with http.patch(edit, data=form(replace, 1), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            edited = await resp.json()
+    assert [a["filename"] for a in edited["attachments"]] == ["0.png"]
+    assert edited["content"] == "one"
 
 
 @pytest.mark.parametrize(("choices", "path"), [

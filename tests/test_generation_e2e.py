@@ -106,9 +106,10 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
         for f in emb.get("fields", [])
     )
     assert "/8" in progress_texts and "%" in progress_texts
-    assert status.embeds[0]["title"].startswith("Done")
-    assert status.custom_ids() == []  # no Cancel button once finished
-    assert status.attachments == []  # the preview is gone from the final state
+    assert status.embeds[0]["title"] == f"Done · job #{row.id}"
+    assert f"cv:cancel:{row.id}" not in status.custom_ids()  # no Cancel button once finished
+    # The preview is gone from the final state: the result's image replaced it.
+    assert [a.filename for a in status.attachments] == [f"comfyvast-{row.id}-1.png"]
     # Previews were shown while it ran: downscaled JPEGs attached to the status message.
     previews = [
         files["files[0]"][2]
@@ -118,8 +119,10 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     assert previews, "no preview was shown"
     thumb = Image.open(io.BytesIO(previews[-1]))
     assert thumb.format == "JPEG" and max(thumb.size) <= 320
-    # The result: the user mentioned, the exact PNG ComfyUI produced, seed in the embed.
+    # The result: the status message itself, with the user named, the exact PNG ComfyUI
+    # produced and the seed in the embed.
     [result] = result_messages(studio)
+    assert result.id == status.id
     assert result.content == f"<@{studio.fake.member.id}>"
     # The exact bytes ComfyUI produced, under a name the bot chose (never ComfyUI's).
     [produced] = comfy.files["output"].values()
@@ -384,9 +387,11 @@ async def test_progress_outlives_the_interaction_token(studio: BotEnv, comfy: Fa
 
 
 async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: FakeComfy) -> None:
+    # The status message's post and its first edit (the result is an edit of it: there is
+    # no second post to the channel any more).
     studio.fake.rate_limit_once("PATCH", "/messages/", retry_after=0.3)
     studio.fake.rate_limit_once(
-        "POST", f"/channels/{studio.channel_id}/messages", retry_after=0.2, skip=1
+        "POST", f"/channels/{studio.channel_id}/messages", retry_after=0.2
     )
     await generate(studio, {"prompt": "through 429s", "steps": 4})
     row = await finished_row(studio)
@@ -394,6 +399,12 @@ async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: 
     statuses = [r.status for r in studio.fake.requests if r.method in ("PATCH", "POST")]
     assert statuses.count(429) == 2
     assert len(result_messages(studio)) == 1
+    # Each refused request was sent again, as it was, after the wait.
+    for method in ("POST", "PATCH"):
+        calls = [r for r in studio.fake.requests if r.method == method and (
+            r.path.startswith(f"/channels/{studio.channel_id}/messages"))]
+        assert calls[0].status == 429 and calls[1].status == 200
+        assert calls[1].json == calls[0].json and calls[1].time - calls[0].time >= 0.2
 
 
 async def test_cancel_a_waiting_job_dequeues_it_only(studio: BotEnv, comfy: FakeComfy) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from core.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from core.db.models import GenerationStatus, Server
-from core.generation.store import GenerationStore
+from core.generation.store import GenerationStore, Quota
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 STARTED = NOW - dt.timedelta(seconds=5)
@@ -96,3 +96,35 @@ async def test_finish_writes_the_start_kept_in_memory(sessions: SessionFactory) 
     assert (row.status, row.queue_position, row.started_at) == ("cancelled", None, STARTED)
     assert row.completed_at == NOW and server_name and server_name.startswith("s")
     assert await store.counts(1, NOW - dt.timedelta(minutes=1)) == (1, 0)
+
+
+async def test_record_checks_the_members_quota_in_the_same_statement(
+    sessions: SessionFactory,
+) -> None:
+    store = GenerationStore(sessions)
+    quota = Quota(user_id=42, since=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
+                  max_active=2, max_recent=3)
+
+    async def submit() -> int | None:
+        row = await store.record(
+            fields={"user_id": 42, "channel_id": 5, "prompt": "q",
+                    "parameters": {"seed": 7, "sizes": [1, 2]}},
+            now=NOW, quota=quota)
+        return None if row is None else row.id
+
+    first, second = await submit(), await submit()
+    assert first is not None and second is not None
+    row = await store.load(first)
+    assert row is not None and row.parameters == {"seed": 7, "sizes": [1, 2]}
+    assert (row.status, row.progress, row.attempts, row.image_urls) == ("pending", 0, 0, [])
+    assert row.comfy_prompt_id and row.created_at is not None
+    assert await submit() is None  # two in progress: the limit
+    assert await store.counts(42, quota.since) == (2, 2)  # nothing was written
+    await store.finish(first, GenerationStatus.CANCELLED, None, started_at=None, now=NOW)
+    assert await submit() is not None  # a slot freed: three this minute now
+    await store.finish(second, GenerationStatus.CANCELLED, None, started_at=None, now=NOW)
+    assert await submit() is None  # one in progress, but three started this minute
+    # Another member is not counted against this one.
+    other = await store.record(fields={"user_id": 43, "prompt": "o", "parameters": {}},
+                               now=NOW, quota=Quota(43, quota.since, 1, 1))
+    assert other is not None

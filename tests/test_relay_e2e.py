@@ -29,11 +29,11 @@ async def test_final_states_go_before_progress_and_no_job_starves(
     comfy.step_delay = 0.1
     studio.services.settings.limits.user_concurrent_jobs = 10
     studio.services.settings.limits.user_jobs_per_minute = 10
+    servers = [comfy, *others]
     try:
         for n, other in enumerate(others, start=2):
             await other.start()
             await add_server(studio, f"gpu-{n}", other.url)
-        servers = [comfy, *others]
         for server in servers:
             server.pause_sampling()
         for n in range(4):
@@ -53,25 +53,29 @@ async def test_final_states_go_before_progress_and_no_job_starves(
     channel = f"/channels/{studio.channel_id}/messages"
     patches = [r for r in studio.fake.requests if r.method == "PATCH" and r.path.startswith(
         channel + "/")]
-    results: dict[int, float] = {}  # job id -> when its result was posted
-    for rec in studio.fake.requests:
-        payload = rec.json if isinstance(rec.json, dict) else {}
-        if rec.method == "POST" and rec.path == channel and rec.files and str(
-                payload.get("content") or "").startswith("<@"):
-            match = FOOTER_JOB.match(payload["embeds"][0]["footer"]["text"])
-            assert match
-            results[int(match.group(1))] = rec.time
-    assert len(results) == 5
-    for job_id, posted in results.items():
-        message_id = (await job_row(studio, job_id)).message_id
-        final = next(r for r in patches if r.path.endswith(f"/{message_id}")
-                     and _title(r).startswith(FINAL))
-        # The final state is the channel's next edit after the result (one progress edit
-        # of another job may already have been on its way): it does not queue behind the
+    # No result is posted apart: each status message became its result.
+    assert not [r for r in studio.fake.requests if r.method == "POST" and r.path == channel
+                and r.files]
+    success = {p: t for server in servers for p, t in server.success_at.items()}
+    for job_id in range(last.id - 4, last.id + 1):
+        row = await job_row(studio, job_id)
+        mine = [r for r in patches if r.path.endswith(f"/{row.message_id}")]
+        finals = [r for r in mine if _title(r).startswith(FINAL)]
+        # The result and the final state are one edit, the message's last: the image, the
+        # final embed and the result buttons together.
+        assert len(finals) == 1 and finals[0] is mine[-1], job_id
+        result = finals[0]
+        assert [name for name, _, _ in result.files.values()] == [f"comfyvast-{job_id}-1.png"]
+        assert FOOTER_JOB.match(result.json["embeds"][0]["footer"]["text"]).group(1) == str(
+            job_id)
+        assert f"cv:reroll:{job_id}" in str(result.json["components"])
+        # It is the channel's next edit after ComfyUI finished the job (one progress edit of
+        # another job may already have been on its way): it does not queue behind the
         # other jobs' progress.
-        between = [r for r in patches if posted < r.time < final.time
+        done = success[row.comfy_prompt_id]
+        between = [r for r in patches if done < r.time < result.time
                    and not _title(r).startswith(FINAL)]
-        assert len(between) <= 1, (job_id, final.time - posted, len(between))
+        assert len(between) <= 1, (job_id, result.time - done, len(between))
     # Fair share: every long job's status message showed its progress more than once.
     for job_id in range(last.id - 4, last.id):
         message_id = (await job_row(studio, job_id)).message_id

@@ -79,6 +79,18 @@ class LiveJobs:
     def peek(self, job_id: int) -> LiveState | None:
         return self._states.get(job_id)
 
+    def seed(
+        self, row: ComfyGeneration, server_name: str | None,
+        channel_id: int | None, message_id: int | None,
+    ) -> None:
+        """A job about to run from a row just written (and its status message attached
+        since): cache its view, so its first transitions read nothing back."""
+        self.state(row.id)
+        view = job_view(row, server_name)
+        self._views[row.id] = replace(
+            view, channel_id=channel_id or view.channel_id, message_id=message_id
+        )
+
     def forget(self, job_id: int) -> None:
         """The job's task ended: drop its live state and cached view."""
         self._states.pop(job_id, None)

@@ -1,4 +1,4 @@
-"""Where a job runs: the model catalog, server choice under a lock, failover targets.
+"""Where a job runs: the model catalog, server choice, failover targets.
 
 A server is chosen for a request among the ready ones that have its model, the least
 loaded first; a slot on it is held from the choice until the job's row exists, so
@@ -24,6 +24,8 @@ from core.tasks import TaskRegistry
 log = logging.getLogger(__name__)
 
 CATALOG_TTL = 60.0
+# How long a read of the servers and their loads serves new choices (see Placement._view).
+VIEW_TTL = 0.25
 
 
 class ModelCatalog:
@@ -71,15 +73,20 @@ class Placement:
         self.catalog = ModelCatalog(pool)
         # Jobs chosen for a server but not inserted yet, so concurrent submissions spread.
         self._reserved: dict[int, int] = {}
-        self._choose_lock = asyncio.Lock()
+        # The last read of the servers and their loads (see _view), when it began, and the
+        # jobs recorded since it began (its counts may miss them).
+        self._snapshot: tuple[float, list[ServerView], dict[int, int]] | None = None
+        self._placed: dict[int, int] = {}
+        self._next_view: asyncio.Future[None] | None = None
         self._prefetches = TaskRegistry("generation-prefetch")
         # Told when a job finds no server (none running, or every one full): the pools'
         # autoscaler counts it as demand (core.pools), so a pool at zero can start one.
         # Given the request's identity: a member sending the same job again is one job.
         self.on_unplaced: Callable[[Hashable], None] | None = None
 
-    def _unplaced(self, req: GenerationRequest) -> None:
-        if self.on_unplaced is not None:
+    def _unplaced(self, req: GenerationRequest, final: bool) -> None:
+        """A refusal after a fresh read (``final``) is demand for the pools."""
+        if final and self.on_unplaced is not None:
             a = req.actor
             self.on_unplaced((a.user_id, a.channel_id, req.kind, req.prompt, req.model,
                               req.workflow, req.parent_id))
@@ -89,8 +96,18 @@ class Placement:
     ) -> ServerView:
         """Explicit server if given; else a ready one with the model and fewest jobs.
 
+        Chosen from a read of the servers at most VIEW_TTL old; a refusal is only given
+        after a fresh read agrees (a server added a moment ago is found).
         The caller must :meth:`release` the slot reserved on the server returned.
         """
+        try:
+            return await self._choose(req, exclude, model, fresh=False)
+        except (ValidationFailed, ResourceBusy):
+            return await self._choose(req, exclude, model, fresh=True)
+
+    async def _choose(
+        self, req: GenerationRequest, exclude: set[int], model: str | None, *, fresh: bool
+    ) -> ServerView:
         wanted_model = model or req.model
         cap = self._settings.comfy.max_generations
         if req.server:
@@ -99,10 +116,12 @@ class Placement:
                 raise ValidationFailed(
                     f"Server '{server.name}' is {server.status}; it must be running."
                 )
-            return await self._reserve([server], cap, explicit=True)
-        candidates = [s for s in await self._registry.list() if s.is_ready and s.id not in exclude]
+            _, busy = await self._view(fresh)
+            return self._reserve([server], cap, busy, explicit=True, final=fresh)
+        servers, busy = await self._view(fresh)
+        candidates = [s for s in servers if s.is_ready and s.id not in exclude]
         if not candidates:
-            self._unplaced(req)
+            self._unplaced(req, fresh)
             raise ValidationFailed(
                 "No server is running. An admin can add one with /server add-direct, "
                 "/server add-ssh or /server create."
@@ -119,41 +138,93 @@ class Placement:
             usable.append(server)
         if not usable and wanted_model:
             raise ValidationFailed(f"No running server has the model '{wanted_model}'.")
-        return await self._reserve(usable, cap, req=req)
+        return self._reserve(usable, cap, busy, final=fresh, req=req)
 
-    async def _reserve(
-        self, usable: list[ServerView], cap: int, *, explicit: bool = False,
-        req: GenerationRequest | None = None,
+    async def _view(self, fresh: bool) -> tuple[list[ServerView], dict[int, int]]:
+        """The servers and their active jobs (those recorded since the read included).
+
+        Submission runs this per job, and a burst of them would read the same rows many
+        times a second: a read serves the choices of the next VIEW_TTL seconds, and the
+        choices that ask while none has begun share one. ``fresh``: a read that began
+        after this call (nothing written before it is missed)."""
+        snapshot = self._snapshot
+        if fresh or snapshot is None or time.monotonic() - snapshot[0] >= VIEW_TTL:
+            await self._read()
+            snapshot = self._snapshot
+            assert snapshot is not None
+        _, servers, busy = snapshot
+        loads = dict(busy)
+        for server_id, placed in self._placed.items():
+            loads[server_id] = loads.get(server_id, 0) + placed
+        return servers, loads
+
+    async def _read(self) -> None:
+        """Read the servers and their loads, or wait for the read no one had begun yet."""
+        shared = self._next_view
+        if shared is not None:
+            try:
+                return await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                if not shared.cancelled():
+                    raise  # this caller was cancelled
+                return await self._read()  # the reader was: read again
+        shared = self._next_view = asyncio.get_running_loop().create_future()
+        # A failure nobody else waited for is not "never retrieved".
+        shared.add_done_callback(lambda f: f.cancelled() or f.exception())
+        placed = self._placed
+        try:
+            await asyncio.sleep(0)  # let the choices of this moment join
+            self._next_view = None  # later callers need a read that begins later
+            # Rows recorded from here on may be missed by the read: counted apart.
+            self._placed = {}
+            began = time.monotonic()
+            servers = await self._registry.list()
+            busy = await self._registry.active_jobs()
+        except BaseException as exc:
+            self._next_view = None if self._next_view is shared else self._next_view
+            for server_id, count in placed.items():  # still not counted by any read
+                self._placed[server_id] = self._placed.get(server_id, 0) + count
+            if isinstance(exc, asyncio.CancelledError):
+                shared.cancel()
+            else:
+                shared.set_exception(exc)
+            raise
+        self._snapshot = (began, servers, busy)
+        shared.set_result(None)
+
+    def _reserve(
+        self, usable: list[ServerView], cap: int, busy: dict[int, int], *,
+        explicit: bool = False, final: bool = True, req: GenerationRequest | None = None,
     ) -> ServerView:
         """Pick the least loaded server and hold a slot on it until the row is written.
 
-        Counting and reserving happen under one lock: concurrent submissions must not all
-        see the same least-busy server before any of their rows exists.
+        Counting and reserving happen without a pause in between (no await): concurrent
+        submissions see each other's slots before any of their rows exists.
         """
-        async with self._choose_lock:
-            busy = await self._registry.active_jobs()
-            load = {s.id: busy.get(s.id, 0) + self._reserved.get(s.id, 0) for s in usable}
-            free = [s for s in usable if load[s.id] < cap]
-            if not free:
-                if explicit:
-                    raise ResourceBusy(
-                        f"Server '{usable[0].name}' already has {cap} jobs queued; "
-                        "try again shortly."
-                    )
-                if req is not None:
-                    self._unplaced(req)
-                raise ResourceBusy("Every server is busy; try again in a moment.")
-            chosen = min(free, key=lambda s: (load[s.id], s.id))
-            self._reserved[chosen.id] = self._reserved.get(chosen.id, 0) + 1
+        load = {s.id: busy.get(s.id, 0) + self._reserved.get(s.id, 0) for s in usable}
+        free = [s for s in usable if load[s.id] < cap]
+        if not free:
+            if explicit:
+                raise ResourceBusy(
+                    f"Server '{usable[0].name}' already has {cap} jobs queued; "
+                    "try again shortly."
+                )
+            if req is not None:
+                self._unplaced(req, final)
+            raise ResourceBusy("Every server is busy; try again in a moment.")
+        chosen = min(free, key=lambda s: (load[s.id], s.id))
+        self._reserved[chosen.id] = self._reserved.get(chosen.id, 0) + 1
         return chosen
 
     def release(self, server_id: int) -> None:
-        """Give back a slot held by :meth:`choose` (the row now counts instead)."""
+        """Give back a slot held by :meth:`choose`: its row now exists (or never will),
+        and counts among the jobs recorded since the last read until the next one."""
         left = self._reserved.get(server_id, 0) - 1
         if left > 0:
             self._reserved[server_id] = left
         else:
             self._reserved.pop(server_id, None)
+        self._placed[server_id] = self._placed.get(server_id, 0) + 1
 
     async def failover_target(self, job: JobView, failed: ServerView) -> ServerView | None:
         """Another server that can take ``job``; None if it was pinned or none can."""

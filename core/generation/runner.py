@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,18 @@ log = logging.getLogger(__name__)
 
 class _Ended(Exception):
     """A guarded write lost: the job was ended elsewhere (cancelled, abandoned)."""
+
+
+@dataclass
+class FirstAttempt:
+    """What submission already knows of a new job: its first attempt needs no read."""
+
+    row: ComfyGeneration
+    custom: ComfyWorkflow | None
+    server: ServerView
+    # Where its status message is (written after the row, by attach_message).
+    channel_id: int | None = None
+    message_id: int | None = None
 
 
 class JobRunner:
@@ -63,15 +76,21 @@ class JobRunner:
         self._pool = pool
         self._tasks = TaskRegistry("generation")
 
-    def start(self, job_id: int, *, resumed: bool = False) -> None:
+    def start(
+        self, job_id: int, *, resumed: bool = False, first: FirstAttempt | None = None
+    ) -> None:
         """Run the job in a tracked background task (queue, follow, deliver).
 
-        ``resumed``: a previous process may have posted the result already.
+        ``resumed``: a previous process may have posted the result already. ``first``: the
+        row and server as submission wrote and chose them (saves reading them again).
         """
         if job_id in self._tasks:
             return
+        if first is not None:
+            # Shown from this view until the next transition: no read to name its server.
+            self._live.seed(first.row, first.server.name, first.channel_id, first.message_id)
         self._tasks.spawn(
-            self._run(job_id, resumed), key=job_id, name=f"generation-{job_id}",
+            self._run(job_id, resumed, first), key=job_id, name=f"generation-{job_id}",
             on_done=lambda _task: self._live.forget(job_id),
         )
 
@@ -117,9 +136,11 @@ class JobRunner:
         await self._delivery.finish(job.id, GenerationStatus.CANCELLED, None)
         await self.discard_input(job.id)
 
-    async def _run(self, job_id: int, resumed: bool = False) -> None:
+    async def _run(
+        self, job_id: int, resumed: bool = False, first: FirstAttempt | None = None
+    ) -> None:
         try:
-            await self._drive(job_id, resumed)
+            await self._drive(job_id, resumed, first)
         except asyncio.CancelledError:
             raise
         except _Ended:
@@ -143,32 +164,40 @@ class JobRunner:
         except Exception:  # a leftover file is swept on the next start
             log.exception("could not discard the input of generation %s", job_id)
 
-    async def _drive(self, job_id: int, resumed: bool = False) -> None:
+    async def _drive(
+        self, job_id: int, resumed: bool = False, first: FirstAttempt | None = None
+    ) -> None:
         """Run attempts until the job ends; a failed server is left for another once."""
         live = self._live.state(job_id)
         live.resumed = resumed
         moved = False
         while True:
-            found = await self._store.load_attempt(job_id)
-            if found is None or GenerationStatus(found[0].status).finished:
-                return
-            row, custom = found
-            server_id = row.server_id
-            if row.status == GenerationStatus.UPLOADING:
-                # Crashed while delivering: the images are in ComfyUI's history.
-                server = await self._registry.get(server_id) if server_id else None
-                if server is not None:
-                    conn = await self._pool.get(server)
-                    result = await conn.client.get_prompt_result(row.comfy_prompt_id or "")
-                    if result is not None and result.status == "success":
-                        # It may have been posted already: the observer checks first.
-                        await self._delivery.deliver(
-                            job_id, conn, list(result.outputs), check_existing=True
-                        )
-                        return
-            if server_id is None:
-                raise GenerationFailed("The server of this job was removed.")
-            server = await self._registry.get(server_id)
+            if first is not None and not live.cancel_requested:
+                # Just recorded as pending: the row and server as submission wrote and chose
+                # them. A cancel that came first set cancel_requested (it needs no task).
+                row, custom, server = first.row, first.custom, first.server
+                first = None
+            else:
+                found = await self._store.load_attempt(job_id)
+                if found is None or GenerationStatus(found[0].status).finished:
+                    return
+                row, custom = found
+                server_id = row.server_id
+                if row.status == GenerationStatus.UPLOADING:
+                    # Crashed while delivering: the images are in ComfyUI's history.
+                    server = await self._registry.get(server_id) if server_id else None
+                    if server is not None:
+                        conn = await self._pool.get(server)
+                        result = await conn.client.get_prompt_result(row.comfy_prompt_id or "")
+                        if result is not None and result.status == "success":
+                            # It may have been posted already: the observer checks first.
+                            await self._delivery.deliver(
+                                job_id, conn, list(result.outputs), check_existing=True
+                            )
+                            return
+                if server_id is None:
+                    raise GenerationFailed("The server of this job was removed.")
+                server = await self._registry.get(server_id)
             try:
                 await self._execute(job_id, server, live, row, custom)
                 return

@@ -18,16 +18,16 @@ from core.audit import Actor
 from core.comfy.pool import ComfyPool
 from core.config import Settings
 from core.db.engine import SessionFactory
-from core.db.models import ComfyWorkflow, GenerationStatus, utcnow
-from core.errors import NotFound
+from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, utcnow
+from core.errors import NotFound, RateLimited
 from core.generation.delivery import Delivery
 from core.generation.follow import Follower, QueueSnapshots
 from core.generation.inputs import InputFiles
 from core.generation.live import LiveJobs, job_view
 from core.generation.placement import ModelCatalog, Placement
 from core.generation.rebalance import Rebalancer
-from core.generation.runner import JobRunner
-from core.generation.store import GenerationStore
+from core.generation.runner import FirstAttempt, JobRunner
+from core.generation.store import GenerationStore, Quota
 from core.generation.types import (
     MAX_JOB_ID,
     GenerationRequest,
@@ -42,6 +42,9 @@ from core.images import ImageFile
 from core.servers import ServerRegistry, ServerView
 
 log = logging.getLogger(__name__)
+
+# Submitted jobs whose first attempt is kept ready (see GenerationService.start).
+MAX_FRESH = 1000
 
 
 class GenerationService:
@@ -72,6 +75,8 @@ class GenerationService:
         )
         # Pools (core.pools): queued jobs share a server that just came up.
         self.rebalancer = Rebalancer(self._store, self._runner, pool, self._placement)
+        # Jobs submitted and not started yet: their row and server, for the first attempt.
+        self._fresh: dict[int, FirstAttempt] = {}
 
     @property
     def observer(self) -> JobObserver:
@@ -87,17 +92,27 @@ class GenerationService:
     async def submit(self, req: GenerationRequest) -> JobView:
         """Validate and record a job (status pending). Nothing is queued yet."""
         validate(req, self._settings.limits)
-        await self.check_limits(req.actor)
         workflow_row = await self._custom_workflow(req.workflow) if req.workflow else None
         server = await self._placement.choose(req, exclude=set())
         try:
-            return await self._record(req, server, workflow_row)
+            row = await self._record(req, server, workflow_row)
+            if row is None:  # over the member's limits: say which, from the counts
+                await self.check_limits(req.actor)
+                row = await self._record(req, server, workflow_row)  # freed meanwhile
+                if row is None:
+                    await self.check_limits(req.actor)
+                    raise RateLimited("You have too many jobs right now; try again shortly.")
         finally:
             self._placement.release(server.id)
+        if len(self._fresh) >= MAX_FRESH:  # submitted and never started: forget the oldest
+            del self._fresh[next(iter(self._fresh))]
+        self._fresh[row.id] = FirstAttempt(row, workflow_row, server)
+        return job_view(row, server.name)
 
     async def _record(
         self, req: GenerationRequest, server: ServerView, workflow_row: ComfyWorkflow | None
-    ) -> JobView:
+    ) -> ComfyGeneration | None:
+        """Record the job, unless its member is over their limits (None)."""
         model = req.model
         if workflow_row is None and req.kind != "upscale":
             model = await self._placement.resolve_model(server, req.model)
@@ -105,7 +120,8 @@ class GenerationService:
                 await self._placement.check_lora(server, req.lora)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         image = req.image
-        row = await self._store.record(
+        now, limits = self._clock(), self._settings.limits
+        return await self._store.record(
             fields={
                 "server_id": server.id,
                 "workflow_id": workflow_row.id if workflow_row else None,
@@ -116,10 +132,15 @@ class GenerationService:
                 "negative_prompt": req.negative or None,
                 "parameters": job_parameters(req, model, seed),
             },
-            now=self._clock(),
+            now=now,
             input_path=(lambda job_id: self._inputs.save(job_id, image)) if image else None,
+            quota=Quota(
+                user_id=req.actor.user_id or 0,
+                since=now - dt.timedelta(minutes=1),
+                max_active=limits.user_concurrent_jobs,
+                max_recent=limits.user_jobs_per_minute,
+            ),
         )
-        return job_view(row, server.name)
 
     async def check_limits(self, actor: Actor, count: int = 1) -> None:
         """Refuse before anything starts when ``count`` more jobs would pass the limits."""
@@ -137,13 +158,16 @@ class GenerationService:
 
     async def attach_message(self, job_id: int, channel_id: int, message_id: int) -> None:
         await self._store.attach_message(job_id, channel_id, message_id)
+        fresh = self._fresh.get(job_id)
+        if fresh is not None:  # what the row now says, for the job's first view
+            fresh.channel_id, fresh.message_id = channel_id, message_id
 
     def start(self, job_id: int, *, resumed: bool = False) -> None:
         """Run the job in a tracked background task (queue, follow, deliver).
 
         ``resumed``: a previous process may have posted the result already.
         """
-        self._runner.start(job_id, resumed=resumed)
+        self._runner.start(job_id, resumed=resumed, first=self._fresh.pop(job_id, None))
 
     async def resume_unfinished(self) -> list[int]:
         """On start-up: follow again every job a previous run left unfinished."""
@@ -157,6 +181,7 @@ class GenerationService:
 
     async def abandon(self, job_id: int, reason: str) -> None:
         """End a job that could not be started (e.g. its status message failed)."""
+        self._fresh.pop(job_id, None)
         await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
         await self._runner.discard_input(job_id)
 

@@ -33,9 +33,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, literal, or_, select, update
+from sqlalchemy import case, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -64,6 +65,26 @@ FROM: dict[str, tuple[str, ...]] = {
     "complete": (QUEUED, RUNNING, UPLOADING),
     "finish": ACTIVE,
 }
+
+@dataclass(frozen=True)
+class Quota:
+    """A member's limits at submission: fewer than ``max_active`` jobs in progress and
+    fewer than ``max_recent`` started since ``since`` (see record)."""
+
+    user_id: int
+    since: dt.datetime
+    max_active: int
+    max_recent: int
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        mine = ComfyGeneration.user_id == self.user_id
+        active = select(func.count()).where(mine, ComfyGeneration.status.in_(ACTIVE))
+        recent = select(func.count()).where(mine, ComfyGeneration.created_at >= self.since)
+        return [
+            active.scalar_subquery() < self.max_active,
+            recent.scalar_subquery() < self.max_recent,
+        ]
+
 
 # Plain statements: no objects of these sessions need to follow the change.
 _PLAIN = {"synchronize_session": False}
@@ -189,21 +210,39 @@ class GenerationStore:
         fields: dict[str, Any],
         now: dt.datetime,
         input_path: Callable[[int], str] | None = None,
-    ) -> ComfyGeneration:
+        quota: Quota | None = None,
+    ) -> ComfyGeneration | None:
         """Insert a pending job; ``input_path(id)`` stores its input image under its id.
+
+        With ``quota``, the row is inserted only if its member is within it, checked by the
+        same statement (no count first, and two submissions cannot both pass the last
+        slot): None when refused.
 
         A new job is activity on its server (idle autostop counts from here), written in
         the same transaction as the row.
         """
+        values = {
+            **fields,
+            "status": PENDING,
+            # Our own prompt id, known before queueing: a restart can find the prompt.
+            "comfy_prompt_id": str(uuid.uuid4()),
+        }
+        # One INSERT ... RETURNING with everything known (no flush of a new object, no
+        # read back): submission runs it once per /generate.
+        stmt: Any = insert(ComfyGeneration)
+        if quota is None:
+            stmt = stmt.values(values)
+        else:
+            table = ComfyGeneration.__table__
+            within = select(
+                *[literal(value, table.c[name].type) for name, value in values.items()]
+            ).where(*quota.conditions())
+            stmt = stmt.from_select(list(values), within)
+        stmt = stmt.returning(ComfyGeneration)
         async with self._sessions.begin() as session:
-            row = ComfyGeneration(
-                **fields,
-                status=PENDING,
-                # Our own prompt id, known before queueing: a restart can find the prompt.
-                comfy_prompt_id=str(uuid.uuid4()),
-            )
-            session.add(row)
-            await session.flush()
+            row = (await session.execute(stmt)).scalars().first()
+            if row is None:
+                return None  # over the quota
             if input_path is not None:
                 row.parameters = {**row.parameters, "input_path": input_path(row.id)}
             if row.server_id is not None:
