@@ -664,3 +664,60 @@ async def test_autocomplete_choice_limits(
         async with http.post(url, json={"type": 8, "data": {"choices": good}}) as resp:
             assert resp.status == 200
     assert itx.choices == good
+
+
+async def test_route_buckets_answer_429_with_discords_headers(fake_discord: FakeDiscord) -> None:
+    """A burst over a channel's message bucket (5 per 5 s) gets Discord's 429; another
+    channel (another major parameter) is a bucket of its own."""
+    fake = fake_discord
+    other = fake.add_channel(fake.guild.id, "other")
+    auth = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        answers = []
+        for n in range(6):
+            async with http.post(f"{fake.api_base}/channels/{fake.guild.channel_id}/messages",
+                                 json={"content": f"burst {n}"}) as resp:
+                answers.append((resp.status, dict(resp.headers), await resp.json()))
+        async with http.post(f"{fake.api_base}/channels/{other}/messages",
+                             json={"content": "elsewhere"}) as resp:
+            assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "4"
+    assert [a[0] for a in answers] == [200] * 5 + [429]
+    assert [a[1]["X-RateLimit-Remaining"] for a in answers[:5]] == ["4", "3", "2", "1", "0"]
+    assert {a[1]["X-RateLimit-Limit"] for a in answers} == {"5"}
+    assert len({a[1]["X-RateLimit-Bucket"] for a in answers}) == 1
+    for name in ("X-RateLimit-Reset", "X-RateLimit-Reset-After"):
+        assert all(float(a[1][name]) > 0 for a in answers)
+    status, headers, body = answers[5]
+    assert headers["Via"] and headers["X-RateLimit-Scope"] == "user"
+    assert int(headers["Retry-After"]) >= 1
+    assert body["global"] is False and 0 < body["retry_after"] <= 5.0
+    assert "X-RateLimit-Scope" not in answers[0][1]
+    assert fake.answered_429 == 1 and fake.ratelimits.invalid == 1
+
+
+async def test_discord_py_waits_out_a_bucket(fake_discord: FakeDiscord) -> None:
+    """The real client reads the headers: a 429 from an exhausted bucket is slept off and
+    retried; afterwards it waits for the reset by itself (no further 429)."""
+    fake = fake_discord
+    fake.ratelimits.override("POST /channels/{channel_id}/messages", 2, 0.4)
+    bot = new_bot(fake)
+    channel_id = fake.guild.channel_id
+    async with running_bot(bot, fake):
+        async with aiohttp.ClientSession() as http:  # another client spends the bucket
+            for _ in range(2):
+                async with http.post(f"{fake.api_base}/channels/{channel_id}/messages",
+                                     json={"content": "x"},
+                                     headers={"Authorization": f"Bot {fake.token}"}) as resp:
+                    assert resp.status == 200
+        channel = bot.get_channel(channel_id)
+        mark = len(fake.requests)
+        sent = [await channel.send(f"n{n}") for n in range(5)]
+        posts = [r for r in fake.requests[mark:]
+                 if r.method == "POST" and r.path.endswith("/messages")]
+    assert [m.content for m in sent] == [f"n{n}" for n in range(5)]
+    assert [r.status for r in posts] == [429] + [200] * 5
+    retry_after = posts[0].response["retry_after"]
+    assert posts[1].time - posts[0].time >= retry_after - 0.01
+    # 2 per 0.4 s: the 5 successes span at least two resets.
+    assert posts[-1].time - posts[1].time >= 0.75
+    assert fake.answered_429 == 1
