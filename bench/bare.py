@@ -64,7 +64,9 @@ class BareRelay:
 
     async def run(self) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        # No pool limit: one WebSocket per server holds a connection (aiohttp allows 100).
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             self.http = http
             readers = []
             for url in self.servers:

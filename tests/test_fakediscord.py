@@ -721,3 +721,46 @@ async def test_discord_py_waits_out_a_bucket(fake_discord: FakeDiscord) -> None:
     # 2 per 0.4 s: the 5 successes span at least two resets.
     assert posts[-1].time - posts[1].time >= 0.75
     assert fake.answered_429 == 1
+
+
+async def test_global_limit_spares_interaction_endpoints(fake_discord: FakeDiscord) -> None:
+    """Over the global limit discord.py gets a global 429 and waits it out; interaction
+    callbacks and followups are not bound to the global limit (Discord's docs)."""
+    fake = fake_discord
+    fake.ratelimits.global_limit = 2
+    channels = [fake.add_channel(fake.guild.id, f"c{n}") for n in range(4)]
+    bot = new_bot(fake)
+    async with running_bot(bot, fake):
+        await asyncio.sleep(1.05)  # the connect's own requests leave the global window
+        mark = len(fake.requests)
+        sent = await asyncio.gather(*(bot.get_channel(c).send("hi") for c in channels))
+        posts = [r for r in fake.requests[mark:] if r.method == "POST"]
+        assert len(sent) == 4 and sorted(r.status for r in posts).count(200) == 4
+        limited = [r for r in posts if r.status == 429]
+        assert limited and all(r.response["global"] is True for r in limited)
+        # The global window is spent again; an interaction is still answered at once.
+        for c in channels[:2]:
+            await bot.get_channel(c).send("spend")
+        itx, _ = await run_ping(fake, bot)
+        assert itx.responded
+        interaction_calls = [r for r in fake.requests[mark:] if "/interactions/" in r.path
+                             or "/webhooks/" in r.path]
+        assert interaction_calls and all(r.status == 200 for r in interaction_calls)
+
+
+async def test_too_many_invalid_requests_get_the_cloudflare_ban(
+        fake_discord: FakeDiscord) -> None:
+    """Past the invalid-request limit every API request gets Cloudflare's 429 (HTML, no
+    Via), which discord.py does not retry."""
+    fake = fake_discord
+    fake.ratelimits.invalid_limit = 3
+    url = f"{fake.api_base}/channels/{fake.guild.channel_id}/messages"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(4):
+            async with http.post(url, json={"content": "x"}) as resp:  # no token: 401
+                assert resp.status == 401
+        async with http.post(url, json={"content": "x"},
+                             headers={"Authorization": f"Bot {fake.token}"}) as resp:
+            assert resp.status == 429 and "Via" not in resp.headers
+            assert resp.content_type == "text/html"
+    assert fake.ratelimits.invalid == 5 and fake.ratelimits.bans == 1

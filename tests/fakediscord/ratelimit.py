@@ -23,7 +23,9 @@ Model:
   /work/shared/reference/discord.md "Rate limits").
 * Global: 50 requests per second per bot (documented), not counting interaction endpoints
   ("Interaction endpoints are not bound to the bot's Global Rate Limit", same page): the
-  callback and the interaction webhook routes (followups, @original).
+  callback and the interaction webhook routes (followups, @original). Its shape is not
+  documented; assumption: a fixed 1-s window like the route buckets, a 429 with
+  ``"global": true``, ``X-RateLimit-Global`` and scope ``global``, as in the page's example.
 * Invalid requests: 401, 403 and 429 answers (not 429s of scope ``shared``) count; past
   10,000 in 10 minutes Discord bans the IP at Cloudflare (documented). The fake counts them
   and, past the limit, answers every API request like Cloudflare's ban does (429, HTML, no
@@ -149,7 +151,8 @@ def _seconds(value: float) -> str:
 class RateLimits:
     """The fake's rate limiter. Knobs for tests: ``enabled`` (all off), ``global_limit``
     (None: no global limit), ``override(template, limit, per)`` (e.g. loosen one route),
-    ``factor`` (multiplies every bucket's limit), ``ban`` (model the Cloudflare ban).
+    ``factor`` (multiplies every bucket's limit), ``ban`` (model the Cloudflare ban),
+    ``invalid_limit`` (invalid requests in 10 minutes before the ban).
     Counters: ``answered_429`` (every 429 the fake answered, including injected ones),
     ``invalid`` (401/403/429 answers, the ones Discord counts toward a ban),
     ``invalid_in_window()``, ``banned_until``."""
@@ -159,6 +162,7 @@ class RateLimits:
         self.global_limit: int | None = GLOBAL_PER_SECOND
         self.factor = 1.0
         self.ban = True
+        self.invalid_limit = INVALID_LIMIT
         self.clock = clock  # epoch seconds for X-RateLimit-Reset
         self._overrides: dict[str, RouteLimit] = {}
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -252,7 +256,7 @@ class RateLimits:
         times.append(now)
         while times and times[0] <= now - INVALID_WINDOW:
             times.popleft()
-        if self.ban and len(times) > INVALID_LIMIT and now >= self.banned_until:
+        if self.ban and len(times) > self.invalid_limit and now >= self.banned_until:
             self.banned_until = now + BAN_SECONDS
             self.bans += 1
 
