@@ -269,12 +269,13 @@ class Rig:
     async def servers_since(self, marks: list[list[int]]) -> Servers:
         return Servers(await self.fleet.snapshot(marks))
 
-    def results(self, start: int, end: int | None = None) -> list[Any]:
+    def results(self, start: int, end: int | None = None, *, bot: bool) -> list[Any]:
         """Result uploads among requests ``start:end`` that the fake accepted (not the
         429s that were retried): content starts "<@", with files."""
         out = []
         for rec in self.discord.requests[start:end]:
-            if (rec.method in ("POST", "PATCH") and rec.files and rec.status is not None
+            if (from_bot(rec) == bot and rec.method in ("POST", "PATCH") and rec.files
+                    and rec.status is not None
                     and 200 <= rec.status < 300 and MESSAGES_PATH.match(rec.path.rsplit(
                         "/", 1)[0] if rec.method == "PATCH" else rec.path)):
                 payload = rec.json if isinstance(rec.json, dict) else {}
@@ -292,10 +293,12 @@ class Rig:
         return values
 
     def count_requests(self, phase: Phase, req_mark: int, answered_mark: int) -> None:
+        """The relay's own API requests of the phase (by User-Agent: the other relay's
+        stragglers are not its), its 429s and errors."""
         recs = [r for r in self.discord.requests[req_mark:] if r.path.startswith("/")
-                and not r.path.startswith("/cdn/")]
+                and not r.path.startswith("/cdn/") and from_bot(r) == (phase.name == "bot")]
         phase.requests = len(recs)
-        phase.answered_429 = self.discord.answered_429 - answered_mark
+        phase.answered_429 = sum(1 for r in recs if r.status == 429)
         phase.http_errors = sum(1 for r in recs if r.status is not None and r.status >= 400
                                 and r.status != 429)
         limited = collections.Counter(
@@ -306,13 +309,25 @@ class Rig:
             phase.notes.append("429s by route (global limit / route bucket): " + ", ".join(
                 f"{route} {scope} {n}" for (route, scope), n in limited.most_common()))
 
-    async def wait_results(self, start: int, count: int, deadline: float) -> list[Any]:
+    async def wait_quiet(self, deadline: float, quiet: float = 3.0, limit: float = 180.0) -> None:
+        """Wait until the bot has sent nothing for ``quiet`` s (its last round's final edits
+        would otherwise share Discord's global limit with the bare client's uploads)."""
+        until = min(deadline, time.monotonic() + limit)
+        while time.monotonic() < until:
+            last = next((r.time for r in reversed(self.discord.requests) if from_bot(r)), 0.0)
+            if time.monotonic() - last >= quiet:
+                return
+            await asyncio.sleep(0.5)
+        print("  the bot was still sending when the bare client started", flush=True)
+
+    async def wait_results(self, start: int, count: int, deadline: float, *,
+                           bot: bool) -> list[Any]:
         found: list[Any] = []
         last_new = time.monotonic()
         while True:
             # Only the new requests are scanned: this process hosts the fake Discord.
             end = len(self.discord.requests)
-            new = self.results(start, end)
+            new = self.results(start, end, bot=bot)
             found += new
             start = end
             now = time.monotonic()
@@ -332,6 +347,7 @@ class Rig:
     async def run_bare(self, deadline: float, round_no: int, jobs: int) -> Phase:
         args = self.args
         phase = Phase("bare", jobs=jobs)
+        await self.wait_quiet(deadline)
         spec = {
             "servers": self.urls, "api_base": self.discord.api_base,
             "token": self.discord.token, "channels": self.channels,
@@ -354,7 +370,7 @@ class Rig:
                                                    strict=True)]
         started = time.monotonic()
         await self.resume()
-        results = await self.wait_results(req_mark, jobs, deadline)
+        results = await self.wait_results(req_mark, jobs, deadline, bot=False)
         phase.run_wall = (max(r.time for r in results) if results else time.monotonic()) - started
         servers = await self.servers_since(marks)
         phase.events = servers.events
@@ -482,7 +498,7 @@ user_concurrent_jobs = {self.args.jobs + 10}
         phase.notes.append(f"submitting took {t1 - t0:.1f} s wall")
         profiler = await self.start_profiler(pid, self.args.profile)
         await self.resume()
-        results = await self.wait_results(req_mark, jobs - len(refused), deadline)
+        results = await self.wait_results(req_mark, jobs - len(refused), deadline, bot=True)
         cpu2 = proc_cpu(pid)
         await self.stop_profiler(profiler)
         end = max(r.time for r in results) if results else time.monotonic()
@@ -654,6 +670,14 @@ def response_text(itx: Any) -> str:
 
 
 answered = Answers()
+
+
+def from_bot(rec: Any) -> bool:
+    """Whether the bot sent a request, not the bare client: discord.py's User-Agent, or an
+    interaction route (its webhook adapter sends aiohttp's own User-Agent, as the bare
+    client does, but the bare client never answers interactions)."""
+    return (str(rec.headers.get("User-Agent", "")).startswith("DiscordBot")
+            or rec.path.startswith(("/interactions/", "/webhooks/")))
 
 
 def child_env() -> dict[str, str]:
