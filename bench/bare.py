@@ -3,7 +3,10 @@
 For each job: ``POST /prompt`` (same graph as the bot's built-in template), wait on the
 server's WebSocket for ``execution_success``, ``GET /history/{id}``, ``GET /view``, then
 upload the image to Discord (``POST /channels/{id}/messages``, multipart). No database,
-no status message, no progress rendering. Run by bench/relay.py::
+no status message, no progress rendering. It keeps to Discord's rate limits the way
+discord.py does: per channel, it waits out ``X-RateLimit-Reset-After`` once
+``X-RateLimit-Remaining`` is 0, and sleeps a 429's ``retry_after`` before trying again.
+Run by bench/relay.py::
 
     python -m bench.bare SPEC_JSON
 
@@ -14,6 +17,7 @@ It prints ``queued N`` once every prompt is queued, then one line ``result {json
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import resource
 import sys
@@ -52,10 +56,17 @@ class BareRelay:
         self.failed: list[str] = []
         self.all_done = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Per channel (the message bucket's major parameter): one upload at a time, and
+        # when the bucket is empty, until when (time.monotonic()).
+        self.channel_locks: dict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.empty_until: dict[int, float] = {}
+        self.rate_limited = 0
 
     async def run(self) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        # No pool limit: one WebSocket per server holds a connection (aiohttp allows 100).
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             self.http = http
             readers = []
             for url in self.servers:
@@ -140,24 +151,41 @@ class BareRelay:
             }) as resp:
                 resp.raise_for_status()
                 data = await resp.read()
-            form = aiohttp.FormData()
-            form.add_field("payload_json", json.dumps({
-                "content": f"<@{job['user']}> {job['prefix']}",
-                "attachments": [{"id": 0, "filename": image["filename"]}],
-            }), content_type="application/json")
-            form.add_field("files[0]", data, filename=image["filename"],
-                           content_type="image/png")
-            api = self.spec["api_base"]
-            async with self.http.post(
-                f"{api}/channels/{job['channel']}/messages", data=form,
-                headers={"Authorization": f"Bot {self.spec['token']}"},
-            ) as resp:
-                resp.raise_for_status()
-                await resp.read()
+            await self._upload(job, image["filename"], data)
             self._count(prompt_id, ok=True)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             print(f"bare: delivery of {prompt_id} failed: {exc!r}", file=sys.stderr)
             self._count(prompt_id, ok=False)
+
+    async def _upload(self, job: dict[str, Any], filename: str, data: bytes) -> None:
+        channel = job["channel"]
+        async with self.channel_locks[channel]:
+            for _ in range(5):
+                wait = self.empty_until.get(channel, 0.0) - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                form = aiohttp.FormData()  # a fresh body for every try
+                form.add_field("payload_json", json.dumps({
+                    "content": f"<@{job['user']}> {job['prefix']}",
+                    "attachments": [{"id": 0, "filename": filename}],
+                }), content_type="application/json")
+                form.add_field("files[0]", data, filename=filename, content_type="image/png")
+                async with self.http.post(
+                    f"{self.spec['api_base']}/channels/{channel}/messages", data=form,
+                    headers={"Authorization": f"Bot {self.spec['token']}"},
+                ) as resp:
+                    body = await resp.read()
+                    if resp.status == 429:
+                        self.rate_limited += 1
+                        retry = float(json.loads(body).get("retry_after", 1.0))
+                        self.empty_until[channel] = time.monotonic() + retry
+                        continue
+                    resp.raise_for_status()
+                    if resp.headers.get("X-RateLimit-Remaining") == "0":
+                        self.empty_until[channel] = time.monotonic() + float(
+                            resp.headers.get("X-RateLimit-Reset-After", "0"))
+                    return
+            raise RuntimeError(f"upload to channel {channel} rate limited 5 times")
 
     def _count(self, prompt_id: str, *, ok: bool) -> None:
         if ok:

@@ -1,8 +1,11 @@
 """Relay benchmark (not a test): many concurrent generations through the real bot.
 
-This process hosts one fake Discord and N fake ComfyUI servers (tests/fakediscord,
-tests/fakecomfy) on 127.0.0.1. Two relays run the same workload against them, taking
-turns for ``--rounds`` rounds (the machine's noise moves both alike within a round):
+This process hosts the fake Discord (tests/fakediscord, which enforces Discord's per-route
+rate-limit buckets and global limit, as real Discord does); the N fake ComfyUI servers
+(tests/fakecomfy) run in ``--fake-procs`` processes of their own (``python -m bench.fakes``),
+so neither fake's event loop delays the other's timestamps. All on 127.0.0.1. Two relays
+run the same workload against them, taking turns for ``--rounds`` rounds (the machine's
+noise moves both alike within a round):
 
 1. the bare client (``python -m bench.bare``): WS -> /history -> /view -> upload;
 2. the real bot (``python -m bot`` with a generated config.toml and a temp SQLite DB),
@@ -21,7 +24,8 @@ at once when it resumes. Measured:
 * edits per status message per second: the most PATCHes of one message in any 1-s window;
 * delivery latency: when the fake Discord received the result upload minus when the fake
   ComfyUI sent ``execution_success`` for that prompt, p50/p99 for both relays and the
-  ratio bot/bare.
+  ratio bot/bare (both wait for Discord's buckets: the bare client as discord.py does);
+* the 429s the fake Discord answered each relay, against 1 % of its requests.
 
 Each round prints a line; the table gives medians over the rounds (peak RSS: the
 highest), and the targets are judged on those medians, ratios taken per round.
@@ -30,15 +34,18 @@ Run from the repository root::
 
     python -m bench.relay            # 500 jobs, 20 servers, 3 rounds
     python -m bench.relay --quick    # 40 jobs, 4 servers, 1 round
+    python -m bench.relay --scale    # 2,000 jobs, 100 servers, 40 channels, 2 rounds
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -51,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.fakecomfy import FakeComfy
+from bench.fakes import ComfyFleet
 from tests.fakediscord import MANAGE_GUILD, FakeDiscord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +79,7 @@ QUEUED_JOB = re.compile(r"Queued #(\d+)")
 SHOWN_STEP = re.compile(r"` (\d+)/(\d+) \(")  # the progress line of a status embed
 FINAL_TITLES = ("Done ·", "Failed ·", "Cancelled ·")
 STALENESS_SAMPLE = 0.1  # seconds between staleness samples while a job runs
+STORM_SHARE = 0.01  # "no 429 storm": fewer 429s than 1 % of a relay's requests
 
 
 # --------------------------------------------------------------------------- /proc
@@ -167,18 +175,59 @@ class Phase:
     final_lag: list[float] = field(default_factory=list)
     staleness: list[float] = field(default_factory=list)
     worst_job_staleness: float = 0.0  # the highest p95 staleness of any one job
+    requests: int = 0  # API requests the relay made to the fake Discord in the phase
+    answered_429: int = 0  # of which the fake answered 429 (buckets / global limit)
+
+
+class Servers:
+    """What the fake ComfyUIs recorded in a phase (bench.fakes ``snapshot``)."""
+
+    def __init__(self, snaps: list[dict[str, Any]]) -> None:
+        self.snaps = snaps
+        self.by_prefix: dict[str, tuple[str, float | None]] = {}
+        for snap in snaps:
+            for prompt_id, (prefix, success_at) in snap["prompts"].items():
+                if prefix is not None:
+                    self.by_prefix[prefix] = (prompt_id, success_at)
+        self.progress: dict[str, list[list[float]]] = {}
+        for snap in snaps:
+            self.progress.update(snap["progress"])
+
+    @property
+    def events(self) -> int:
+        """Progress events and previews the servers sent."""
+        return sum(snap["events"] for snap in self.snaps)
+
+    def success_of(self, prefix: str | None) -> float | None:
+        found = self.by_prefix.get(prefix) if prefix else None
+        return found[1] if found else None
+
+    def progress_of(self, prefix: str) -> tuple[list[tuple[float, int]], float | None]:
+        """(time, step) progress events of the prompt with this SaveImage prefix, and when
+        its execution_success was sent."""
+        found = self.by_prefix.get(prefix)
+        if found is None:
+            return [], None
+        return [(at, int(v)) for at, v in self.progress.get(found[0], [])], found[1]
+
+    def spread(self, phase: Phase, started: float) -> None:
+        """Jobs per server, and when the servers finished the phase's last prompt."""
+        last = started
+        for snap in self.snaps:
+            phase.per_server.append(len(snap["prompts"]))
+            last = max([last] + [at for _, at in snap["prompts"].values() if at is not None])
+        phase.comfy_wall = last - started
 
 
 class Rig:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.discord = FakeDiscord()
-        self.comfys = [
-            FakeComfy(models={"checkpoints": [MODEL]}, step_delay=args.step_delay,
-                      previews=True)
-            for _ in range(args.servers)
-        ]
+        self.discord = FakeDiscord(rate_limits=not args.no_discord_limits)
+        if args.no_global_limit:
+            self.discord.ratelimits.global_limit = None
+        self.fleet = ComfyFleet(args.servers, args.step_delay, args.fake_procs, child_env(),
+                                str(ROOT))
         self.bot: asyncio.subprocess.Process | None = None
         self.injected: dict[int, float] = {}  # interaction id -> time.monotonic() sent
         self.bare: asyncio.subprocess.Process | None = None
@@ -194,76 +243,102 @@ class Rig:
         ]
         self.users = [fake.add_user(f"artist{i}", guild_id=self.guild.id)
                       for i in range(self.args.users)]
-        for comfy in self.comfys:
-            await comfy.start()
+        await self.fleet.start()
+        self.urls = self.fleet.urls
 
     async def stop(self) -> None:
         for proc in (self.bare, self.bot):
             await stop_process(proc)
-        for comfy in self.comfys:
-            with contextlib.suppress(Exception):
-                await comfy.stop()
+        with contextlib.suppress(Exception):
+            await self.fleet.stop()
         with contextlib.suppress(Exception):
             await self.discord.stop()
 
     # -- shared helpers ------------------------------------------------------------------
 
-    def pause(self) -> None:
-        for comfy in self.comfys:
-            comfy.pause_sampling()
+    async def pause(self) -> None:
+        await self.fleet.pause()
 
-    def resume(self) -> None:
-        for comfy in self.comfys:
-            comfy.resume_sampling()
+    async def resume(self) -> None:
+        await self.fleet.resume()
 
-    def sent_marks(self) -> list[int]:
-        return [len(c.sent) for c in self.comfys]
+    async def marks(self) -> list[list[int]]:
+        """Per server: (messages sent, prompts received) so far."""
+        return await self.fleet.marks()
 
-    def events_since(self, marks: list[int]) -> int:
-        return sum(1 for comfy, mark in zip(self.comfys, marks, strict=True)
-                   for m in comfy.sent[mark:] if m.type in ("progress", "binary"))
+    async def servers_since(self, marks: list[list[int]]) -> Servers:
+        return Servers(await self.fleet.snapshot(marks))
 
-    def prefixes(self) -> dict[str, tuple[FakeComfy, str]]:
-        """SaveImage filename_prefix -> (server, prompt id), from what the servers got."""
-        found: dict[str, tuple[FakeComfy, str]] = {}
-        for comfy in self.comfys:
-            for prompt_id, workflow in comfy.prompts.items():
-                for node in workflow.values():
-                    if node.get("class_type") == "SaveImage":
-                        found[str(node["inputs"]["filename_prefix"])] = (comfy, prompt_id)
-        return found
-
-    def results(self, start: int, end: int | None = None) -> list[Any]:
-        """Result uploads among requests ``start:end``: content starts "<@", with files."""
+    def results(self, start: int, end: int | None = None, *, bot: bool) -> list[Any]:
+        """Result uploads among requests ``start:end`` that the fake accepted (not the
+        429s that were retried): content starts "<@", with files."""
         out = []
         for rec in self.discord.requests[start:end]:
-            if rec.method == "POST" and rec.files and MESSAGES_PATH.match(rec.path):
+            if (from_bot(rec) == bot and rec.method in ("POST", "PATCH") and rec.files
+                    and rec.status is not None
+                    and 200 <= rec.status < 300 and MESSAGES_PATH.match(rec.path.rsplit(
+                        "/", 1)[0] if rec.method == "PATCH" else rec.path)):
                 payload = rec.json if isinstance(rec.json, dict) else {}
                 if str(payload.get("content") or "").startswith("<@"):
                     out.append(rec)
         return out
 
-    def latencies(self, results: list[Any], prefix_of: Any) -> list[float]:
-        table = self.prefixes()
+    @staticmethod
+    def latencies(results: list[Any], prefix_of: Any, servers: Servers) -> list[float]:
         values = []
         for rec in results:
-            prefix = prefix_of(rec)
-            if prefix is None or prefix not in table:
-                continue
-            comfy, prompt_id = table[prefix]
-            sent = comfy.success_at.get(prompt_id)
+            sent = servers.success_of(prefix_of(rec))
             if sent is not None:
                 values.append(rec.time - sent)
         return values
 
-    async def wait_results(self, start: int, count: int, deadline: float) -> list[Any]:
+    def count_requests(self, phase: Phase, req_mark: int, answered_mark: int) -> None:
+        """The relay's own API requests of the phase (by User-Agent: the other relay's
+        stragglers are not its), its 429s and errors."""
+        recs = [r for r in self.discord.requests[req_mark:] if r.path.startswith("/")
+                and not r.path.startswith("/cdn/") and from_bot(r) == (phase.name == "bot")]
+        phase.requests = len(recs)
+        phase.answered_429 = sum(1 for r in recs if r.status == 429)
+        phase.http_errors = sum(1 for r in recs if r.status is not None and r.status >= 400
+                                and r.status != 429)
+        limited = collections.Counter(
+            (self.discord.ratelimits.route_of(r.method, r.path)[0],
+             "global" if isinstance(r.response, dict) and r.response.get("global") else "route")
+            for r in recs if r.status == 429)
+        if limited:
+            phase.notes.append("429s by route (global limit / route bucket): " + ", ".join(
+                f"{route} {scope} {n}" for (route, scope), n in limited.most_common()))
+
+    async def wait_quiet(self, deadline: float, quiet: float = 3.0, limit: float = 180.0) -> None:
+        """Wait until the bot has sent nothing for ``quiet`` s (its last round's final edits
+        would otherwise share Discord's global limit with the bare client's uploads)."""
+        until = min(deadline, time.monotonic() + limit)
+        while time.monotonic() < until:
+            last = next((r.time for r in reversed(self.discord.requests) if from_bot(r)), 0.0)
+            if time.monotonic() - last >= quiet:
+                return
+            await asyncio.sleep(0.5)
+        print("  the bot was still sending when the bare client started", flush=True)
+
+    async def wait_results(self, start: int, count: int, deadline: float, *,
+                           bot: bool) -> list[Any]:
         found: list[Any] = []
+        last_new = time.monotonic()
         while True:
-            # Only the new requests are scanned: this process hosts the fakes being timed.
+            # Only the new requests are scanned: this process hosts the fake Discord.
             end = len(self.discord.requests)
-            found += self.results(start, end)
+            new = self.results(start, end, bot=bot)
+            found += new
             start = end
-            if len(found) >= count or time.monotonic() > deadline:
+            now = time.monotonic()
+            if new:
+                last_new = now
+            if len(found) >= count or now > deadline:
+                return found
+            if found and now - last_new > self.args.stall:
+                # A job that failed posts no result: stop waiting for it.
+                print(f"  no new result for {self.args.stall:.0f} s: {len(found)} of {count} "
+                      "delivered", flush=True)
                 return found
             await asyncio.sleep(0.05)
 
@@ -272,16 +347,17 @@ class Rig:
     async def run_bare(self, deadline: float, round_no: int, jobs: int) -> Phase:
         args = self.args
         phase = Phase("bare", jobs=jobs)
+        await self.wait_quiet(deadline)
         spec = {
-            "servers": [c.url for c in self.comfys], "api_base": self.discord.api_base,
+            "servers": self.urls, "api_base": self.discord.api_base,
             "token": self.discord.token, "channels": self.channels,
             "users": [u.id for u in self.users], "jobs": jobs, "steps": args.steps,
             "size": args.size, "model": MODEL, "prompts": PROMPTS, "round": round_no,
             "timeout": max(10.0, deadline - time.monotonic()),
         }
-        self.pause()
-        req_mark = len(self.discord.requests)
-        prompt_marks = [len(c.prompts) for c in self.comfys]
+        await self.pause()
+        req_mark, answered_mark = len(self.discord.requests), self.discord.answered_429
+        prompt_marks = await self.marks()
         self.bare = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.bare", json.dumps(spec), cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, env=child_env(),
@@ -290,13 +366,15 @@ class Rig:
         line = await asyncio.wait_for(self.bare.stdout.readline(), deadline - time.monotonic())
         if not line.startswith(b"queued"):
             raise RuntimeError(f"bare client failed to queue: {line!r}")
-        marks = self.sent_marks()
+        marks = [[s, p] for (s, _), (_, p) in zip(await self.marks(), prompt_marks,
+                                                   strict=True)]
         started = time.monotonic()
-        self.resume()
-        results = await self.wait_results(req_mark, jobs, deadline)
+        await self.resume()
+        results = await self.wait_results(req_mark, jobs, deadline, bot=False)
         phase.run_wall = (max(r.time for r in results) if results else time.monotonic()) - started
-        phase.events = self.events_since(marks)
-        self.spread(phase, prompt_marks, started)
+        servers = await self.servers_since(marks)
+        phase.events = servers.events
+        servers.spread(phase, started)
         line = await asyncio.wait_for(self.bare.stdout.readline(),
                                       max(1.0, deadline - time.monotonic()))
         await self.bare.wait()
@@ -312,9 +390,8 @@ class Rig:
             match = BARE_PREFIX.search(str(rec.json.get("content")))
             return match.group(1) if match else None
 
-        phase.latencies = self.latencies(results, prefix_of)
-        phase.http_errors = sum(1 for r in self.discord.requests[req_mark:]
-                                if r.status is not None and r.status >= 400)
+        phase.latencies = self.latencies(results, prefix_of, servers)
+        self.count_requests(phase, req_mark, answered_mark)
         return phase
 
     # -- the bot -------------------------------------------------------------------------
@@ -370,20 +447,24 @@ user_concurrent_jobs = {self.args.jobs + 10}
             itx = await self.discord.slash(name, options, guild_id=self.guild.id, **kw)
             self.injected[itx.id] = time.monotonic()
             interactions.append(itx)
+        last_injected = time.monotonic()
         while True:
-            pending = [itx for itx in interactions if not answered(itx)]
-            if not pending:
+            interactions_left = [itx for itx in interactions if not answered(itx)]
+            if not interactions_left:
                 return interactions
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(pending)} commands were never answered")
-            await asyncio.sleep(0.05)
+            if time.monotonic() > min(deadline, last_injected + self.args.stall):
+                # Reported (the run goes on): a command the bot never answered.
+                print(f"  {len(interactions_left)} commands not answered "
+                      f"{self.args.stall:.0f} s after the last was sent", flush=True)
+                return interactions
+            await asyncio.sleep(0.1)
 
     async def prepare_bot(self, deadline: float) -> None:
         """Start the bot and register every server with it."""
         await self.start_bot(deadline)
-        adds = [("server", {"name": f"gpu-{i + 1:02d}", "url": c.url},
+        adds = [("server", {"name": f"gpu-{i + 1:02d}", "url": url},
                  {"user": self.admin, "subcommand": "add-direct"})
-                for i, c in enumerate(self.comfys)]
+                for i, url in enumerate(self.urls)]
         for itx in await self.slash_all(adds, 20.0, deadline):
             if "Added server" not in answered(itx):
                 raise RuntimeError(f"/server add-direct failed: {answered(itx)}")
@@ -393,9 +474,9 @@ user_concurrent_jobs = {self.args.jobs + 10}
         phase = Phase("bot", jobs=jobs)
         assert self.bot is not None
         pid = self.bot.pid
-        self.pause()
-        req_mark = len(self.discord.requests)
-        prompt_marks = [len(c.prompts) for c in self.comfys]
+        await self.pause()
+        req_mark, answered_mark = len(self.discord.requests), self.discord.answered_429
+        prompt_marks = await self.marks()
         known = set(self.discord.messages)
         submit_profiler = await self.start_profiler(pid, self.args.profile_submit)
         cpu0, t0 = proc_cpu(pid), time.monotonic()
@@ -409,22 +490,24 @@ user_concurrent_jobs = {self.args.jobs + 10}
         refused = [answered(i) for i in interactions if "Queued #" not in answered(i)]
         if refused:
             phase.notes.append(f"{len(refused)} /generate refused, e.g. {refused[0]!r}")
-        marks = self.sent_marks()
+        marks = [[s, p] for (s, _), (_, p) in zip(await self.marks(), prompt_marks,
+                                                   strict=True)]
         cpu1, t1 = proc_cpu(pid), time.monotonic()
         phase.cpu_submit = cpu1 - cpu0
         await self.stop_profiler(submit_profiler)
         phase.notes.append(f"submitting took {t1 - t0:.1f} s wall")
         profiler = await self.start_profiler(pid, self.args.profile)
-        self.resume()
-        results = await self.wait_results(req_mark, jobs - len(refused), deadline)
+        await self.resume()
+        results = await self.wait_results(req_mark, jobs - len(refused), deadline, bot=True)
         cpu2 = proc_cpu(pid)
         await self.stop_profiler(profiler)
         end = max(r.time for r in results) if results else time.monotonic()
         phase.run_wall = end - t1
         phase.cpu_run = cpu2 - cpu1
-        phase.events = self.events_since(marks)
+        servers = await self.servers_since(marks)
+        phase.events = servers.events
         phase.delivered = len(results)
-        self.spread(phase, prompt_marks, t1)
+        servers.spread(phase, t1)
 
         def prefix_of(rec: Any) -> str | None:
             for embed in rec.json.get("embeds") or []:
@@ -433,32 +516,30 @@ user_concurrent_jobs = {self.args.jobs + 10}
                     return f"comfyvast/job-{match.group(1)}"
             return None
 
-        phase.latencies = self.latencies(results, prefix_of)
+        phase.latencies = self.latencies(results, prefix_of, servers)
         # Let the coalesced final edits land (they queue behind the per-channel budget).
         drain_until = min(deadline, time.monotonic() + args.drain)
-        while time.monotonic() < drain_until:
-            phase.finals = self.final_states(known)
-            if phase.finals >= phase.delivered:
-                break
+        phase.finals = self.final_states(known)
+        while time.monotonic() < drain_until and phase.finals < phase.delivered:
             await asyncio.sleep(0.25)
+            phase.finals = self.final_states(known)
         phase.notes.append(f"final status edits landed {time.monotonic() - end:.1f} s "
                            "after the last result")
         phase.peak_rss_kb = proc_status_kb(pid, "VmHWM")
-        self.member_view(phase, interactions, req_mark, results, prefix_of)
+        self.member_view(phase, interactions, req_mark, results, prefix_of, servers)
         edits: dict[str, list[float]] = {}
         for rec in self.discord.requests[req_mark:]:
             match = MESSAGE_PATH.match(rec.path)
-            if rec.method == "PATCH" and match:
+            if rec.method == "PATCH" and match and rec.status is not None and rec.status < 300:
                 edits.setdefault(match.group(2), []).append(rec.time)
         phase.edits = sum(len(v) for v in edits.values())
         phase.max_edits_per_s = max((max_in_window(v) for v in edits.values()), default=0)
         phase.edit_gaps = [b - a for v in edits.values() for a, b in zip(v, v[1:], strict=False)]
-        phase.http_errors = sum(1 for r in self.discord.requests[req_mark:]
-                                if r.status is not None and r.status >= 400)
+        self.count_requests(phase, req_mark, answered_mark)
         return phase
 
     def member_view(self, phase: Phase, interactions: list[Any], req_mark: int,
-                    results: list[Any], prefix_of: Any) -> None:
+                    results: list[Any], prefix_of: Any, servers: Servers) -> None:
         """Per job, what its member saw: acknowledgement, first status, result, final state,
         and how stale the status message was while the job ran."""
         job_of_itx: dict[int, int] = {}
@@ -473,6 +554,8 @@ user_concurrent_jobs = {self.args.jobs + 10}
         shown: dict[int, list[tuple[float, int]]] = {}  # message id -> (time, step shown)
         done_at: dict[int, float] = {}  # message id -> when its final state landed
         for rec in self.discord.requests[req_mark:]:
+            if rec.status is None or not 200 <= rec.status < 300:
+                continue  # a 429 the relay retried: its retry is recorded too
             payload = rec.json if isinstance(rec.json, dict) else {}
             embeds = payload.get("embeds") or []
             if rec.method == "POST" and MESSAGES_PATH.match(rec.path) and embeds and not str(
@@ -502,7 +585,6 @@ user_concurrent_jobs = {self.args.jobs + 10}
             prefix = prefix_of(rec)
             if prefix:
                 result_at[int(prefix.rsplit("-", 1)[1])] = rec.time
-        table = self.prefixes()
         for job, itx_id in job_of_itx.items():
             injected = self.injected.get(itx_id)
             if injected is not None and job in status_at:
@@ -514,28 +596,15 @@ user_concurrent_jobs = {self.args.jobs + 10}
                 continue
             # A final state that never landed counts as the whole drain.
             phase.final_lag.append(done_at.get(mid, time.monotonic()) - result_at[job])
-            found = table.get(f"comfyvast/job-{job}")
-            if found is None:
+            progress, success_at = servers.progress_of(f"comfyvast/job-{job}")
+            if not progress:
                 continue
-            comfy, prompt_id = found
-            samples = staleness_samples(
-                [(m.at, int(m.data["value"])) for m in comfy.sent
-                 if m.type == "progress" and m.data.get("prompt_id") == prompt_id],
-                shown.get(mid, []), comfy.success_at.get(prompt_id, result_at[job]))
+            samples = staleness_samples(progress, shown.get(mid, []),
+                                        success_at if success_at is not None else result_at[job])
             phase.staleness += samples
             if samples:
                 phase.worst_job_staleness = max(phase.worst_job_staleness,
                                                 percentile(samples, 95))
-
-    def spread(self, phase: Phase, marks: list[int], started: float) -> None:
-        """Jobs per server, and when the servers finished the phase's last prompt (the
-        prompts each server got after its mark)."""
-        last = started
-        for comfy, mark in zip(self.comfys, marks, strict=True):
-            mine = list(comfy.prompts)[mark:]
-            phase.per_server.append(len(mine))
-            last = max([last] + [comfy.success_at.get(p, started) for p in mine])
-        phase.comfy_wall = last - started
 
     @staticmethod
     async def stop_profiler(profiler: asyncio.subprocess.Process | None) -> None:
@@ -565,15 +634,50 @@ user_concurrent_jobs = {self.args.jobs + 10}
         return done
 
 
-def answered(itx: Any) -> str:
-    """The text of the bot's latest answer to an interaction ("" while none)."""
-    followups = itx.followups()
-    if followups:
-        return followups[-1].content or "(embed)"
+class Answers:
+    """The bot's latest answer to each interaction. Followups are indexed as the fake
+    Discord creates them (``Interaction.followups()`` scans every message: with thousands of
+    interactions polled, that scan was most of this process's CPU, which the fake shares)."""
+
+    def __init__(self) -> None:
+        self.fake: FakeDiscord | None = None
+        self.scanned = 0
+        self.followup: dict[int, Any] = {}
+
+    def __call__(self, itx: Any) -> str:
+        fake = itx._fake  # noqa: SLF001 - the fake the interaction came from
+        if fake is not self.fake:
+            self.fake, self.scanned, self.followup = fake, 0, {}
+        if len(fake.messages) > self.scanned:
+            for message in list(fake.messages.values())[self.scanned:]:
+                iid = message.interaction_id
+                if iid is not None and iid in fake.interactions and (
+                        message.id != fake.interactions[iid].original_message_id):
+                    self.followup[iid] = message
+            self.scanned = len(fake.messages)
+        followup = self.followup.get(itx.id)
+        if followup is not None:
+            return followup.content or "(embed)"
+        return response_text(itx)
+
+
+def response_text(itx: Any) -> str:
+    """The text of the interaction's original response ("" while none or loading)."""
     message = itx.response_message()
     if message is not None and not message.loading and (message.content or message.embeds):
         return message.content or "(embed)"
     return ""
+
+
+answered = Answers()
+
+
+def from_bot(rec: Any) -> bool:
+    """Whether the bot sent a request, not the bare client: discord.py's User-Agent, or an
+    interaction route (its webhook adapter sends aiohttp's own User-Agent, as the bare
+    client does, but the bare client never answers interactions)."""
+    return (str(rec.headers.get("User-Agent", "")).startswith("DiscordBot")
+            or rec.path.startswith(("/interactions/", "/webhooks/")))
 
 
 def child_env() -> dict[str, str]:
@@ -628,6 +732,8 @@ def figures(bare: Phase, bot: Phase) -> dict[str, float]:
         "bot_cpu_run": bot.cpu_run, "bot_submit_ms_per_job": 1000 * bot.cpu_submit / max(
             1, bot.jobs),
         "bot_run_wall": bot.run_wall, "bare_run_wall": bare.run_wall,
+        "bot_429": bot.answered_429, "bot_requests": bot.requests,
+        "bare_429": bare.answered_429, "bare_requests": bare.requests,
     }
 
 
@@ -635,7 +741,8 @@ def round_line(number: int, fig: dict[str, float]) -> str:
     return (f"round {number}: delivery p50 {fmt_ms(fig['bot_p50'])} / {fmt_ms(fig['bare_p50'])}"
             f" ({fig['ratio_p50']:.2f}x), p99 {fmt_ms(fig['bot_p99'])} / "
             f"{fmt_ms(fig['bare_p99'])} ({fig['ratio_p99']:.2f}x), bot CPU "
-            f"{fig['bot_cpu_pct']:.1f} %")
+            f"{fig['bot_cpu_pct']:.1f} %, 429s bot {fig['bot_429']:.0f}/"
+            f"{fig['bot_requests']:.0f} bare {fig['bare_429']:.0f}/{fig['bare_requests']:.0f}")
 
 
 def report(args: argparse.Namespace, rounds: list[tuple[Phase, Phase]]) -> str:
@@ -687,8 +794,15 @@ def report(args: argparse.Namespace, rounds: list[tuple[Phase, Phase]]) -> str:
         ("delivery p99 bot / bare", f"{fmt_ms(med('bot_p99'))} / {fmt_ms(med('bare_p99'))}"),
         ("ratio p50 / p99 (median of rounds)",
          f"{med('ratio_p50'):.2f}x / {med('ratio_p99'):.2f}x"),
-        ("HTTP errors at the fake Discord", f"bot {sum(b.http_errors for b in bots)}, "
-                                            f"bare {sum(b.http_errors for b in bares)}"),
+        ("HTTP errors at the fake Discord (not 429)",
+         f"bot {sum(b.http_errors for b in bots)}, bare {sum(b.http_errors for b in bares)}"),
+        ("429s at the fake Discord / requests",
+         f"bot {'+'.join(str(b.answered_429) for b in bots)} / "
+         f"{'+'.join(str(b.requests) for b in bots)}, bare "
+         f"{'+'.join(str(b.answered_429) for b in bares)} / "
+         f"{'+'.join(str(b.requests) for b in bares)}"
+         + (" (Discord's limits off)" if args.no_discord_limits else
+            " (no global limit)" if args.no_global_limit else "")),
         ("member: interaction -> ack p50 / p99", p50_p99(ack)),
         ("member: interaction -> first status p50 / p99", p50_p99(first)),
         ("member: interaction -> result p50 / p99", p50_p99(to_result)),
@@ -702,11 +816,14 @@ def report(args: argparse.Namespace, rounds: list[tuple[Phase, Phase]]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [round_line(i + 1, f) for i, f in enumerate(figs)] + [""]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    storm = [b.answered_429 / max(1, b.requests) for b in bots]
     targets = [
         ("delivery p50 within 1.05x of bare", med("ratio_p50") <= 1.05),
         ("delivery p99 within 1.05x of bare", med("ratio_p99") <= 1.05),
         ("bot CPU < 25 % of one core", med("bot_cpu_pct") < 25),
-        ("bot peak RSS < 250 MB", rss < 250 * 1024),
+        (f"bot peak RSS < {args.rss_target} MB", rss < args.rss_target * 1024),
+        (f"no 429 storm: bot's 429s < {STORM_SHARE:.0%} of its requests, every round"
+         f" (worst {max(storm):.2%})", max(storm) < STORM_SHARE),
         ("acknowledgement p99 < 250 ms", percentile(ack, 99) < 0.25),
         ("every interaction acknowledged", len(ack) == sum(b.jobs for b in bots)),
         ("first status p99 < 1 s", percentile(first, 99) < 1.0),
@@ -785,6 +902,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time limit per round in seconds")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 40 jobs, 4 servers, 1 round")
+    parser.add_argument("--scale", action="store_true",
+                        help="the issue's scale run: 2,000 jobs in flight on 100 servers in 40 "
+                             "channels from 100 members, 2 rounds, RSS target 300 MB")
+    parser.add_argument("--fake-procs", type=int, default=0,
+                        help="processes for the fake ComfyUIs (default: one per 25 servers)")
+    parser.add_argument("--no-discord-limits", action="store_true",
+                        help="turn the fake Discord's rate limits off (as before they existed)")
+    parser.add_argument("--stall", type=float, default=60.0,
+                        help="stop waiting for results after this many seconds without a new "
+                             "one (a failed job posts none)")
+    parser.add_argument("--no-global-limit", action="store_true",
+                        help="keep the per-route buckets but not Discord's global 50 per second")
+    parser.add_argument("--rss-target", type=int, default=250, help="bot peak RSS target, MB")
     parser.add_argument("--keep", metavar="DIR", help="keep config, DB and bot.log in DIR")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--profile", metavar="PATH",
@@ -797,6 +927,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.jobs, args.servers, args.channels, args.users = 40, 4, 4, 8
         args.rounds = 1
+    if args.scale:
+        args.jobs, args.servers, args.channels, args.users = 2000, 100, 40, 100
+        args.rounds = min(args.rounds, 2)
+        args.rss_target = 300
+        args.drain = max(args.drain, 120.0)
+    if args.fake_procs <= 0:
+        args.fake_procs = max(1, math.ceil(args.servers / 25))
     return args
 
 

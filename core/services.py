@@ -86,7 +86,12 @@ async def build_services(
     if run_migrations:
         await migrate(engine)
     sessions = create_session_factory(engine)
-    http = aiohttp.ClientSession(timeout=http_timeout(settings), connector=guarded_connector())
+    # No pool limit: every ComfyUI server's WebSocket holds a connection of this session's
+    # pool for good (core/comfy/stream.py shares the connector), and aiohttp's default of
+    # 100 left no connection for HTTP at 100 servers (found by bench.relay --scale: every
+    # POST /prompt timed out waiting for the pool and the servers were marked unusable).
+    http = aiohttp.ClientSession(timeout=http_timeout(settings),
+                                 connector=guarded_connector(limit=0))
     audit = AuditService(sessions)
     servers = ServerRegistry(sessions, audit)
     servers.clock = clock

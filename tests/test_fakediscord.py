@@ -702,3 +702,105 @@ async def test_autocomplete_choice_limits(
         async with http.post(url, json={"type": 8, "data": {"choices": good}}) as resp:
             assert resp.status == 200
     assert itx.choices == good
+
+
+async def test_route_buckets_answer_429_with_discords_headers(fake_discord: FakeDiscord) -> None:
+    """A burst over a channel's message bucket (5 per 5 s) gets Discord's 429; another
+    channel (another major parameter) is a bucket of its own."""
+    fake = fake_discord
+    other = fake.add_channel(fake.guild.id, "other")
+    auth = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        answers = []
+        for n in range(6):
+            async with http.post(f"{fake.api_base}/channels/{fake.guild.channel_id}/messages",
+                                 json={"content": f"burst {n}"}) as resp:
+                answers.append((resp.status, dict(resp.headers), await resp.json()))
+        async with http.post(f"{fake.api_base}/channels/{other}/messages",
+                             json={"content": "elsewhere"}) as resp:
+            assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "4"
+    assert [a[0] for a in answers] == [200] * 5 + [429]
+    assert [a[1]["X-RateLimit-Remaining"] for a in answers[:5]] == ["4", "3", "2", "1", "0"]
+    assert {a[1]["X-RateLimit-Limit"] for a in answers} == {"5"}
+    assert len({a[1]["X-RateLimit-Bucket"] for a in answers}) == 1
+    for name in ("X-RateLimit-Reset", "X-RateLimit-Reset-After"):
+        assert all(float(a[1][name]) > 0 for a in answers)
+    status, headers, body = answers[5]
+    assert headers["Via"] and headers["X-RateLimit-Scope"] == "user"
+    assert int(headers["Retry-After"]) >= 1
+    assert body["global"] is False and 0 < body["retry_after"] <= 5.0
+    assert "X-RateLimit-Scope" not in answers[0][1]
+    assert fake.answered_429 == 1 and fake.ratelimits.invalid == 1
+
+
+async def test_discord_py_waits_out_a_bucket(fake_discord: FakeDiscord) -> None:
+    """The real client reads the headers: a 429 from an exhausted bucket is slept off and
+    retried; afterwards it waits for the reset by itself (no further 429)."""
+    fake = fake_discord
+    # 3 per 1.5 s: short for the suite, long enough that a busy machine still sends the
+    # bot's first message inside the window the other client spent.
+    fake.ratelimits.override("POST /channels/{channel_id}/messages", 3, 1.5)
+    bot = new_bot(fake)
+    channel_id = fake.guild.channel_id
+    async with running_bot(bot, fake):
+        async with aiohttp.ClientSession() as http:  # another client spends the bucket
+            for _ in range(3):
+                async with http.post(f"{fake.api_base}/channels/{channel_id}/messages",
+                                     json={"content": "x"},
+                                     headers={"Authorization": f"Bot {fake.token}"}) as resp:
+                    assert resp.status == 200
+        channel = bot.get_channel(channel_id)
+        mark = len(fake.requests)
+        sent = [await channel.send(f"n{n}") for n in range(4)]
+        posts = [r for r in fake.requests[mark:]
+                 if r.method == "POST" and r.path.endswith("/messages")]
+    assert [m.content for m in sent] == [f"n{n}" for n in range(4)]
+    assert [r.status for r in posts] == [429] + [200] * 4
+    retry_after = posts[0].response["retry_after"]
+    assert posts[1].time - posts[0].time >= retry_after - 0.01
+    # 3 per 1.5 s: the 4th success waited for the next reset, with no 429 of its own.
+    assert posts[-1].time - posts[1].time >= 1.45
+    assert fake.answered_429 == 1
+
+
+async def test_global_limit_spares_interaction_endpoints(fake_discord: FakeDiscord) -> None:
+    """Over the global limit discord.py gets a global 429 and waits it out; interaction
+    callbacks and followups are not bound to the global limit (Discord's docs)."""
+    fake = fake_discord
+    fake.ratelimits.global_limit = 2
+    channels = [fake.add_channel(fake.guild.id, f"c{n}") for n in range(4)]
+    bot = new_bot(fake)
+    async with running_bot(bot, fake):
+        await asyncio.sleep(1.05)  # the connect's own requests leave the global window
+        mark = len(fake.requests)
+        sent = await asyncio.gather(*(bot.get_channel(c).send("hi") for c in channels))
+        posts = [r for r in fake.requests[mark:] if r.method == "POST"]
+        assert len(sent) == 4 and sorted(r.status for r in posts).count(200) == 4
+        limited = [r for r in posts if r.status == 429]
+        assert limited and all(r.response["global"] is True for r in limited)
+        # The global window is spent again; an interaction is still answered at once.
+        for c in channels[:2]:
+            await bot.get_channel(c).send("spend")
+        itx, _ = await run_ping(fake, bot)
+        assert itx.responded
+        interaction_calls = [r for r in fake.requests[mark:] if "/interactions/" in r.path
+                             or "/webhooks/" in r.path]
+        assert interaction_calls and all(r.status == 200 for r in interaction_calls)
+
+
+async def test_too_many_invalid_requests_get_the_cloudflare_ban(
+        fake_discord: FakeDiscord) -> None:
+    """Past the invalid-request limit every API request gets Cloudflare's 429 (HTML, no
+    Via), which discord.py does not retry."""
+    fake = fake_discord
+    fake.ratelimits.invalid_limit = 3
+    url = f"{fake.api_base}/channels/{fake.guild.channel_id}/messages"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(4):
+            async with http.post(url, json={"content": "x"}) as resp:  # no token: 401
+                assert resp.status == 401
+        async with http.post(url, json={"content": "x"},
+                             headers={"Authorization": f"Bot {fake.token}"}) as resp:
+            assert resp.status == 429 and "Via" not in resp.headers
+            assert resp.content_type == "text/html"
+    assert fake.ratelimits.invalid == 5 and fake.ratelimits.bans == 1

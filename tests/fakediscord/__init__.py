@@ -23,6 +23,7 @@ from .models import (
     Role,
     User,
 )
+from .ratelimit import RateLimits
 from .server import ApiError, FakeDiscord
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Guild",
     "Interaction",
     "Message",
+    "RateLimits",
     "Recorded",
     "Role",
     "User",

@@ -44,6 +44,7 @@ from .models import (
     iso_now,
     iter_components,
 )
+from .ratelimit import RateLimits
 
 API_PREFIX = "/api/v10"
 ACK_DEADLINE = 3.0
@@ -115,9 +116,13 @@ class FakeDiscord:
     member: User
 
     def __init__(self, *, token: str = "fake-token", clock: Callable[[], float] = time.time,
-                 attachment_size_limit: int = 10 * 1024 * 1024) -> None:
+                 attachment_size_limit: int = 10 * 1024 * 1024,
+                 rate_limits: bool = True) -> None:
         self.token = token
         self.clock = clock
+        # Discord's per-route buckets and global limit (see .ratelimit); tests loosen them
+        # with ``fake.ratelimits.override(...)``/``.factor`` or turn them off (``enabled``).
+        self.ratelimits = RateLimits(enabled=rate_limits, clock=clock)
         self.attachment_size_limit = attachment_size_limit
         self.snowflake = SnowflakeGenerator()
         self.application_id = self.snowflake()
@@ -364,6 +369,11 @@ class FakeDiscord:
         return data
 
     # ------------------------------------------------------------------ observation helpers
+    @property
+    def answered_429(self) -> int:
+        """How many 429s the fake answered (bucket, global, injected, Cloudflare ban)."""
+        return self.ratelimits.answered_429
+
     def calls(self, method: str, fragment: str) -> list[Recorded]:
         method = method.upper()
         return [r for r in self.requests if r.method == method and fragment in r.path]
@@ -501,17 +511,35 @@ class FakeDiscord:
             return await handler(request)
         rec = await self._record(request)
         request[_REC_KEY] = rec
+        limited: dict[str, str] = {}
         try:
             path = rec.path
             if request.path.startswith(API_PREFIX) and not self._is_unknown(request):
-                if not _UNAUTHENTICATED.match(path):
-                    if request.headers.get("Authorization") != f"Bot {self.token}":
-                        raise ApiError(401, 0, "401: Unauthorized")
+                if self.ratelimits.banned():
+                    # Past 10,000 invalid requests in 10 minutes Discord's Cloudflare bans
+                    # the IP: a 429 in HTML, without Via (discord.py raises at once).
+                    rec.status = 429
+                    self.ratelimits.answered(429, "cloudflare")
+                    return web.Response(status=429, text="error code: 1015",
+                                        content_type="text/html")
+                authenticated = request.headers.get("Authorization") == f"Bot {self.token}"
+                if not _UNAUTHENTICATED.match(path) and not authenticated:
+                    raise ApiError(401, 0, "401: Unauthorized")
                 self._apply_rules(rec.method, path)
+                verdict = self.ratelimits.check(rec.method, path, authenticated=authenticated)
+                if verdict.status is not None:
+                    err = ApiError(verdict.status, 0, "You are being rate limited.",
+                                   headers=verdict.headers)
+                    err.body = dict(verdict.body or {})
+                    raise err
+                limited = verdict.headers
             resp = await handler(request)
         except ApiError as err:
             resp = json_response(err.body, err.status, err.headers)
+        if limited and isinstance(resp, web.Response):
+            resp.headers.update(limited)
         rec.status = resp.status
+        self.ratelimits.answered(resp.status, resp.headers.get("X-RateLimit-Scope"))
         # Only API answers are recorded as JSON: the CDN serves uploads with whatever
         # content type the uploader gave (a "JSON" attachment may hold any bytes).
         if (isinstance(resp, web.Response) and resp.content_type == "application/json"
