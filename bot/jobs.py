@@ -21,6 +21,7 @@ from bot.job_render import (
     STATUS_WORDS,
     status_embed,
 )
+from bot.rendering import status_post_refused
 from bot.tree import send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
 from core.generation import (
@@ -212,9 +213,7 @@ async def launch_jobs(
             )
         except discord.HTTPException as exc:
             await gen.abandon(job.id, "The status message could not be posted.")
-            raise ComfyVastError(
-                "I can't post in this channel; check my Send Messages and Embed Links permissions."
-            ) from exc
+            raise ComfyVastError(status_post_refused(exc)) from exc
         await gen.attach_message(job.id, message.channel.id, message.id)
         gen.start(job.id)
         jobs.append(job)

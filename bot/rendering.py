@@ -146,3 +146,16 @@ def fit_message(kwargs: dict[str, Any]) -> dict[str, Any]:
         for embed in embeds:
             fit_embed(embed, share)
     return kwargs
+
+
+def status_post_refused(exc: discord.HTTPException) -> str:
+    """What to tell a member whose status message Discord refused, by why it did."""
+    if isinstance(exc, discord.Forbidden):
+        return ("I can't post in this channel; check my Send Messages and Embed Links "
+                "permissions.")
+    if exc.status == 429:
+        # discord.py gave up after its retries: the channel (or the bot) is over Discord's
+        # rate limits, typically a burst of jobs; nothing is wrong with the permissions.
+        return ("Discord is limiting how fast I can post in this channel right now; "
+                "nothing was queued. Try again in a minute.")
+    return f"Discord refused my status message (HTTP {exc.status}); nothing was queued."

@@ -21,7 +21,14 @@ from bot.confirm import confirm
 from bot.context import BotContext, bot_of
 from bot.options import ProfileOption, ServerOption
 from bot.relay import MessageRelay
-from bot.rendering import BRAND_COLOUR, ERROR_COLOUR, OK_COLOUR, human_duration, truncate
+from bot.rendering import (
+    BRAND_COLOUR,
+    ERROR_COLOUR,
+    OK_COLOUR,
+    human_duration,
+    status_post_refused,
+    truncate,
+)
 from core.errors import ComfyVastError, ValidationFailed
 from core.setup import ExecutionView, SetupObserver, SetupService
 
@@ -220,9 +227,7 @@ class Setup(AdminCog, commands.GroupCog, group_name="setup",
                 embed=setup_embed(view), allowed_mentions=discord.AllowedMentions.none())
         except discord.HTTPException as exc:
             await service.abandon(view.id, "The status message could not be posted.")
-            raise ComfyVastError(
-                "I can't post in this channel; check my Send Messages and Embed Links "
-                "permissions.") from exc
+            raise ComfyVastError(status_post_refused(exc)) from exc
         await service.attach_message(view.id, message.channel.id, message.id)
         service.start(view.id)
         await interaction.followup.send(

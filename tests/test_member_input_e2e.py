@@ -356,3 +356,26 @@ async def test_orphaned_inputs_are_swept_on_start(
         await eventually(lambda: _false_if_exists(orphan), timeout=15)
     finally:
         await env.stop()
+
+
+# ---------------------------------------------------------------- 6. Discord refusals
+
+
+@pytest.mark.parametrize(("status", "code", "said"), [
+    (403, 50013, "check my Send Messages"),
+    # A 429 without Via is one discord.py does not retry (discord.md): as when it gave
+    # up after five, the member hears about the rate limit, not about permissions.
+    (429, 0, "limiting how fast I can post"),
+    (400, 50035, "Discord refused my status message (HTTP 400)"),
+])
+async def test_a_refused_status_post_says_why_and_queues_nothing(
+    studio: BotEnv, comfy: FakeComfy, status: int, code: int, said: str
+) -> None:
+    studio.fake.fail_once("POST", f"/channels/{studio.channel_id}/messages", status, code,
+                          "refused")
+    interaction = await studio.slash("generate", {"prompt": "a cat"})
+    text = await answer(studio, interaction)
+    assert said in text, text
+    assert ("Send Messages" in text) == (status == 403)
+    row = await job_row(studio)
+    assert row is not None and row.status == "failed" and not comfy.prompts
