@@ -144,22 +144,26 @@ async def test_pool_commands(fake_discord: Any, tmp_path: Path, vast: FakeVast) 
         await env.stop()
 
 
+async def warm_and_two_stopped(env: BotEnv, max_servers: int) -> None:
+    """Pool "gpu" (RTX 4090, target wait 60 s) of three members: "warm" running, "cold"
+    and "colder" stopped (offers 103, 101, 102: $0.30, $0.40, $0.50)."""
+    await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": max_servers,
+                                "target_wait": 60})
+    for name in ("warm", "cold", "colder"):
+        await rent_running(env, "RTX 4090", name)
+    for name in ("warm", "cold", "colder"):
+        await admin(env, "add-server", {"name": "gpu", "server": name})
+    for name in ("colder", "cold"):
+        await env.slash("server", {"server": name}, user=env.fake.admin, subcommand="stop")
+        await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+
+
 async def test_burst_starts_stopped_then_rents_within_max_and_cooldown(
     fake_discord: Any, tmp_path: Path, vast: FakeVast
 ) -> None:
     env = await vast_env(fake_discord, tmp_path, vast)
     try:
-        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 4,
-                                    "target_wait": 60})
-        await rent_running(env, "RTX 4090", "warm")   # offer 103, $0.30
-        await rent_running(env, "RTX 4090", "cold")   # offer 101, $0.40
-        await rent_running(env, "RTX 4090", "colder")  # offer 102, $0.50
-        for name in ("warm", "cold", "colder"):
-            await admin(env, "add-server", {"name": "gpu", "server": name})
-        for name in ("colder", "cold"):
-            await env.slash("server", {"server": name}, user=env.fake.admin,
-                            subcommand="stop")
-            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        await warm_and_two_stopped(env, 4)
         autoscaler = env.services.autoscaler
         assert await autoscaler.tick() == []  # nothing queued: nothing to do
 
@@ -360,15 +364,7 @@ async def test_measured_job_time_decides_how_many(fake_discord: Any, tmp_path: P
                                                   vast: FakeVast) -> None:
     env = await vast_env(fake_discord, tmp_path, vast)
     try:
-        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 5,
-                                    "target_wait": 60})
-        for name in ("warm", "cold", "colder"):
-            await rent_running(env, "RTX 4090", name)
-            await admin(env, "add-server", {"name": "gpu", "server": name})
-        for name in ("colder", "cold"):
-            await env.slash("server", {"server": name}, user=env.fake.admin,
-                            subcommand="stop")
-            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        await warm_and_two_stopped(env, 5)
         # Jobs take 10 s here: 10 queued wait ~100 s on one server, so two servers do
         # (at the 60 s default it would take ten: both stopped ones and two rentals).
         await finished_jobs(env, "warm", 5, 10.0)
@@ -466,15 +462,7 @@ async def test_no_start_that_would_come_up_after_the_queue(
     off the queue is not started; a queue still long by then starts enough for the rest."""
     env = await vast_env(fake_discord, tmp_path, vast)
     try:
-        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090", "max": 5,
-                                    "target_wait": 60})
-        for name in ("warm", "cold", "colder"):
-            await rent_running(env, "RTX 4090", name)
-            await admin(env, "add-server", {"name": "gpu", "server": name})
-        for name in ("colder", "cold"):
-            await env.slash("server", {"server": name}, user=env.fake.admin,
-                            subcommand="stop")
-            await eventually(lambda n=name: _is(env, n, "stopped"), timeout=20)
+        await warm_and_two_stopped(env, 5)
         autoscaler = env.services.autoscaler
         autoscaler.ready_seconds["start"] = [120.0]  # this pool's starts took 2 minutes
         await finished_jobs(env, "warm", 5, 10.0)
