@@ -72,10 +72,8 @@ PROMPTS = [
 ]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES_PATH = re.compile(r"^/channels/(\d+)/messages$")
-MESSAGE_PATH = re.compile(r"^/channels/(\d+)/messages/(\d+)$")
 FOOTER_JOB = re.compile(r"^Job #(\d+) ")
 BARE_PREFIX = re.compile(r"(bare/r\d+-job-\d+)")
-QUEUED_JOB = re.compile(r"Queued #(\d+)")
 SHOWN_STEP = re.compile(r"` (\d+)/(\d+) \(")  # the progress line of a status embed
 FINAL_TITLES = ("Done ·", "Failed ·", "Cancelled ·")
 STALENESS_SAMPLE = 0.1  # seconds between staleness samples while a job runs
@@ -274,10 +272,12 @@ class Rig:
         429s that were retried): content starts "<@", with files."""
         out = []
         for rec in self.discord.requests[start:end]:
-            if (from_bot(rec) == bot and rec.method in ("POST", "PATCH") and rec.files
-                    and rec.status is not None
-                    and 200 <= rec.status < 300 and MESSAGES_PATH.match(rec.path.rsplit(
-                        "/", 1)[0] if rec.method == "PATCH" else rec.path)):
+            # A post to the channel, or an edit of a message by any route (the channel's,
+            # or the interaction's webhook: the status message becoming the result).
+            if (from_bot(rec) == bot and rec.files and rec.status is not None
+                    and 200 <= rec.status < 300
+                    and ((rec.method == "POST" and MESSAGES_PATH.match(rec.path))
+                         or (rec.method == "PATCH" and rec.message_id is not None))):
                 payload = rec.json if isinstance(rec.json, dict) else {}
                 if str(payload.get("content") or "").startswith("<@"):
                     out.append(rec)
@@ -487,7 +487,8 @@ user_concurrent_jobs = {self.args.jobs + 10}
                   "channel_id": self.channels[n % len(self.channels)]})
                 for n in range(jobs)]
         interactions = await self.slash_all(gens, args.inject_rate, deadline)
-        refused = [answered(i) for i in interactions if "Queued #" not in answered(i)]
+        # Each /generate's reply is its status message (an embed); a refusal is a sentence.
+        refused = [answered(i) for i in interactions if answered(i) != "(embed)"]
         if refused:
             phase.notes.append(f"{len(refused)} /generate refused, e.g. {refused[0]!r}")
         marks = [[s, p] for (s, _), (_, p) in zip(await self.marks(), prompt_marks,
@@ -529,9 +530,9 @@ user_concurrent_jobs = {self.args.jobs + 10}
         self.member_view(phase, interactions, req_mark, results, prefix_of, servers)
         edits: dict[str, list[float]] = {}
         for rec in self.discord.requests[req_mark:]:
-            match = MESSAGE_PATH.match(rec.path)
-            if rec.method == "PATCH" and match and rec.status is not None and rec.status < 300:
-                edits.setdefault(match.group(2), []).append(rec.time)
+            if (rec.method == "PATCH" and rec.message_id is not None and rec.status is not None
+                    and rec.status < 300 and from_bot(rec)):
+                edits.setdefault(str(rec.message_id), []).append(rec.time)
         phase.edits = sum(len(v) for v in edits.values())
         phase.max_edits_per_s = max((max_in_window(v) for v in edits.values()), default=0)
         phase.edit_gaps = [b - a for v in edits.values() for a, b in zip(v, v[1:], strict=False)]
@@ -542,39 +543,38 @@ user_concurrent_jobs = {self.args.jobs + 10}
                     results: list[Any], prefix_of: Any, servers: Servers) -> None:
         """Per job, what its member saw: acknowledgement, first status, result, final state,
         and how stale the status message was while the job ran."""
-        job_of_itx: dict[int, int] = {}
         for itx in interactions:
             if itx.ack_time is not None:
                 phase.ack.append(itx.ack_time - itx.created_at)
-            match = QUEUED_JOB.search(answered(itx))
-            if match:
-                job_of_itx[int(match.group(1))] = itx.id
+        job_of_itx: dict[int, int] = {}
         status_msg: dict[int, int] = {}  # job -> status message id
         status_at: dict[int, float] = {}
         shown: dict[int, list[tuple[float, int]]] = {}  # message id -> (time, step shown)
         done_at: dict[int, float] = {}  # message id -> when its final state landed
         for rec in self.discord.requests[req_mark:]:
-            if rec.status is None or not 200 <= rec.status < 300:
+            # Whatever the route (a channel post or edit, the interaction's reply or a
+            # followup through its webhook): the message it made or edited, and its embed.
+            mid = rec.message_id
+            if mid is None or rec.status is None or not 200 <= rec.status < 300 \
+                    or rec.method not in ("POST", "PATCH"):
                 continue  # a 429 the relay retried: its retry is recorded too
             payload = rec.json if isinstance(rec.json, dict) else {}
             embeds = payload.get("embeds") or []
-            if rec.method == "POST" and MESSAGES_PATH.match(rec.path) and embeds and not str(
-                    payload.get("content") or "").startswith("<@"):
-                match = FOOTER_JOB.match(str((embeds[0].get("footer") or {}).get("text", "")))
-                if match and isinstance(rec.response, dict):
-                    job = int(match.group(1))
-                    status_msg[job] = int(rec.response["id"])
-                    status_at[job] = rec.time
-                    shown[int(rec.response["id"])] = [(rec.time, 0)]
+            if not embeds:
                 continue
-            match = MESSAGE_PATH.match(rec.path)
-            if rec.method != "PATCH" or not match or not embeds or (
-                    rec.status is not None and rec.status >= 400):
-                continue
-            mid = int(match.group(2))
             embed = embeds[0]
             if str(embed.get("title", "")).startswith(FINAL_TITLES):
                 done_at.setdefault(mid, rec.time)
+                continue
+            match = FOOTER_JOB.match(str((embed.get("footer") or {}).get("text", "")))
+            if match and int(match.group(1)) not in status_at:
+                # The first time a job's status is shown: its status message.
+                job = int(match.group(1))
+                status_msg[job], status_at[job] = mid, rec.time
+                shown[mid] = [(rec.time, 0)]
+                message = self.discord.messages.get(mid)
+                if message is not None and message.interaction_id is not None:
+                    job_of_itx[job] = message.interaction_id
                 continue
             text = " ".join(str(f.get("value", "")) for f in embed.get("fields") or [])
             step = SHOWN_STEP.search(text)

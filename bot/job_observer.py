@@ -186,14 +186,20 @@ class DiscordJobObserver(JobObserver):
         waited = (discord.utils.utcnow() - job.created_at).total_seconds()
         if waited < NOTIFY_AFTER:
             return
+        content = f"<@{job.user_id}> job #{job.id} is ready."
+        mention = discord.AllowedMentions(users=[discord.Object(id=job.user_id)])
+        route = self.relay.webhook_of(result.id)
         try:
+            if route is not None and route.send is not None:
+                # A followup of the member's interaction: the token's own bucket, not the
+                # channel's message budget (a burst's results would queue behind pings).
+                await route.send(content=content, allowed_mentions=mention, wait=True)
+                return
             await channel.send(
-                content=f"<@{job.user_id}> job #{job.id} is ready.",
+                content=content,
                 reference=result,
                 mention_author=False,
-                allowed_mentions=discord.AllowedMentions(
-                    users=[discord.Object(id=job.user_id)]
-                ),
+                allowed_mentions=mention,
                 nonce=f"cvjob{job.id}n",
             )
         except discord.HTTPException as exc:  # the result is shown; the ping is a courtesy
@@ -220,6 +226,8 @@ class DiscordJobObserver(JobObserver):
                 job.message_id,
                 lambda: self._render_final(job, f"Finished: {link}" if link else None),
             )
+        if job.message_id is not None:
+            self.relay.drop_webhook(job.message_id)
         self._forget(job.id)
 
     async def _render_final(self, job: JobView, link: str | None) -> dict[str, Any]:

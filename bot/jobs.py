@@ -1,15 +1,19 @@
 """The Discord side of generations: launching jobs and their persistent buttons (how a
 job's events are shown is bot/job_observer.py).
 
-The status message is a regular channel message the bot owns, so it can be edited long
-after the 15-minute interaction token has expired (and it becomes the result); the
-interaction itself only gets a private "queued" reply.
+A job's status message is the public reply to the member's interaction (further jobs of
+one interaction, such as variations, are its followups): Discord creates it with the
+acknowledgement, and while the interaction's token lives (15 minutes) it is edited through
+the interaction's webhook, whose rate-limit bucket is the token's own, not the channel's.
+The message is the bot's, so after the token expires (or a restart) it is edited through
+the channel like any other; it becomes the result.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
@@ -21,8 +25,9 @@ from bot.job_render import (
     STATUS_WORDS,
     status_embed,
 )
+from bot.relay import TOKEN_MARGIN
 from bot.rendering import status_post_refused
-from bot.tree import send_ephemeral
+from bot.tree import defer_public, public_reply_shown, send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
 from core.generation import (
     GenerationRequest,
@@ -103,7 +108,7 @@ class RerollButton(
     emoji = "🎲"
 
     async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        await defer_public(interaction)
         gen = bot.services.generation
         job = await gen.get(self.job_id)
         request = gen.request_from(job, actor_of(interaction), seed=None, kind="reroll")
@@ -119,7 +124,7 @@ class VariationsButton(
     emoji = "🔀"
 
     async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        await defer_public(interaction)
         gen = bot.services.generation
         job = await gen.get(self.job_id)
         actor = actor_of(interaction)
@@ -138,7 +143,7 @@ class UpscaleButton(
     emoji = "🔍"
 
     async def run(self, bot: BotContext, interaction: discord.Interaction) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        await defer_public(interaction)
         gen = bot.services.generation
         job = await gen.get(self.job_id)
         models = await gen.upscale_models(job.server_id)
@@ -191,9 +196,11 @@ def result_view(job_id: int, *, upscale: bool) -> ui.View:
 async def launch_jobs(
     bot: BotContext, interaction: discord.Interaction, requests: list[GenerationRequest]
 ) -> list[JobView]:
-    """Submit each request, post its status message, start it; reply privately.
+    """Submit each request, show its status message, start it.
 
-    The interaction must already be deferred. Errors are ComfyVastErrors with a sentence.
+    The interaction must have been acknowledged with ``defer_public``: its reply becomes
+    the first job's status message, followups the others'. Errors are ComfyVastErrors
+    with a sentence.
     """
     gen = bot.services.generation
     channel = interaction.channel
@@ -202,22 +209,41 @@ async def launch_jobs(
     if len(requests) > 1:
         await gen.check_limits(requests[0].actor, len(requests))
     jobs: list[JobView] = []
-    links: list[str] = []
     for request in requests:
         job = await gen.submit(request)
         try:
-            message = await channel.send(  # type: ignore[union-attr]
-                embed=status_embed(job),
-                view=status_view(job.id),
-                allowed_mentions=discord.AllowedMentions.none(),
-            )
+            message, edit = await _show_status(interaction, job, first=not jobs)
         except discord.HTTPException as exc:
             await gen.abandon(job.id, "The status message could not be posted.")
             raise ComfyVastError(status_post_refused(exc)) from exc
+        public_reply_shown(interaction)
+        lifetime = (interaction.expires_at - discord.utils.utcnow()).total_seconds()
+        bot.relay.via_webhook(
+            message.id,
+            lane=("interaction", interaction.id),
+            edit=edit,
+            send=interaction.followup.send,
+            lifetime=lifetime - TOKEN_MARGIN,
+        )
         await gen.attach_message(job.id, message.channel.id, message.id)
         gen.start(job.id)
         jobs.append(job)
-        links.append(f"#{job.id} ({message.jump_url})")
-    text = "Queued " + ", ".join(links) + "."
-    await interaction.followup.send(text, ephemeral=True)
     return jobs
+
+
+async def _show_status(
+    interaction: discord.Interaction, job: JobView, *, first: bool
+) -> tuple[discord.Message, Callable[..., Awaitable[Any]]]:
+    """Post the status of ``job`` through the interaction's webhook: the reply for the
+    first job, a followup for the others. Returns the message and how to edit it there."""
+    kwargs: dict[str, Any] = {
+        "embed": status_embed(job),
+        "view": status_view(job.id),
+        "allowed_mentions": discord.AllowedMentions.none(),
+    }
+    if first:
+        return await interaction.edit_original_response(**kwargs), (
+            interaction.edit_original_response
+        )
+    message = await interaction.followup.send(wait=True, **kwargs)
+    return message, message.edit

@@ -1,17 +1,30 @@
-"""Coalesced message edits: at most one progress edit per message per interval, within a
-per-channel budget shared fairly, and final states first.
+"""Coalesced message edits: at most one progress edit per message per interval, within the
+budget of the Discord route that edits it, shared fairly, and final states first.
 
 Progress arrives far faster than Discord lets a bot edit (ComfyUI sends a message per
-sampler step, several jobs share a channel, and Discord allows 5 edits per 5 s per channel).
-Each message keeps only its latest wanted state; a newer state replaces an unsent older one,
-so nothing queues up. One worker per channel spends that channel's budget:
+sampler step, several jobs share a channel). Each message keeps only its latest wanted
+state; a newer state replaces an unsent older one, so nothing queues up. Each message is
+edited through a *lane*, one rate-limit bucket of Discord's, and one worker per lane spends
+that lane's budget:
+
+- a channel lane: ``PATCH /channels/{c}/messages/{m}``, a bucket per channel (observed: 5
+  edits per 5 s), shared by every message of the channel;
+- an interaction lane: a generation's status message is the reply to its member's
+  interaction, edited through the interaction's webhook (``PATCH
+  /webhooks/{app}/{token}/messages/...``) while its token lives (15 minutes). That bucket is
+  the token's own (Discord keys webhook buckets by webhook id + token) and interaction
+  routes do not count against the bot's global limit, so one job's edits never wait for
+  another job's. Past the token's life (or after a restart, when it is forgotten) the
+  message moves to its channel's lane.
+
+Within a lane:
 
 - a final state (done, failed, cancelled) goes before any progress, without waiting for the
-  message's interval, and progress edits leave a token in reserve for it, so the final state
-  lands with the result instead of queueing behind other jobs' progress;
+  message's interval, and progress edits leave a request in reserve for it, so the final
+  state lands with the result instead of queueing behind other jobs' progress;
 - progress edits go to the message edited least recently (round robin), so when the budget
-  is short every job of the channel gets its share and none starves, and when it is not a
-  message is edited every ``interval``.
+  is short every job gets its share and none starves, and when it is not a message is
+  edited every ``interval``.
 
 A final state is awaited by its caller, who learns whether it was sent: a result carried by
 the final edit must be posted some other way when its message is gone.
@@ -34,36 +47,60 @@ from core.tasks import TaskRegistry
 log = logging.getLogger(__name__)
 
 # What became of a state sent (see MessageRelay._send).
-_SENT, _GONE, _FAILED = object(), object(), object()
+_SENT, _GONE, _FAILED, _MOVED = object(), object(), object(), object()
 
 # What an edit sends: keyword arguments for PartialMessage.edit, built lazily so that
 # expensive work (thumbnails) is only done for states that are really sent.
 EditBuilder = Callable[[], Awaitable[dict[str, Any]]]
+# A lane: ("channel", channel id) or ("interaction", interaction id).
+LaneKey = tuple[str, int]
+
+# Discord's buckets are fixed windows: ``limit`` requests, all reset ``per`` seconds after
+# the window's first (tests/fakediscord/ratelimit.py has the sources). The relay keeps its
+# own count so that it never sends what Discord would refuse (a 429 costs a round trip and
+# a wait inside discord.py, where a final state could not overtake it); the margin covers
+# the window starting a little later at Discord than here.
+CHANNEL_EDITS = (5, 5.0)  # observed: 5 edits per 5 s per channel
+WEBHOOK_EDITS = (5, 2.0)  # observed for webhooks; assumed for interaction webhooks
+WINDOW_MARGIN = 0.25
+# An interaction token lives 15 minutes; its webhook is left this long before that, so an
+# edit in flight does not meet an expired token.
+TOKEN_MARGIN = 60.0
 
 
-class TokenBucket:
-    """``capacity`` edits at once, refilled at ``rate`` per second."""
+class FixedWindow:
+    """``limit`` requests per window; a window starts with its first request and all of its
+    requests reset together ``per`` seconds later (as Discord's buckets do)."""
 
-    def __init__(self, capacity: float, rate: float, clock: Callable[[], float]) -> None:
-        self.capacity = capacity
-        self.rate = rate
-        self._tokens = capacity
+    def __init__(self, limit: int, per: float, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.per = per + WINDOW_MARGIN
         self._clock = clock
-        self._stamp = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
+        self._used = 0
+        self._ends = float("-inf")
 
     def delay(self, tokens: float = 1.0) -> float:
-        """Seconds until ``tokens`` are available (0 when they are)."""
-        self._refill()
-        return 0.0 if self._tokens >= tokens else (tokens - self._tokens) / self.rate
+        """Seconds until ``tokens`` requests may be sent (0 when they may now)."""
+        now = self._clock()
+        if now >= self._ends or self.limit - self._used >= tokens:
+            return 0.0
+        return self._ends - now
 
     def take(self) -> None:
-        self._refill()
-        self._tokens -= 1
+        now = self._clock()
+        if now >= self._ends:
+            self._used, self._ends = 0, now + self.per
+        self._used += 1
+
+
+@dataclass
+class WebhookRoute:
+    """How to edit a message through its interaction's webhook while the token lives."""
+
+    lane: LaneKey  # ("interaction", id): the token's bucket, shared by its messages
+    edit: Callable[..., Awaitable[Any]]  # PATCH .../webhooks/{app}/{token}/messages/...
+    expires: float  # relay clock: when to stop using it
+    send: Callable[..., Awaitable[Any]] | None = None  # a followup (a ping) on the same token
 
 
 @dataclass
@@ -77,12 +114,13 @@ class _Slot:
     sending: bool = False
     done: asyncio.Future[bool] | None = None
     edits: int = 0
+    lane: LaneKey | None = None  # the lane it is queued in (None: not queued)
 
 
 @dataclass
-class _Channel:
-    bucket: TokenBucket
-    # Messages of this channel with an unsent state, in the order they first wanted one.
+class _Lane:
+    window: FixedWindow
+    # Messages of this lane with an unsent state, in the order they first wanted one.
     pending: dict[int, _Slot] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
@@ -94,26 +132,51 @@ class MessageRelay:
         client: discord.Client,
         *,
         interval: float = 1.0,
-        channel_capacity: float = 5.0,
-        channel_rate: float = 1.0,
-        final_reserve: float = 1.0,
+        final_reserve: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self.interval = interval
-        # Discord: 5 edits per 5 s per channel; a bucket of 5 refilled at 1 per second keeps
-        # to it on average, and discord.py waits out the headers if a burst runs ahead.
-        self._capacity = channel_capacity
-        self._rate = channel_rate
-        # Tokens progress edits leave unspent, so a final state never waits for the refill.
+        # Requests progress edits leave unspent, so a final state never waits for a window.
         self._reserve = final_reserve
         self._clock = clock
         self._slots: dict[int, _Slot] = {}
-        self._channels: dict[int, _Channel] = {}
+        self._lanes: dict[LaneKey, _Lane] = {}
+        # Messages editable through their interaction's webhook (message id -> route).
+        self._webhooks: dict[int, WebhookRoute] = {}
         # Messages whose final state was sent: later (stale) updates are ignored.
         self._finished: dict[int, None] = {}
-        # One worker task per channel with edits to send; it ends when the channel has none.
+        # One worker task per lane with edits to send; it ends when the lane has none.
         self._workers = TaskRegistry("relay")
+
+    def via_webhook(
+        self,
+        message_id: int,
+        *,
+        lane: LaneKey,
+        edit: Callable[..., Awaitable[Any]],
+        send: Callable[..., Awaitable[Any]] | None,
+        lifetime: float,
+    ) -> None:
+        """Edit ``message_id`` through its interaction's webhook for ``lifetime`` seconds."""
+        if lifetime <= 0:
+            return
+        route = WebhookRoute(lane, edit, self._clock() + lifetime, send)
+        self._webhooks[message_id] = route
+        if len(self._webhooks) > 10_000:  # long expired ones go first
+            del self._webhooks[next(iter(self._webhooks))]
+
+    def drop_webhook(self, message_id: int) -> None:
+        """Forget the webhook of a message whose job has ended (it holds the interaction)."""
+        self._webhooks.pop(message_id, None)
+
+    def webhook_of(self, message_id: int) -> WebhookRoute | None:
+        """The live webhook route of a message, if it has one."""
+        route = self._webhooks.get(message_id)
+        if route is not None and self._clock() >= route.expires:
+            del self._webhooks[message_id]
+            return None
+        return route
 
     def update(self, channel_id: int, message_id: int, builder: EditBuilder) -> None:
         """Replace the wanted state of a message; sent when the budget allows."""
@@ -143,35 +206,48 @@ class MessageRelay:
             self._slots[message_id] = slot
         return slot
 
+    def _lane_key(self, slot: _Slot) -> LaneKey:
+        route = self.webhook_of(slot.message_id)
+        return route.lane if route is not None else ("channel", slot.channel_id)
+
+    def _lane(self, key: LaneKey) -> _Lane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            limit, per = CHANNEL_EDITS if key[0] == "channel" else WEBHOOK_EDITS
+            lane = _Lane(FixedWindow(limit, per, self._clock))
+            self._lanes[key] = lane
+        return lane
+
     def _want(self, slot: _Slot, *, urgent: bool) -> None:
-        """``slot`` has a state to send: queue it in its channel and make sure a worker runs.
+        """``slot`` has a state to send: queue it in its lane and make sure a worker runs.
         A progress state replacing one already queued changes nothing for the worker, so
         it is not woken (that happens per progress event)."""
-        channel = self._channels.get(slot.channel_id)
-        if channel is None:
-            channel = _Channel(TokenBucket(self._capacity, self._rate, self._clock))
-            self._channels[slot.channel_id] = channel
         if slot.sending:
             return  # the worker queues it again after the send
+        key = self._lane_key(slot)
+        if slot.lane is not None and slot.lane != key:
+            old = self._lanes.get(slot.lane)
+            if old is not None:
+                old.pending.pop(slot.message_id, None)
+        slot.lane = key
+        lane = self._lane(key)
         if urgent and slot.final:
             # Final states are sent in the order they were set: a message queued long ago
             # (its progress starved by other finals) must not jump ahead of older finals.
-            channel.pending.pop(slot.message_id, None)
-        if slot.message_id not in channel.pending:
-            channel.pending[slot.message_id] = slot
+            lane.pending.pop(slot.message_id, None)
+        if slot.message_id not in lane.pending:
+            lane.pending[slot.message_id] = slot
             urgent = True
-        if channel.worker is None:
-            channel.worker = self._workers.spawn(
-                self._work(slot.channel_id, channel), name=f"relay-{slot.channel_id}"
-            )
+        if lane.worker is None:
+            lane.worker = self._workers.spawn(self._work(key, lane), name=f"relay-{key[0]}")
         elif urgent:
-            channel.wake.set()
+            lane.wake.set()
 
-    def _next(self, channel: _Channel) -> tuple[_Slot, float]:
+    def _next(self, lane: _Lane) -> tuple[_Slot, float]:
         """The message to edit next and when its interval allows: a final state first (the
         one set first), else the progress of the message edited least recently."""
         best: _Slot | None = None
-        for slot in channel.pending.values():
+        for slot in lane.pending.values():
             if slot.final:
                 return slot, 0.0
             if best is None or slot.last_edit < best.last_edit:
@@ -179,30 +255,38 @@ class MessageRelay:
         assert best is not None
         return best, best.last_edit + self.interval
 
-    async def _work(self, channel_id: int, channel: _Channel) -> None:
+    async def _work(self, key: LaneKey, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
+        slot: _Slot | None = None
         try:
-            while channel.pending:
-                slot, ready_at = self._next(channel)
+            while lane.pending:
+                slot, ready_at = self._next(lane)
+                if self._lane_key(slot) != key:
+                    # Its token expired while it waited: the channel's lane takes it.
+                    del lane.pending[slot.message_id]
+                    slot.lane = None
+                    self._want(slot, urgent=True)
+                    continue
                 wait = max(
                     ready_at - self._clock(),
-                    channel.bucket.delay(1.0 if slot.final else 1.0 + self._reserve),
+                    lane.window.delay(1.0 if slot.final else 1.0 + self._reserve),
                 )
                 if wait > 0:
                     # Sleep until then, or until a final state or a new message wants an edit.
-                    channel.wake.clear()
-                    timer = loop.call_later(wait, channel.wake.set)
+                    lane.wake.clear()
+                    timer = loop.call_later(wait, lane.wake.set)
                     try:
-                        await channel.wake.wait()
+                        await lane.wake.wait()
                     finally:
                         timer.cancel()
                     continue
-                del channel.pending[slot.message_id]
+                del lane.pending[slot.message_id]
+                slot.lane = None
                 builder, final = slot.builder, slot.final
                 slot.builder = None
                 if builder is None:
                     continue
-                channel.bucket.take()
+                lane.window.take()
                 slot.sending = True
                 try:
                     outcome = await self._send(slot, builder, final)
@@ -211,19 +295,30 @@ class MessageRelay:
                 # Measured from the end of the edit: building and sending can take a
                 # while under load, and the next edit must still wait a full interval.
                 slot.last_edit = self._clock()
-                if outcome is _GONE or (final and slot.builder is None):
-                    channel.pending.pop(slot.message_id, None)
+                if outcome is _MOVED:
+                    if slot.builder is None:
+                        slot.builder = builder  # not sent: the channel's lane sends it
+                    self._want(slot, urgent=True)
+                elif outcome is _GONE or (final and slot.builder is None):
+                    self._unqueue(slot)
                     self._settle(slot, sent=outcome is _SENT)
                 elif slot.builder is not None:
-                    channel.pending[slot.message_id] = slot  # changed while it was sent
+                    self._want(slot, urgent=False)  # changed while it was sent
         except asyncio.CancelledError:
-            for slot in self._slots.values():
-                if slot.channel_id == channel_id and slot.done is not None and not slot.done.done():
-                    slot.done.cancel()
+            for waiting in (*lane.pending.values(), *([slot] if slot is not None else [])):
+                if waiting.done is not None and not waiting.done.done():
+                    waiting.done.cancel()
             raise
         finally:
-            # The channel (and its bucket's state) stays: a new worker spends the same budget.
-            channel.worker = None
+            # The lane (and its window) stays: a new worker spends the same budget.
+            lane.worker = None
+
+    def _unqueue(self, slot: _Slot) -> None:
+        if slot.lane is not None:
+            lane = self._lanes.get(slot.lane)
+            if lane is not None:
+                lane.pending.pop(slot.message_id, None)
+            slot.lane = None
 
     def _settle(self, slot: _Slot, *, sent: bool) -> None:
         """The final state was sent (or cannot be): forget the message, wake its caller."""
@@ -237,25 +332,38 @@ class MessageRelay:
 
     async def _send(self, slot: _Slot, builder: EditBuilder, final: bool) -> object:
         """Send one state: _SENT; _GONE when the message is gone or cannot be edited (no
-        more edits are worth it); _FAILED when every try failed."""
-        channel = self._client.get_partial_messageable(slot.channel_id)
-        message = channel.get_partial_message(slot.message_id)
+        more edits are worth it); _MOVED when its webhook refused (an expired or revoked
+        token: the channel's route is tried next); _FAILED when every try failed."""
+        route = self.webhook_of(slot.message_id)
+        if route is not None:
+            edit = route.edit
+        else:
+            channel = self._client.get_partial_messageable(slot.channel_id)
+            edit = channel.get_partial_message(slot.message_id).edit
         attempts = 3 if final else 1
         for attempt in range(attempts):
             try:
                 # Within Discord's limits, whatever the builder put together: a refused
                 # edit (400) would freeze the message at its last state.
                 kwargs = fit_message(await builder())
-                await message.edit(**kwargs)
+                await edit(**kwargs)
                 slot.edits += 1
                 return _SENT
             except (discord.NotFound, discord.Forbidden) as exc:
+                if route is not None:
+                    return self._webhook_refused(slot, exc)
                 # Deleted, or no longer ours to edit (e.g. the channel's permissions changed).
                 log.info("status message %s cannot be edited (%s); no more edits",
                          slot.message_id, exc)
                 return _GONE
-            except (discord.HTTPException, OSError) as exc:
+            except discord.HTTPException as exc:
+                if route is not None and exc.status == 401:
+                    return self._webhook_refused(slot, exc)  # 50027 Invalid Webhook Token
                 # discord.py already retried 429s; a final state gets a few more tries.
+                log.warning("edit of message %s failed (%s)", slot.message_id, exc)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(1.0 * (attempt + 1))
+            except OSError as exc:
                 log.warning("edit of message %s failed (%s)", slot.message_id, exc)
                 if attempt + 1 < attempts:
                     await asyncio.sleep(1.0 * (attempt + 1))
@@ -263,6 +371,14 @@ class MessageRelay:
                 log.exception("building the state of message %s failed", slot.message_id)
                 return _FAILED
         return _FAILED
+
+    def _webhook_refused(self, slot: _Slot, exc: discord.HTTPException) -> object:
+        """The interaction's webhook refused an edit: the token expired early, or the
+        message is gone. Either way the channel's route decides (it says which)."""
+        log.info("webhook edit of message %s refused (%s); using the channel's route",
+                 slot.message_id, exc.status)
+        self._webhooks.pop(slot.message_id, None)
+        return _MOVED
 
     async def close(self) -> None:
         # Cancel every worker and wait (no time limit, as before) until each has ended.

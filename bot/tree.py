@@ -37,6 +37,27 @@ def describe_error(error: Exception) -> tuple[str, bool]:
     return GENERIC_FAILURE, False
 
 
+# Interaction.extras key: the interaction was acknowledged with a public "thinking..."
+# reply (defer_public) that has not become a status message yet.
+_PUBLIC_PENDING = "comfyvast.public_reply_pending"
+
+
+async def defer_public(interaction: discord.Interaction) -> None:
+    """Acknowledge with a public "thinking..." reply, to become a job's status message.
+
+    Discord creates the reply with the acknowledgement (no channel message budget spent)
+    and the interaction's webhook edits it. Should the command fail before it shows a
+    status, send_ephemeral removes the reply so that the error stays private.
+    """
+    interaction.extras[_PUBLIC_PENDING] = True
+    await interaction.response.defer(thinking=True)
+
+
+def public_reply_shown(interaction: discord.Interaction) -> None:
+    """The public reply now shows something the channel should see: it stays."""
+    interaction.extras.pop(_PUBLIC_PENDING, None)
+
+
 async def send_ephemeral(interaction: discord.Interaction, content: str) -> None:
     """Reply privately whether or not the interaction was already acknowledged.
 
@@ -44,6 +65,14 @@ async def send_ephemeral(interaction: discord.Interaction, content: str) -> None
     member typed, and a refused reply would leave them on "thinking..." for ever.
     """
     content = fit_content(content) or "-"
+    if interaction.extras.pop(_PUBLIC_PENDING, False):
+        # The first followup after a "thinking" reply would replace it and be as public
+        # as it: delete the reply, so the followup is a new, private message.
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException as exc:
+            log.warning("could not remove the reply of interaction %s (%s)",
+                        interaction.id, exc)
     for attempt in (content, GENERIC_FAILURE):
         try:
             if interaction.response.is_done():

@@ -14,6 +14,7 @@ from bot.context import BotContext
 from bot.jobs import STATUS_WORDS, launch_jobs, status_embed
 from bot.options import ModelOption, ServerOption, WorkflowOption
 from bot.rendering import BRAND_COLOUR, timestamp, truncate
+from bot.tree import defer_public
 from core.generation import GenerationRequest, InputImage, Viewer, check_input_size
 
 SAMPLERS = Literal[
@@ -98,7 +99,7 @@ class Generation(commands.Cog):
         workflow: str | None,
         server: str | None,
     ) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        await defer_public(interaction)
         input_image = None
         if image is not None:
             check_input_size(image.size)

@@ -92,11 +92,17 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
         {"prompt": "a lighthouse at dusk", "steps": 8, "width": 512, "height": 512, "seed": 1234},
     )
     queued = reply(interaction)
-    assert queued.ephemeral and "Queued #" in queued.content
     row = await finished_row(studio)
     assert row.status == "completed", row.error_message
-    # The status message moved through states and ended with a link to the result.
+    # The reply to the command is the job's status message, public; it moved through
+    # states and became the result.
     status = status_message(studio, row.id)
+    assert queued.id == status.id and not queued.ephemeral
+    # Every edit went through the interaction's webhook (the token's own rate-limit
+    # bucket), none through the channel's.
+    patches = studio.fake.message_calls("PATCH", status.id)
+    assert len(patches) >= 3 and all(r.path.startswith("/webhooks/") for r in patches)
+    assert not studio.fake.calls("PATCH", f"/channels/{studio.channel_id}/messages/")
     titles = [e["embeds"][0]["title"] for e in status.edits if e.get("embeds")]
     assert any(t.startswith("Generating") for t in titles)
     progress_texts = " ".join(
@@ -113,7 +119,7 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     # Previews were shown while it ran: downscaled JPEGs attached to the status message.
     previews = [
         files["files[0]"][2]
-        for files in (r.files for r in studio.fake.calls("PATCH", f"/messages/{status.id}"))
+        for files in (r.files for r in patches)
         if files.get("files[0]", ("",))[0] == "preview.jpg"
     ]
     assert previews, "no preview was shown"
@@ -150,7 +156,8 @@ async def test_edits_are_coalesced_to_about_one_per_second(
     row = await finished_row(studio)
     assert row.status == "completed"
     status = status_message(studio, row.id)
-    patches = [r for r in studio.fake.calls("PATCH", f"/messages/{status.id}")]
+    # The first edit shows the status in the interaction's reply (it was "thinking").
+    patches = studio.fake.message_calls("PATCH", status.id)[1:]
     times = [r.time for r in patches]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert len(patches) < 10  # 60 steps did not become 60 edits
@@ -201,12 +208,14 @@ async def test_cancel_by_requester_but_not_by_someone_else(
     row = await running_job(studio, comfy, {"prompt": "long one", "steps": 30})
     status = status_message(studio, row.id)
 
-    async def edited() -> bool:
-        return bool(status.edits)
+    async def progressed() -> bool:
+        return len(status.edits) > 1
 
-    await eventually(edited)
-    # Progress edits leave the components alone; the button posted with the message stays.
-    assert all("components" not in e for e in status.edits)
+    await eventually(progressed)
+    # Progress edits leave the components alone; the button shown with the status (the
+    # first edit of the interaction's reply) stays.
+    assert "components" in status.edits[0]
+    assert all("components" not in e for e in status.edits[1:])
     assert f"cv:cancel:{row.id}" in status.custom_ids()
     other = studio.fake.add_user("mallory", guild_id=studio.fake.guild.id)
     click = await studio.fake.click(status.id, f"cv:cancel:{row.id}", user=other)
@@ -387,12 +396,10 @@ async def test_progress_outlives_the_interaction_token(studio: BotEnv, comfy: Fa
 
 
 async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: FakeComfy) -> None:
-    # The status message's post and its first edit (the result is an edit of it: there is
-    # no second post to the channel any more).
-    studio.fake.rate_limit_once("PATCH", "/messages/", retry_after=0.3)
-    studio.fake.rate_limit_once(
-        "POST", f"/channels/{studio.channel_id}/messages", retry_after=0.2
-    )
+    # The status message is shown by editing the interaction's reply, and the result is
+    # another edit of it: a 429 on each, through the interaction's webhook.
+    studio.fake.rate_limit_once("PATCH", "/messages/@original", retry_after=0.2)
+    studio.fake.rate_limit_once("PATCH", "/messages/@original", retry_after=0.3, skip=1)
     await generate(studio, {"prompt": "through 429s", "steps": 4})
     row = await finished_row(studio)
     assert row.status == "completed"
@@ -400,11 +407,11 @@ async def test_discord_rate_limit_on_edits_is_ridden_out(studio: BotEnv, comfy: 
     assert statuses.count(429) == 2
     assert len(result_messages(studio)) == 1
     # Each refused request was sent again, as it was, after the wait.
-    for method in ("POST", "PATCH"):
-        calls = [r for r in studio.fake.requests if r.method == method and (
-            r.path.startswith(f"/channels/{studio.channel_id}/messages"))]
-        assert calls[0].status == 429 and calls[1].status == 200
-        assert calls[1].json == calls[0].json and calls[1].time - calls[0].time >= 0.2
+    calls = [r for r in studio.fake.requests if r.method == "PATCH"]
+    refused = [n for n, r in enumerate(calls) if r.status == 429]
+    for n in refused:
+        again = next(r for r in calls[n + 1 :] if r.json == calls[n].json)
+        assert again.status == 200 and again.time - calls[n].time >= 0.2
 
 
 async def test_cancel_a_waiting_job_dequeues_it_only(studio: BotEnv, comfy: FakeComfy) -> None:

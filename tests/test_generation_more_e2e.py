@@ -71,15 +71,22 @@ async def test_variations_queue_four_seeds(studio: BotEnv, comfy: FakeComfy) -> 
     # With the default limit of 2 jobs at once, 4 variations are refused up front.
     click = await studio.fake.click(result.id, f"cv:vary:{first.id}", user=studio.fake.member)
     await studio.fake.wait_for(lambda: _answered(click))
-    assert "needs 4 job slots" in _answered(click).content
+    refusal = _answered(click)
+    assert "needs 4 job slots" in refusal.content and refusal.ephemeral
+    # The public "thinking..." reply is gone: the refusal is private, the channel sees nothing.
+    assert studio.fake.messages[click.original_message_id].deleted
     assert (await job_row(studio)).id == first.id  # nothing was queued
     studio.services.settings.limits.user_concurrent_jobs = 4
     click = await studio.fake.click(result.id, f"cv:vary:{first.id}", user=studio.fake.member)
     await studio.fake.wait_for(lambda: _answered(click))
-    assert "Queued" in _answered(click).content
     rows = [await finished_row(studio, first.id + k) for k in range(1, 5)]
     assert all(r.status == "completed" and r.prompt == "a boat" for r in rows)
     assert len({r.parameters["seed"] for r in rows} | {1}) == 5
+    # Four public status messages: the click's reply, then three of its followups.
+    statuses = [studio.fake.messages[r.message_id] for r in rows]
+    assert statuses[0].id == click.original_message_id
+    assert all(m.interaction_id == click.id and not m.ephemeral for m in statuses)
+    assert len({m.id for m in statuses}) == 4
 
 
 async def test_upscale_uses_the_servers_upscale_model(studio: BotEnv, comfy: FakeComfy) -> None:

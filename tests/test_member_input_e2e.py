@@ -371,11 +371,14 @@ async def test_orphaned_inputs_are_swept_on_start(
 async def test_a_refused_status_post_says_why_and_queues_nothing(
     studio: BotEnv, comfy: FakeComfy, status: int, code: int, said: str
 ) -> None:
-    studio.fake.fail_once("POST", f"/channels/{studio.channel_id}/messages", status, code,
-                          "refused")
+    # The status is shown by editing the interaction's "thinking..." reply.
+    studio.fake.fail_once("PATCH", "/messages/@original", status, code, "refused")
     interaction = await studio.slash("generate", {"prompt": "a cat"})
     text = await answer(studio, interaction)
     assert said in text, text
     assert ("Send Messages" in text) == (status == 403)
     row = await job_row(studio)
     assert row is not None and row.status == "failed" and not comfy.prompts
+    # The reply was removed and the explanation is private: nothing public is left behind.
+    assert studio.fake.messages[interaction.original_message_id].deleted
+    assert _answered(interaction).ephemeral

@@ -1,5 +1,6 @@
-"""Status edits under contention: several jobs of one channel share Discord's edit budget
-(5 edits per 5 s per channel). Real bot, fake Discord, fake ComfyUI servers, real sockets."""
+"""Status edits under contention: jobs of one channel edited through the channel share its
+edit budget (5 edits per 5 s); through their interactions' webhooks they do not. Real bot,
+fake Discord, fake ComfyUI servers, real sockets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from typing import Any
 
 from tests.conftest import MODELS, BotEnv, add_server
 from tests.fakecomfy import FakeComfy
-from tests.test_generation_e2e import finished_row, generate, job_row, result_messages
+from tests.test_generation_e2e import (
+    finished_row,
+    generate,
+    job_row,
+    result_messages,
+    running_job,
+)
 
 FINAL = ("Done", "Failed", "Cancelled")
 FOOTER_JOB = re.compile(r"^Job #(\d+) ")
@@ -40,6 +47,10 @@ async def test_final_states_go_before_progress_and_no_job_starves(
             await generate(studio, {"prompt": f"long {n}", "steps": 80, "seed": n})
         await generate(studio, {"prompt": "short", "steps": 12, "seed": 9})
         last = await job_row(studio)
+        # As after a restart (or past the interactions' 15 minutes): no webhook is known, so
+        # every status message is edited through the channel, in the channel's one lane.
+        for job_id in range(last.id - 4, last.id + 1):
+            studio.bot.relay.drop_webhook((await job_row(studio, job_id)).message_id)
         for server in servers:
             server.resume_sampling()
         for job_id in range(last.id - 4, last.id + 1):
@@ -82,3 +93,67 @@ async def test_final_states_go_before_progress_and_no_job_starves(
         progress = [r for r in patches if r.path.endswith(f"/{message_id}")
                     and not _title(r).startswith(FINAL)]
         assert len(progress) >= 2, (job_id, len(progress))
+
+
+def _webhook_edits(studio: BotEnv, message_id: int) -> list[Any]:
+    return [r for r in studio.fake.message_calls("PATCH", message_id)
+            if r.path.startswith("/webhooks/") and r.status == 200]
+
+
+async def test_status_messages_of_one_channel_are_edited_through_their_own_webhooks(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    # Five jobs of one channel, each on its own server: through the interactions'
+    # webhooks each status message has its token's bucket, so together they are edited
+    # far more often than the channel's 5 edits per 5 s would allow, without a 429.
+    others = [FakeComfy(models=MODELS, step_delay=0.1, output_size=(64, 64)) for _ in range(4)]
+    comfy.step_delay = 0.1
+    studio.services.settings.limits.user_concurrent_jobs = 10
+    studio.services.settings.limits.user_jobs_per_minute = 10
+    try:
+        for n, other in enumerate(others, start=2):
+            await other.start()
+            await add_server(studio, f"gpu-{n}", other.url)
+        for n in range(5):
+            await generate(studio, {"prompt": f"parallel {n}", "steps": 50, "seed": n})
+        last = await job_row(studio)
+        rows = [await finished_row(studio, last.id - k, timeout=60) for k in range(5)]
+    finally:
+        for other in others:
+            await other.stop()
+    assert all(row.status == "completed" for row in rows)
+    edits = {row.id: _webhook_edits(studio, row.message_id) for row in rows}
+    for job_id, mine in edits.items():
+        assert len(mine) >= 4, (job_id, len(mine))  # shown, progress, ..., the result
+        gaps = [b.time - a.time for a, b in zip(mine[1:-1], mine[2:-1], strict=False)]
+        assert all(g >= 0.9 for g in gaps), (job_id, gaps)  # one progress edit a second
+    times = sorted(r.time for mine in edits.values() for r in mine)
+    # More edits than the channel's budget allows over the whole run, had they shared it.
+    channel_budget = 5 * (int((times[-1] - times[0]) / 5.0) + 1)
+    assert len(times) > channel_budget, (len(times), channel_budget)
+    assert not [r for r in studio.fake.requests if r.status == 429]
+    assert not studio.fake.calls("PATCH", f"/channels/{studio.channel_id}/messages/")
+
+
+async def test_past_the_tokens_life_the_status_moves_to_the_channels_route(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    row = await running_job(studio, comfy, {"prompt": "a long wait", "steps": 6})
+    status = studio.fake.messages[row.message_id]
+    assert _webhook_edits(studio, status.id)  # shown through the webhook
+    # Discord refuses the interaction's webhook 15 minutes after the command (401, 50027
+    # Invalid Webhook Token): the relay takes the channel's route from then on.
+    real_clock = studio.fake.clock
+    studio.fake.clock = lambda: real_clock() + 16 * 60
+    comfy.resume_sampling()
+    row = await finished_row(studio, row.id)
+    assert row.status == "completed", row.error_message
+    refused = [r for r in studio.fake.calls("PATCH", "/webhooks/") if r.status == 401]
+    assert len(refused) == 1  # once refused, the webhook is not tried again
+    after = [r for r in studio.fake.message_calls("PATCH", status.id) if r.time > refused[0].time]
+    assert after and all(
+        r.path == f"/channels/{studio.channel_id}/messages/{status.id}" for r in after)
+    # The edit the webhook refused was not lost: the result landed through the channel.
+    assert after[-1].status == 200 and after[-1].files
+    assert [a.filename for a in status.attachments] == [f"comfyvast-{row.id}-1.png"]
+    assert result_messages(studio) == [status]

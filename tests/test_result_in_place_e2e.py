@@ -32,7 +32,7 @@ async def test_the_result_and_the_final_state_are_one_edit(
     row = await finished_row(studio)
     assert row.status == "completed", row.error_message
     status = status_message(studio, row.id)
-    patches = studio.fake.calls("PATCH", f"/channels/{studio.channel_id}/messages/{status.id}")
+    patches = studio.fake.message_calls("PATCH", status.id)
     finals = [r for r in patches if r.json["embeds"][0]["title"].startswith("Done")]
     # One edit, the last one: multipart, with the image ComfyUI made, the final embed
     # pointing at it, the result buttons instead of Cancel, and no ping.
@@ -49,9 +49,12 @@ async def test_the_result_and_the_final_state_are_one_edit(
     ids = str(final.json["components"])
     assert f"cv:reroll:{row.id}" in ids and f"cv:cancel:{row.id}" not in ids
     assert final.json["allowed_mentions"]["parse"] == []
-    # Nothing else was posted: the status message only, no separate result, no ping (the
-    # job took far less than NOTIFY_AFTER).
-    assert len(_posts(studio)) == 1
+    # Nothing was posted to the channel: the status message is the interaction's reply,
+    # no separate result, no ping (the job took far less than NOTIFY_AFTER).
+    assert _posts(studio) == []
+    assert not [r for r in studio.fake.calls("POST", "/webhooks/")
+                if r.message_id in (m.id for m in result_messages(studio))
+                or "is ready" in str(r.json)]
     assert [m.id for m in result_messages(studio)] == [status.id]
     assert row.message_id == status.id and row.delivered_at is not None
 
@@ -92,7 +95,11 @@ async def test_a_long_job_pings_its_member_once_the_result_is_shown(
 
     note = await studio.fake.wait_for(ping)
     assert note.content == f"<@{studio.fake.member.id}> job #{row.id} is ready."
-    assert int(note.message_reference["message_id"]) == row.message_id  # jumps to it
-    [post] = [r for r in _posts(studio) if "is ready" in str(r.json)]
+    # A followup of the member's interaction (the token's bucket, not the channel's
+    # message budget), which pings the member and no one else.
+    status = studio.fake.messages[row.message_id]
+    assert note.interaction_id == status.interaction_id and not note.ephemeral
+    assert _posts(studio) == []
+    [post] = [r for r in studio.fake.calls("POST", "/webhooks/") if "is ready" in str(r.json)]
     assert [int(u) for u in post.json["allowed_mentions"]["users"]] == [studio.fake.member.id]
     assert not post.files

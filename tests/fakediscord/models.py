@@ -356,6 +356,9 @@ class Recorded:
     clock_time: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     response: Any = None
+    # The message the request created, edited, read or deleted, whatever its route (a
+    # channel route, the interaction's @original, a followup id).
+    message_id: int | None = None
 
     def __repr__(self) -> str:
         q = "&".join(f"{k}={v}" for k, v in self.query.items())

@@ -136,6 +136,7 @@ class FakeDiscord:
         self.messages: dict[int, Message] = {}
         self.attachments: dict[int, Attachment] = {}
         self.interactions: dict[int, Interaction] = {}
+        self._by_token: dict[str, Interaction] = {}  # the webhook routes find them by token
         self.requests: list[Recorded] = []
         self.unknown_routes: list[str] = []
         self.commands: dict[int | None, dict[str, dict]] = {}
@@ -377,6 +378,11 @@ class FakeDiscord:
     def calls(self, method: str, fragment: str) -> list[Recorded]:
         method = method.upper()
         return [r for r in self.requests if r.method == method and fragment in r.path]
+
+    def message_calls(self, method: str, message_id: int) -> list[Recorded]:
+        """Requests that created or edited (per ``method``) one message, by any route."""
+        method = method.upper()
+        return [r for r in self.requests if r.method == method and r.message_id == message_id]
 
     def channel_messages(self, channel_id: int, *, include_ephemeral: bool = True) -> list[Message]:
         return sorted(
@@ -1032,6 +1038,7 @@ class FakeDiscord:
         channel = self._channel_or_404(request.match_info["cid"])
         self._check_files(rec, self.filesize_limit(channel.guild_id))
         msg = self._create_message(channel, rec.json, rec.files)
+        rec.message_id = msg.id
         await self._announce("MESSAGE_CREATE", msg)
         return json_response(msg.payload(self))
 
@@ -1050,6 +1057,7 @@ class FakeDiscord:
         rec: Recorded = request[_REC_KEY]
         channel = self._channel_or_404(request.match_info["cid"])
         msg = self._message_in_channel(channel, request.match_info["mid"])
+        rec.message_id = msg.id
         if request.method == "GET":
             return json_response(msg.payload(self))
         if request.method == "DELETE":
@@ -1063,7 +1071,7 @@ class FakeDiscord:
 
     # ------------------------------------------------------------------ interactions (REST)
     def _interaction_for_token(self, app: str, token: str) -> Interaction:
-        itx = next((i for i in self.interactions.values() if i.token == token), None)
+        itx = self._by_token.get(token)
         if itx is None or app != str(self.application_id):
             raise ApiError(404, 10015, "Unknown Webhook")
         if self.clock() - itx.created_at > TOKEN_LIFETIME:
@@ -1148,6 +1156,7 @@ class FakeDiscord:
         itx.callback = body
         if message is not None:
             itx.original_message_id = message.id
+            rec.message_id = message.id
         if announce and message is not None:
             await self._announce(announce, message)
 
@@ -1182,6 +1191,7 @@ class FakeDiscord:
             channel = self.channels[itx.channel_id]
             msg = self._create_message(channel, payload, rec.files, interaction=itx)
             await self._announce("MESSAGE_CREATE", msg)
+        rec.message_id = msg.id
         if request.query.get("wait") not in ("1", "true", "True"):
             return web.Response(status=204)
         return json_response(msg.payload(self))
@@ -1205,6 +1215,7 @@ class FakeDiscord:
                 msg = None
         if msg is None or msg.deleted:
             raise ApiError(404, 10008, "Unknown Message")
+        rec.message_id = msg.id
         if request.method == "GET":
             return json_response(msg.payload(self))
         if request.method == "DELETE":
@@ -1422,6 +1433,7 @@ class FakeDiscord:
             payload["message"] = message.payload(self)
         itx.payload = payload
         self.interactions[iid] = itx
+        self._by_token[itx.token] = itx
         return itx
 
     def _find_command(self, name: str, guild_id: int | None) -> tuple[dict, int | None]:
