@@ -11,6 +11,7 @@ the channel like any other; it becomes the result.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -216,6 +217,11 @@ async def launch_jobs(
         except discord.HTTPException as exc:
             await gen.abandon(job.id, "The status message could not be posted.")
             raise ComfyVastError(status_post_refused(exc)) from exc
+        except BaseException:
+            # A timeout, a dropped connection, a cancelled command: the job never runs, so
+            # it must not hold one of its member's job slots.
+            await asyncio.shield(gen.abandon(job.id, "The status message could not be posted."))
+            raise
         public_reply_shown(interaction)
         lifetime = (interaction.expires_at - discord.utils.utcnow()).total_seconds()
         bot.relay.via_webhook(

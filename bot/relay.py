@@ -101,6 +101,7 @@ class WebhookRoute:
     edit: Callable[..., Awaitable[Any]]  # PATCH .../webhooks/{app}/{token}/messages/...
     expires: float  # relay clock: when to stop using it
     send: Callable[..., Awaitable[Any]] | None = None  # a followup (a ping) on the same token
+    shown_at: float = float("-inf")  # relay clock: when the message was posted
 
 
 @dataclass
@@ -161,7 +162,8 @@ class MessageRelay:
         """Edit ``message_id`` through its interaction's webhook for ``lifetime`` seconds."""
         if lifetime <= 0:
             return
-        route = WebhookRoute(lane, edit, self._clock() + lifetime, send)
+        now = self._clock()
+        route = WebhookRoute(lane, edit, now + lifetime, send, shown_at=now)
         self._webhooks[message_id] = route
         if len(self._webhooks) > 10_000:  # long expired ones go first
             del self._webhooks[next(iter(self._webhooks))]
@@ -203,6 +205,10 @@ class MessageRelay:
         slot = self._slots.get(message_id)
         if slot is None:
             slot = _Slot(channel_id, message_id)
+            route = self._webhooks.get(message_id)
+            if route is not None:
+                # Just posted: its first progress edit waits an interval like the next ones.
+                slot.last_edit = route.shown_at
             self._slots[message_id] = slot
         return slot
 

@@ -382,3 +382,21 @@ async def test_a_refused_status_post_says_why_and_queues_nothing(
     # The reply was removed and the explanation is private: nothing public is left behind.
     assert studio.fake.messages[interaction.original_message_id].deleted
     assert _answered(interaction).ephemeral
+
+
+async def test_a_status_lost_on_the_way_frees_the_members_job_slot(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    # The connection drops under the edit that shows the status (no HTTP answer at all):
+    # the job is ended, not left pending, so it does not hold one of the member's slots.
+    studio.services.settings.limits.user_concurrent_jobs = 1
+    studio.fake.cut_once("PATCH", "/messages/@original")
+    interaction = await studio.slash("generate", {"prompt": "a cat"})
+    text = await answer(studio, interaction)
+    assert text == GENERIC_FAILURE
+    assert _answered(interaction).ephemeral
+    row = await job_row(studio)
+    assert row is not None and row.status == "failed" and not comfy.prompts
+    again = await studio.slash("generate", {"prompt": "a dog"})
+    await answer(studio, again)
+    assert (await finished_row(studio, row.id + 1)).status == "completed"

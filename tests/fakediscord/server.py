@@ -86,13 +86,17 @@ def json_response(data: Any, status: int = 200, headers: dict | None = None) -> 
                         content_type="application/json", headers=headers)
 
 
+class _Cut(Exception):
+    """A rule's verdict: drop the connection instead of answering."""
+
+
 @dataclass
 class _Rule:
     method: str
     fragment: str
     skip: int
     times: int
-    respond: Callable[[], ApiError]
+    respond: Callable[[], Exception]
 
 
 @dataclass(eq=False)
@@ -464,6 +468,11 @@ class FakeDiscord:
         self._rules.append(_Rule(method.upper(), path_fragment, skip, times,
                                  lambda: ApiError(status, code, message)))
 
+    def cut_once(self, method: str, path_fragment: str) -> None:
+        """Close the connection under the next matching request, without an answer (a
+        connection lost on the way, as a proxy or a network drop does)."""
+        self._rules.append(_Rule(method.upper(), path_fragment, 0, 1, _Cut))
+
     def _apply_rules(self, method: str, path: str) -> None:
         for rule in self._rules:
             if rule.times <= 0 or rule.method != method or rule.fragment not in path:
@@ -542,6 +551,10 @@ class FakeDiscord:
             resp = await handler(request)
         except ApiError as err:
             resp = json_response(err.body, err.status, err.headers)
+        except _Cut:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=499)  # never reaches the client
         if limited and isinstance(resp, web.Response):
             resp.headers.update(limited)
         rec.status = resp.status
