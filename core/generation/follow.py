@@ -7,6 +7,7 @@ becomes a :class:`ServerFailure` the runner can move the job away from.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -33,18 +34,37 @@ PROGRESS_DB_INTERVAL = 5.0
 
 
 class QueueSnapshots:
-    """ComfyUI's queue per server, shared by all jobs on it for a couple of seconds."""
+    """ComfyUI's queue per server, shared by all jobs on it for a couple of seconds.
+
+    Jobs queued together look at the queue together: one request per server answers all
+    of them (the queue holds every waiting prompt's whole graph, so each copy costs)."""
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[float, Any]] = {}
+        self._inflight: dict[int, asyncio.Future[Any]] = {}
 
     async def get(self, conn: ComfyConnection, *, fresh: bool = False) -> Any:
         hit = self._cache.get(conn.server_id)
         if hit and not fresh and time.monotonic() - hit[0] < QUEUE_SNAPSHOT_TTL:
             return hit[1]
+        server_id = conn.server_id
+        pending = self._inflight.get(server_id)
+        if pending is None or fresh:
+            pending = asyncio.ensure_future(self._fetch(conn))
+            self._inflight[server_id] = pending
+            pending.add_done_callback(lambda f: self._settled(server_id, f))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, conn: ComfyConnection) -> Any:
         queue = await conn.client.get_queue()
         self._cache[conn.server_id] = (time.monotonic(), queue)
         return queue
+
+    def _settled(self, server_id: int, future: asyncio.Future[Any]) -> None:
+        if self._inflight.get(server_id) is future:
+            del self._inflight[server_id]
+        if not future.cancelled():
+            future.exception()  # read even when every waiter was cancelled
 
 
 async def try_interrupt(conn: ComfyConnection, prompt_id: str) -> None:

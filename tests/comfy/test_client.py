@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +19,9 @@ from core.comfy.errors import (
     ComfyUnreachable,
     ComfyValidationError,
 )
+from core.comfy.pool import ComfyConnection
 from core.comfy.workflows import GenerationParams, build_workflow
+from core.generation.follow import QueueSnapshots
 from tests.fakecomfy import FakeComfy
 from tests.fakecomfy.replay import trace_prompt_bodies
 
@@ -256,3 +260,25 @@ async def test_connection_refused_is_unreachable(http: aiohttp.ClientSession) ->
 async def test_free(client: ComfyClient, fake: FakeComfy) -> None:
     await client.free()
     assert fake.requests[-1].json == {"unload_models": True, "free_memory": True}
+
+
+async def test_jobs_looking_at_one_queue_together_share_one_request(
+    client: ComfyClient, fake: FakeComfy, stream: Any
+) -> None:
+    # Twenty jobs of one server ask for their place in line at once: one GET /queue
+    # answers them all (ComfyUI's queue carries every waiting prompt's whole graph).
+    fake.pause_sampling()
+    await client.queue_prompt(txt2img(seed=1))
+    queued = await client.queue_prompt(txt2img(seed=2))
+    snapshots = QueueSnapshots()
+    conn = ComfyConnection(1, fake.url, client, stream)
+    before = len([r for r in fake.requests if r.path == "/queue"])
+    queues = await asyncio.gather(*(snapshots.get(conn) for _ in range(20)))
+    assert all(q.position(queued.prompt_id) == 1 for q in queues)
+    assert len([r for r in fake.requests if r.path == "/queue"]) == before + 1
+    # Within its time to live the copy is reused; a fresh look asks again.
+    await snapshots.get(conn)
+    await snapshots.get(conn, fresh=True)
+    assert len([r for r in fake.requests if r.path == "/queue"]) == before + 2
+    fake.resume_sampling()
+    await fake.wait_idle()
