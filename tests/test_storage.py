@@ -32,6 +32,7 @@ from core.db.models import (
     ServerExecution,
     SetupScript,
 )
+from core.generation.store import GenerationStore
 from core.overview import overview
 
 EXPECTED_TABLES = {
@@ -249,5 +250,38 @@ async def test_a_writer_cancelled_mid_statement_does_not_keep_the_lock(tmp_path:
                 await s.execute(update(ComfyGeneration).values(error_message="ok"))
         # The rounds did cancel writers in the middle of a statement.
         assert invalidated
+    finally:
+        await engine.dispose()
+
+
+async def test_a_burst_of_job_writes_takes_turns_instead_of_timing_out(tmp_path: Path) -> None:
+    """Found by the 2,000-job benchmark: hundreds of jobs writing their rows at once on
+    SQLite waited in its busy handler (holding the pool's connections) until some gave up
+    with "database is locked". Through the store they take turns at the write gate."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/burst.db", busy_timeout=0.5)
+    sessions = create_session_factory(engine)
+    store = GenerationStore(sessions)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        await migrate(engine)
+
+        async def one_job(user_id: int) -> str:
+            row = await store.record(fields={"user_id": user_id, "prompt": "p"}, now=now)
+            assert row is not None
+            await store.attach_message(row.id, 1, 1000 + row.id)
+            assert await store.mark_queued(row.id, 3) is not None
+            for step in range(1, 4):
+                assert await store.save_progress(row.id, step / 4, "KSampler", now)
+            assert await store.complete(row.id, server_id=None, image_urls=[],
+                                        started_at=now, now=now)
+            return "done"
+
+        outcomes = await asyncio.gather(*(one_job(n) for n in range(300)),
+                                        return_exceptions=True)
+        failures = [o for o in outcomes if o != "done"]
+        assert not failures, failures[:3]
+        async with sessions() as s:
+            done = await s.scalars(select(ComfyGeneration.status))
+            assert set(done) == {"completed"}
     finally:
         await engine.dispose()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
+import weakref
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -85,6 +89,29 @@ def create_engine(
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def write_gate(sessions: SessionFactory) -> contextlib.AbstractAsyncContextManager[Any]:
+    """What a busy writer holds around its write transactions: one process-wide lock per
+    SQLite database, nothing for a server database.
+
+    SQLite has one writer at a time. When hundreds of jobs write at once, each waiting
+    connection sleeps in SQLite's busy handler (steps of up to 100 ms, in no order) while
+    it holds one of the pool's connections: the lock changes hands slowly, the pool runs
+    dry (30-s timeouts) and unlucky writers wait out the busy timeout ("database is
+    locked"). Queued on an asyncio lock instead, the writers take turns at once and hold
+    no connection while they wait.
+    """
+    bind = sessions.kw.get("bind")
+    if bind is None or bind.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    gate = _GATES.get(bind)
+    if gate is None:
+        gate = _GATES[bind] = asyncio.Lock()
+    return gate
+
+
+_GATES: weakref.WeakKeyDictionary[AsyncEngine, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

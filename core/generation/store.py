@@ -30,9 +30,10 @@ This module sits at the bottom of the package: it returns rows, never views.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ from sqlalchemy import case, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.db.engine import SessionFactory
+from core.db.engine import SessionFactory, write_gate
 from core.db.models import (
     ComfyGeneration,
     ComfyWorkflow,
@@ -116,6 +117,14 @@ class GenerationStore:
 
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
+        self._gate = write_gate(sessions)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction, taking its turn at the gate (see core.db.engine.write_gate):
+        every job writes its row several times, and a burst of jobs writes at once."""
+        async with self._gate, self._sessions.begin() as session:
+            yield session
 
     # ------------------------------------------------------------------ reads
 
@@ -239,7 +248,7 @@ class GenerationStore:
             ).where(*quota.conditions())
             stmt = stmt.from_select(list(values), within)
         stmt = stmt.returning(ComfyGeneration)
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             row = (await session.execute(stmt)).scalars().first()
             if row is None:
                 return None  # over the quota
@@ -258,7 +267,7 @@ class GenerationStore:
 
     async def attach_message(self, job_id: int, channel_id: int, message_id: int) -> bool:
         """Where the job's status message is; legal in any state (it is not a status)."""
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             result = await session.execute(
                 update(ComfyGeneration)
                 .where(ComfyGeneration.id == job_id)
@@ -280,7 +289,7 @@ class GenerationStore:
             )
             .returning(ComfyGeneration)
         )
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             return (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
 
     async def save_progress(
@@ -288,7 +297,7 @@ class GenerationStore:
     ) -> bool:
         values: dict[str, Any] = {"progress": progress, "current_node": node}
         values.update(_start_values(started_at))
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             result = await session.execute(
                 _guarded("save_progress", job_id).values(values), execution_options=_PLAIN
             )
@@ -296,7 +305,7 @@ class GenerationStore:
 
     async def move(self, job_id: int, server_id: int) -> bool:
         """Failover: the job waits again, on ``server_id``, under a new prompt id."""
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             result = await session.execute(
                 _guarded("move", job_id).values(
                     server_id=server_id,
@@ -323,7 +332,7 @@ class GenerationStore:
             "queue_position": None, "image_urls": image_urls, "started_at": started_at,
             "completed_at": now, "delivered_at": now,
         }
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             result = await session.execute(
                 _guarded("complete", job_id).values(values), execution_options=_PLAIN
             )
@@ -351,7 +360,7 @@ class GenerationStore:
             status=status.value, error_message=error, completed_at=now, queue_position=None
         )
         stmt = _guarded("finish", job_id).values(values).returning(ComfyGeneration)
-        async with self._sessions.begin() as session:
+        async with self._writing() as session:
             row = (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
             if row is None:
                 return None
