@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # A result shown by editing the status message pings its member (a short reply) only when
 # the job took at least this long from the command (see DiscordJobObserver._notify).
 NOTIFY_AFTER = 60.0
+# Seconds between edits of a status message while its job waits in line.
+QUEUED_INTERVAL = 5.0
 
 
 def _part_marker(job_id: int) -> str:
@@ -60,7 +62,12 @@ class DiscordJobObserver(JobObserver):
             return
         if preview is not None:
             self._previews[job.id] = preview
-        self.relay.update(job.channel_id, job.message_id, lambda: self._render_status(job.id))
+        # A place in line changes each time a job ahead ends: with 25 jobs queued on a
+        # server, most of a burst's edits were "#12 in line" becoming "#11". Shown less
+        # often; a job that runs is shown every relay interval.
+        interval = None if job.running else QUEUED_INTERVAL
+        self.relay.update(job.channel_id, job.message_id,
+                          lambda: self._render_status(job.id), interval=interval)
 
     async def _render_status(self, job_id: int) -> dict[str, Any]:
         # Built when the edit is really sent: always the newest state and preview.

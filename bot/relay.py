@@ -116,6 +116,7 @@ class _Slot:
     done: asyncio.Future[bool] | None = None
     edits: int = 0
     lane: LaneKey | None = None  # the lane it is queued in (None: not queued)
+    interval: float | None = None  # of the wanted state, when not the relay's
 
 
 @dataclass
@@ -180,15 +181,26 @@ class MessageRelay:
             return None
         return route
 
-    def update(self, channel_id: int, message_id: int, builder: EditBuilder) -> None:
-        """Replace the wanted state of a message; sent when the budget allows."""
+    def update(
+        self,
+        channel_id: int,
+        message_id: int,
+        builder: EditBuilder,
+        *,
+        interval: float | None = None,
+    ) -> None:
+        """Replace the wanted state of a message; sent when the budget allows, at least
+        ``interval`` (default: the relay's) after the message's previous edit."""
         if message_id in self._finished:
             return
         slot = self._slot(channel_id, message_id)
         if slot.final:
             return  # the end state is set; later progress is stale
         slot.builder = builder
-        self._want(slot, urgent=False)
+        # A new pace (the job left the line and runs) wakes the worker sleeping on the old.
+        paced = interval != slot.interval
+        slot.interval = interval
+        self._want(slot, urgent=paced)
 
     async def finish(self, channel_id: int, message_id: int, builder: EditBuilder) -> bool:
         """Set the final state and wait until it has been sent (never dropped). True when
@@ -259,7 +271,8 @@ class MessageRelay:
             if best is None or slot.last_edit < best.last_edit:
                 best = slot
         assert best is not None
-        return best, best.last_edit + self.interval
+        interval = self.interval if best.interval is None else best.interval
+        return best, best.last_edit + interval
 
     async def _work(self, key: LaneKey, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()

@@ -32,7 +32,17 @@ async def answer(env: BotEnv, interaction: Any) -> Any:
 
 async def generate(env: BotEnv, options: dict[str, Any], *, user: Any = None) -> Any:
     interaction = await env.slash("generate", options, user=user or env.fake.member)
-    await answer(env, interaction)
+    shown = await answer(env, interaction)
+    if shown.embeds and not shown.ephemeral:
+        # The reply shows the job's status a moment before the job's row learns where its
+        # status message is (and the job starts): wait for that too.
+        async def attached() -> bool:
+            async with env.services.sessions() as session:
+                found = await session.scalar(select(ComfyGeneration.id).where(
+                    ComfyGeneration.message_id == shown.id))
+            return found is not None
+
+        await eventually(attached)
     return interaction
 
 

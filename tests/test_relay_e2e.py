@@ -7,6 +7,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
+
+import bot.job_observer
 from tests.conftest import MODELS, BotEnv, add_server
 from tests.fakecomfy import FakeComfy
 from tests.test_generation_e2e import (
@@ -157,3 +160,34 @@ async def test_past_the_tokens_life_the_status_moves_to_the_channels_route(
     assert after[-1].status == 200 and after[-1].files
     assert [a.filename for a in status.attachments] == [f"comfyvast-{row.id}-1.png"]
     assert result_messages(studio) == [status]
+
+
+async def test_a_place_in_line_is_shown_less_often_than_progress(
+    studio: BotEnv, comfy: FakeComfy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Six jobs on one server: while the first ones run, the last waits in line and its
+    # place changes with each job that ends. Its status is edited at most every
+    # QUEUED_INTERVAL while it waits; once it runs, every relay interval.
+    monkeypatch.setattr(bot.job_observer, "QUEUED_INTERVAL", 2.0)
+    studio.bot.relay.interval = 0.3
+    studio.services.settings.limits.user_concurrent_jobs = 10
+    studio.services.settings.limits.user_jobs_per_minute = 10
+    comfy.step_delay = 0.05
+    comfy.pause_sampling()
+    for n in range(6):
+        await generate(studio, {"prompt": f"in line {n}", "steps": 40, "seed": n})
+    last = await job_row(studio)
+    comfy.resume_sampling()
+    row = await finished_row(studio, last.id, timeout=60)
+    assert row.status == "completed", row.error_message
+    edits = _webhook_edits(studio, row.message_id)[1:-1]  # between the first show and the result
+    waiting = [r for r in edits if _title(r).startswith("Queued")]
+    running = [r for r in edits if _title(r).startswith("Generating")]
+    assert len(waiting) >= 2 and running, [_title(r) for r in edits]
+    # Its place changed while it waited (five jobs ended ahead of it), shown 2 s apart...
+    assert len({str(r.json["embeds"][0]) for r in waiting}) >= 2
+    gaps = [b.time - a.time for a, b in zip(waiting, waiting[1:], strict=False)]
+    assert all(g >= 1.95 for g in gaps), gaps
+    # ...and as it ran its progress was shown at the relay's pace.
+    gaps = [b.time - a.time for a, b in zip(running, running[1:], strict=False)]
+    assert len(running) >= 2 and all(g >= 0.25 for g in gaps), gaps

@@ -183,6 +183,12 @@ class LiveJobs:
         """
         try:
             view = await self.last_written(job_id)
+            live = self._states.get(job_id)
+            if live is not None and live.started_at is not None and not view.running \
+                    and view.status in ("pending", "queued"):
+                # It runs, though the row does not say so yet: the observer paces a
+                # running job's status differently from a waiting one's.
+                view = replace(view, status=GenerationStatus.RUNNING.value)
             await self.observer.on_update(view, preview)
         except Exception:
             log.exception("progress update for generation %s failed", job_id)

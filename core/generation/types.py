@@ -99,6 +99,10 @@ class JobView:
         return GenerationStatus(self.status).finished
 
     @property
+    def running(self) -> bool:
+        return self.status == GenerationStatus.RUNNING
+
+    @property
     def seed(self) -> int | None:
         seed = self.parameters.get("seed")
         return seed if isinstance(seed, int) else None
