@@ -134,7 +134,7 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     ]
     assert previews, "no preview was shown"
     thumb = Image.open(io.BytesIO(previews[-1]))
-    assert thumb.format == "JPEG" and max(thumb.size) <= 320
+    assert thumb.format == "JPEG" and max(thumb.size) <= 256
     # The result: the status message itself, with the user named, the exact PNG ComfyUI
     # produced and the seed in the embed.
     [result] = result_messages(studio)
