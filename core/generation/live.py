@@ -36,6 +36,8 @@ class LiveState:
     resumed: bool = False
     started: bool = False  # ComfyUI began executing it (no more queue positions)
     started_at: dt.datetime | None = None
+    # The last written view and that view marked running (publish, once per written row).
+    running_view: tuple[JobView, JobView] | None = None
 
 
 def job_view(row: ComfyGeneration, server_name: str | None) -> JobView:
@@ -184,11 +186,15 @@ class LiveJobs:
         try:
             view = await self.last_written(job_id)
             live = self._states.get(job_id)
-            if live is not None and live.started_at is not None and not view.running \
+            if live is not None and live.started_at is not None \
                     and view.status in ("pending", "queued"):
                 # It runs, though the row does not say so yet: the observer paces a
-                # running job's status differently from a waiting one's.
-                view = replace(view, status=GenerationStatus.RUNNING.value)
+                # running job's status differently from a waiting one's. (Made once per
+                # written row: this runs for every step.)
+                if live.running_view is None or live.running_view[0] is not view:
+                    marked = replace(view, status=GenerationStatus.RUNNING.value)
+                    live.running_view = (view, marked)
+                view = live.running_view[1]
             await self.observer.on_update(view, preview)
         except Exception:
             log.exception("progress update for generation %s failed", job_id)
