@@ -12,7 +12,8 @@ Legal transitions (``ACTIVE`` = pending, queued, running, uploading):
 =================  ==========================  ============================================
 function           from                        to
 =================  ==========================  ============================================
-record             (no row)                    pending
+record             (no row)                    pending (on a server, or waiting for a pool's)
+assign             pending, without a server   pending, on a server (a pool's queue placed it)
 attach_message     any (not a status change)   (unchanged)
 mark_queued        pending                     queued
 save_progress      ACTIVE                      unchanged; running once ComfyUI started it
@@ -46,8 +47,10 @@ from core.db.models import (
     ComfyWorkflow,
     GenerationStatus,
     Server,
+    ServerStatus,
     UTCDateTime,
 )
+from core.errors import ResourceBusy
 from core.overview import ACTIVE_JOB_STATES
 
 ACTIVE = tuple(ACTIVE_JOB_STATES)
@@ -60,6 +63,7 @@ COMPLETED = GenerationStatus.COMPLETED.value
 # Legal previous states of each guarded transition (the table above).
 FROM: dict[str, tuple[str, ...]] = {
     "mark_queued": (PENDING,),
+    "assign": (PENDING,),
     "save_progress": ACTIVE,
     "move": ACTIVE,
     "complete": (QUEUED, RUNNING, UPLOADING),
@@ -219,7 +223,10 @@ class GenerationStore:
         slot): None when refused.
 
         A new job is activity on its server (idle autostop counts from here), written in
-        the same transaction as the row.
+        the same transaction as the row. The server must still be running, read under a
+        share lock of its row: idle autostop takes that row's lock and looks for jobs
+        before it begins a stop (core.servers.state.ServerStates.begin_stop), so a job is
+        never recorded on a server whose stop began (ResourceBusy instead).
         """
         values = {
             **fields,
@@ -240,6 +247,14 @@ class GenerationStore:
             stmt = stmt.from_select(list(values), within)
         stmt = stmt.returning(ComfyGeneration)
         async with self._sessions.begin() as session:
+            server_id = fields.get("server_id")
+            if server_id is not None:
+                status = await session.scalar(
+                    select(Server.status).where(Server.id == server_id)
+                    .with_for_update(read=True)
+                )
+                if status != ServerStatus.RUNNING.value:
+                    raise ResourceBusy("The server chosen for this job is no longer running.")
             row = (await session.execute(stmt)).scalars().first()
             if row is None:
                 return None  # over the quota
@@ -282,6 +297,41 @@ class GenerationStore:
         )
         async with self._sessions.begin() as session:
             return (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
+
+    async def assign(
+        self, job_id: int, server_id: int, model: str | None, now: dt.datetime
+    ) -> ComfyGeneration | None:
+        """A job waiting for a pool's server gets one (and the checkpoint resolved on it);
+        the row, or None when it ended meanwhile (cancelled) or has a server already.
+        The server must be running, as in :meth:`record`; its activity is written too."""
+        async with self._sessions.begin() as session:
+            status = await session.scalar(
+                select(Server.status).where(Server.id == server_id).with_for_update(read=True)
+            )
+            if status != ServerStatus.RUNNING.value:
+                raise ResourceBusy("The server chosen for this job is no longer running.")
+            row = (
+                await session.execute(
+                    _guarded("assign", job_id)
+                    .where(ComfyGeneration.server_id.is_(None))
+                    .values(server_id=server_id)
+                    .returning(ComfyGeneration),
+                    execution_options=_PLAIN,
+                )
+            ).scalars().first()
+            if row is None:
+                return None
+            if model is not None and (row.parameters or {}).get("model") != model:
+                row.parameters = {**(row.parameters or {}), "model": model}
+            activity: dict[str, Any] = {"last_used_at": now}
+            if row.channel_id is not None:
+                activity["last_channel_id"] = row.channel_id
+            await session.execute(
+                update(Server).where(Server.id == server_id).values(activity),
+                execution_options=_PLAIN,
+            )
+            await session.flush()
+            return row
 
     async def save_progress(
         self, job_id: int, progress: float, node: str | None, started_at: dt.datetime | None

@@ -12,8 +12,19 @@ Every decision is written (``pool_decisions``, state ``planned``) before it is a
 then audited and announced in the pool's channel. A restarted bot settles decisions a
 dead process left planned: a rent whose server row exists is the rental path's to finish
 (recovery adopts it by label) and joins the pool; a rent without a row never reached
-Vast.ai (the row is written before the create) and is abandoned. Scale-down is the idle
-autostop with the pool's idle timeout (set on each member when it joins).
+Vast.ai (the row is written before the create) and is abandoned.
+
+Demand is the members' active jobs plus the jobs waiting for the pool's next free server
+(core.generation.waiting: a job no server had room for waits in the database instead of
+being refused); a new waiting job pokes a tick at once, and each tick (and each member
+that joins) places the waiting jobs that now fit.
+
+Scale-down is the idle autostop, per member: placement packs jobs on the busiest server
+with room, so the members demand does not need get no work. Each tick sets the idle
+timeout of each running member: the pool's ``min`` cheapest never stop; as many others as
+the last window's work kept busy (the most recently used first) keep the pool's
+idle timeout (the hysteresis: a server that the recent rate of jobs will need again soon
+is not stopped between two sessions); the surplus drains (core.pools.drain).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from dataclasses import dataclass
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REFUSED, SYSTEM, AuditService
 from core.db.models import ServerStatus
 from core.errors import BudgetExceeded, ComfyVastError, NotFound
+from core.pools.drain import DEFAULT_JOB_SECONDS, set_idle_stops
 from core.pools.models import ABANDONED, DONE, FAILED, REFUSED
 from core.pools.service import PoolService
 from core.pools.types import DecisionView, PoolStatus, PoolView
@@ -38,8 +50,6 @@ from core.vast import OfferQuery
 
 log = logging.getLogger(__name__)
 
-# A pool that has finished no job yet is assumed to take this long per job (seconds).
-DEFAULT_JOB_SECONDS = 60.0
 # How long a refused job counts as demand at most.
 UNPLACED_MEMORY = dt.timedelta(hours=1)
 # How many recent starts (and rents) the cold-start estimate averages.
@@ -93,6 +103,26 @@ class Autoscaler:
         # (a cold start): a server that would come up after the queue is worked off anyway
         # only costs. None measured yet: taken as instant, as before any was measured.
         self.ready_seconds: dict[str, list[float]] = {"start": [], "rent": []}
+        # Jobs waiting for a pool's next free server, by pool name, and a call that places
+        # those that fit now (core.generation.waiting; set by the wiring).
+        self.waiting: Callable[[str], int] | None = None
+        self.place_waiting: Callable[[], None] | None = None
+        self._poked_again = False
+
+    def poke(self) -> None:
+        """A job began to wait for a pool: decide now, not at the next maintenance tick
+        (up to 30 s later, all of it added to the member's wait)."""
+        self._poked_again = True
+        if "poke" not in self._tasks:
+            self._tasks.spawn(self._poked(), key="poke", name="pools-poke")
+
+    async def _poked(self) -> None:
+        while self._poked_again:  # pokes during a tick: one more tick after it
+            self._poked_again = False
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("a poked pool tick failed")
 
     def note_unplaced(self, job: Hashable | None = None) -> None:
         now = self._ops.clock()
@@ -118,9 +148,10 @@ class Autoscaler:
         job_seconds = await self._store.job_seconds([s.id for s in members], now)
         recent = dt.timedelta(seconds=pool.target_wait)
         refused = sum(1 for t in self._unplaced.values() if now - t < recent)
+        waiting = self.waiting(pool.name) if self.waiting is not None else 0
         return Load(
             ready=sum(1 for s in members if s.is_ready), coming=coming,
-            queued=sum(busy.get(s.id, 0) for s in members) + refused,
+            queued=sum(busy.get(s.id, 0) for s in members) + refused + waiting,
             job_seconds=job_seconds or DEFAULT_JOB_SECONDS, planned=planned,
         )
 
@@ -143,7 +174,9 @@ class Autoscaler:
                     made += await self._scale(pool)
                 except Exception:
                     log.exception("scaling pool %s failed; retrying next tick", pool.name)
-            return made
+        if self.place_waiting is not None:
+            self.place_waiting()  # a server that came up since may take waiting jobs
+        return made
 
     async def settle(self) -> None:
         for pool_id, decision in await self._store.planned():
@@ -162,16 +195,6 @@ class Autoscaler:
                 await self._store.add_member(pool.id, server.id, pool.idle_timeout)
             # The server's own recovery (creating/starting rows) finishes the operation.
             await self._store.settle(decision.id, DONE, f"recovered: {server.status}")
-
-    async def _keep_minimum(self, pool: PoolView, members: list[ServerView]) -> None:
-        """The pool's ``min`` cheapest running members never idle-stop (autostop 0); the
-        others stop after the pool's idle timeout. Else autostop and the minimum would
-        take turns stopping and starting the same server."""
-        ready = sorted((s for s in members if s.is_ready), key=lambda s: (s.price_per_hour, s.id))
-        for index, server in enumerate(ready):
-            minutes = 0 if index < pool.min_servers else pool.idle_timeout
-            if server.idle_timeout != minutes:
-                await self._store.set_idle(server.id, minutes)
 
     def cold_start(self, action: str) -> float:
         """Seconds a ``start`` or ``rent`` takes until the server runs (recent mean)."""
@@ -195,7 +218,7 @@ class Autoscaler:
 
     async def _scale(self, pool: PoolView) -> list[DecisionView]:
         members = await self._pools.members(pool)
-        await self._keep_minimum(pool, members)
+        await set_idle_stops(self._store, pool, members, self._ops.clock())
         load = await self.load(pool, members)
         have = load.ready + load.coming
         stopped = sorted(
@@ -343,6 +366,8 @@ class Autoscaler:
         if self.on_ready is not None and (pool.profile or pool.models):
             await self.on_ready(pool, server)
         await self._store.settle(decision.id, DONE, f"{server.name} is {server.status}")
+        if self.place_waiting is not None:
+            self.place_waiting()  # jobs waiting for the pool take it first
         if pool.channel_id:
             await self._ops.events.notice(
                 pool.channel_id, f"Pool **{pool.name}**: **{server.name}** is ready."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from core.db.engine import SessionFactory
 from core.db.models import ComfyGeneration, GenerationStatus, Server
@@ -67,6 +67,19 @@ class PoolStore:
             server = await session.get(Server, server_id)
             if server is not None and server.idle_timeout != minutes:
                 server.idle_timeout = minutes
+
+    async def jobs_since(self, server_ids: list[int], since: dt.datetime) -> int:
+        """Jobs placed on these servers since ``since`` (the pool's recent demand)."""
+        if not server_ids:
+            return 0
+        async with self._sessions() as session:
+            return int(
+                await session.scalar(
+                    select(func.count())
+                    .where(ComfyGeneration.server_id.in_(server_ids))
+                    .where(ComfyGeneration.created_at > since)
+                ) or 0
+            )
 
     async def job_seconds(self, server_ids: list[int], now: dt.datetime) -> float | None:
         """Mean run time of the latest finished jobs on these servers; None without any."""

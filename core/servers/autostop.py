@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from core.audit import OUTCOME_OK, SYSTEM, Actor
 from core.db.models import ComfyGeneration, ModelDownload, ServerExecution, ServerStatus
-from core.errors import ComfyVastError
+from core.errors import ComfyVastError, ResourceBusy
 from core.overview import ACTIVE_JOB_STATES
 from core.providers import provider_for
 from core.servers.context import ServerContext
@@ -109,7 +109,13 @@ class Autostop:
             if action == "destroy":
                 await self._lifecycle.destroy(SYSTEM, server.name, reason=why)
             else:
-                await self._lifecycle.stop(SYSTEM, server.name, reason=why)
+                # Re-checked under the lock that recording a job takes: a job placed in
+                # the instant of the stop keeps the server (ResourceBusy).
+                await self._lifecycle.stop(SYSTEM, server.name, reason=why,
+                                           only_if_idle=True)
+        except ResourceBusy as exc:
+            log.info("autostop of %s skipped: %s", server.name, exc)
+            return
         except ComfyVastError as exc:
             log.warning("autostop of %s failed: %s", server.name, exc)
             return

@@ -6,7 +6,10 @@ spend is always derived from the rows.
 
 from __future__ import annotations
 
-from core.db.models import Server, ServerStatus
+from sqlalchemy import select
+
+from core.db.models import ComfyGeneration, Server, ServerStatus
+from core.overview import ACTIVE_JOB_STATES
 from core.servers.billing import Billing
 from core.servers.context import ServerContext
 from core.vast import Instance
@@ -42,6 +45,29 @@ class ServerStates:
             state = BILLING_STATE.get(status)
             if state is not None:
                 await self._billing.open_interval(session, row, state)
+
+    async def begin_stop(self, server_id: int, *, only_if_idle: bool) -> bool:
+        """Mark a server stopping; False (nothing written) when ``only_if_idle`` and a job
+        is on it. The check and the write hold the server row's lock, which recording a
+        job on the server takes too (core.generation.store: record, assign): a job is
+        either seen here, or refused there because the stop began. Without the lock the
+        idle autostop stopped servers that a job had just been placed on."""
+        async with self._ctx.sessions.begin() as session:
+            row = await session.get(Server, server_id, with_for_update=True)
+            if row is None:
+                return False
+            if only_if_idle:
+                active = await session.scalar(
+                    select(ComfyGeneration.id)
+                    .where(ComfyGeneration.server_id == server_id)
+                    .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
+                    .limit(1)
+                )
+                if active is not None:
+                    return False
+            row.status = ServerStatus.STOPPING.value
+            row.status_message = None
+        return True
 
     async def apply_instance(self, server_id: int, instance: Instance) -> None:
         """Record a running instance: where to reach it, its price, running since when."""
