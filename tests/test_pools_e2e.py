@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from core.db.models import AuditLog, ComfyGeneration
+from core.pools.drain import DRAIN_MINUTES
 from core.pools.models import PoolDecision, PoolMember
 from tests.conftest import BotEnv, _answered, eventually
 from tests.fakevast import FakeVast
@@ -312,11 +313,13 @@ async def test_queued_jobs_move_to_a_server_that_comes_up(
     await second.start()
     try:
         await add_server(env, "busy", comfy.url)
-        await admin(env, "create", {"name": "p", "gpu": "RTX 4090"})
-        await admin(env, "add-server", {"name": "p", "server": "busy"})
         comfy.pause_sampling()
+        # Queued before the pool existed (a pool's jobs queue at most PACK_DEPTH deep in a
+        # ComfyUI; the rest wait in the pool's queue, test_pools_wait_e2e).
         for i in range(5):
             await generate(env, {"prompt": f"job {i}", "steps": 3})
+        await admin(env, "create", {"name": "p", "gpu": "RTX 4090"})
+        await admin(env, "add-server", {"name": "p", "server": "busy"})
         first = await job_row(env, 1)
         await comfy.wait_running(first.comfy_prompt_id, timeout=10)
         await env.fake.wait_for(lambda: len(comfy.pending_prompt_ids) == 4)
@@ -391,9 +394,9 @@ async def test_below_min_starts_one_without_jobs(fake_discord: Any, tmp_path: Pa
         await admin(env, "add-server", {"name": "gpu", "server": "extra"})
         assert await env.services.autoscaler.tick() == []  # running: at least the minimum
         # The minimum's cheapest member never idle-stops; the other one does, and with no
-        # recent demand it is surplus: it drains (a minute idle, not the pool's 15).
+        # recent demand it is surplus: it drains (minutes idle, not the pool's 15).
         assert (await env.services.servers.get("only")).idle_timeout == 0
-        assert (await env.services.servers.get("extra")).idle_timeout == 1
+        assert (await env.services.servers.get("extra")).idle_timeout == DRAIN_MINUTES
         await env.slash("server", {"server": "extra"}, user=env.fake.admin, subcommand="stop")
         await eventually(lambda: _is(env, "extra", "stopped"), timeout=20)
         await env.slash("server", {"server": "only"}, user=env.fake.admin, subcommand="stop")

@@ -172,3 +172,84 @@ def test_placement_packs_jobs_on_the_busiest_server_with_room(settings: Any) -> 
     assert placement._reserve([a, b, c], 5, {1: 2}).id == 2  # the cheapest idle one
     placement.release(2)
     assert placement._reserve([a, b, c], 5, {1: 2, 2: 3, 3: 4}).id == 1  # least loaded
+
+
+async def test_a_server_started_again_is_idle_from_its_start_not_its_last_job(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """Its last job was two hours ago, before its stop: the idle stop counts from the
+    start, else the first autostop tick stops it again before a job reaches it."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await rent_running(env, "RTX 4090", "again")
+        server = await env.services.servers.get("again")
+        from core.db.models import Server
+
+        async with env.services.sessions.begin() as session:
+            row = await session.get(Server, server.id)
+            assert row is not None and row.running_since is not None
+            row.last_used_at = row.running_since - dt.timedelta(hours=2)
+            row.idle_timeout = 5
+        assert await env.services.server_ops.autostop_tick() == []
+        assert await running(env, "again")
+    finally:
+        await env.stop()
+
+
+async def test_a_pool_server_holds_two_jobs_and_the_rest_go_to_the_first_free(
+    fake_discord: Any, tmp_path: Path, comfy: Any
+) -> None:
+    """Late binding: a pool's job waits in the pool's queue rather than third in one
+    ComfyUI's queue, so a server that joins (or frees up) takes it while the first one is
+    still busy."""
+    from tests.conftest import MODELS, add_server, bot_settings, start_bot
+    from tests.fakecomfy import FakeComfy
+    from tests.test_generation_e2e import generate
+
+    env = await start_bot(fake_discord, bot_settings(
+        tmp_path, fake_discord, limits={"user_concurrent_jobs": 10}))
+    second = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
+    await second.start()
+    try:
+        await add_server(env, "busy", comfy.url)
+        await admin(env, "create", {"name": "p", "gpu": "RTX 4090"})
+        await admin(env, "add-server", {"name": "p", "server": "busy"})
+        comfy.pause_sampling()
+        for i in range(4):
+            await generate(env, {"prompt": f"job {i}", "steps": 3})
+        await env.fake.wait_for(lambda: len(comfy.pending_prompt_ids) == 1)
+        assert [(await job_row(env, i)).server_id for i in (3, 4)] == [None, None]
+        await add_server(env, "fresh", second.url)
+        await admin(env, "add-server", {"name": "p", "server": "fresh"})
+        await env.services.autoscaler.tick()  # the maintenance round places waiting jobs
+        fresh = await env.services.servers.get("fresh")
+        for job_id in (3, 4):
+            row = await finished_row(env, job_id)
+            assert row.status == "completed" and row.server_id == fresh.id
+        # Meanwhile the first still runs on "busy" and the second waits behind it there.
+        assert len(comfy.pending_prompt_ids) == 1 and not comfy.history
+    finally:
+        comfy.resume_sampling()
+        await second.stop()
+        await env.stop()
+
+
+def test_warm_members_hold_longer_while_sessions_keep_coming() -> None:
+    """Hysteresis: the last hour's sessions set how long a warm member waits idle."""
+    from core.pools.drain import HOLD_CAP, hold_minutes, needed
+
+    now = dt.datetime(2026, 12, 7, 15, tzinfo=dt.UTC)
+    # 30 sessions an hour (one every 2 minutes) of 3 jobs 10 s apart: a 6-minute hold.
+    busy = [now - dt.timedelta(minutes=2 * s, seconds=10 * j)
+            for s in range(30) for j in range(3)]
+    assert hold_minutes(sorted(busy), now) == 6
+    # Two sessions in the hour: no hold (the pool's own idle timeout applies).
+    assert hold_minutes([now - dt.timedelta(minutes=50), now - dt.timedelta(minutes=5)],
+                        now) == 0
+    # Six sessions: 30 minutes would pass the cap, so no hold either.
+    six = sorted(now - dt.timedelta(minutes=10 * s) for s in range(6))
+    assert hold_minutes(six, now) == 0 and HOLD_CAP < 30
+    # 24 jobs in the last 15 minutes: of 30 s, one server's worth; of 60 s, two.
+    assert needed(sorted(busy), 30.0, now) == 1
+    assert needed(sorted(busy), 60.0, now) == 2
+    assert needed([], 30.0, now) == 0

@@ -138,17 +138,23 @@ class Placement:
     ) -> ServerView | WaitFor:
         """:meth:`choose`, or which pool to wait for when no server has room. ``waiting``:
         jobs wait for a pool already, so a new one that a pool can run joins them (first
-        come, first placed) instead of taking the next free slot before them."""
-        pool = await self.pool_for(req) if waiting else None
-        if pool is not None:
+        come, first placed) instead of taking the next free slot before them.
+
+        A job a pool can run takes a server only while it holds fewer than PACK_DEPTH jobs
+        (not comfy.max_generations): the rest wait in the pool's queue and go to whichever
+        server frees first. Queued in one ComfyUI, a job waited for that server even when
+        another was idle (and the idle one, without work, was stopped)."""
+        pool = await self.pool_for(req)
+        if pool is not None and waiting:
             return WaitFor(pool)
+        cap = PACK_DEPTH if pool is not None else None
         try:
-            return await self._choose(req, exclude, None, fresh=False, notify=False)
+            return await self._choose(req, exclude, None, fresh=False, notify=False, cap=cap)
         except (ValidationFailed, ResourceBusy):
             try:
-                return await self._choose(req, exclude, None, fresh=True, notify=False)
+                return await self._choose(req, exclude, None, fresh=True, notify=False,
+                                          cap=cap)
             except (ValidationFailed, ResourceBusy):
-                pool = await self.pool_for(req)
                 if pool is None:
                     if self.on_unplaced is not None:
                         self._unplaced(req, True)
@@ -158,7 +164,7 @@ class Placement:
     async def place(self, req: GenerationRequest, *, fresh: bool) -> ServerView:
         """A server with room for a job waiting for a pool (no demand is noted: the
         autoscaler counts waiting jobs apart). The caller must :meth:`release` it."""
-        return await self._choose(req, set(), None, fresh=fresh, notify=False)
+        return await self._choose(req, set(), None, fresh=fresh, notify=False, cap=PACK_DEPTH)
 
     async def choose(
         self, req: GenerationRequest, *, exclude: set[int], model: str | None = None
@@ -176,10 +182,11 @@ class Placement:
 
     async def _choose(
         self, req: GenerationRequest, exclude: set[int], model: str | None, *, fresh: bool,
-        notify: bool = True,
+        notify: bool = True, cap: int | None = None,
     ) -> ServerView:
         wanted_model = model or req.model
-        cap = self._settings.comfy.max_generations
+        cap = min(cap or self._settings.comfy.max_generations,
+                  self._settings.comfy.max_generations)
         if req.server:
             server = await self._registry.get(req.server)
             if not server.is_ready:

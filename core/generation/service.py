@@ -170,6 +170,9 @@ class GenerationService:
                 "prompt": req.prompt,
                 "negative_prompt": req.negative or None,
                 "parameters": parameters,
+                # The services' clock (a compressed one in bench.costsim), as every other
+                # time of the row: the pools' demand is read from it.
+                "created_at": now,
             },
             now=now,
             input_path=(lambda job_id: self._inputs.save(job_id, image)) if image else None,

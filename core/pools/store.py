@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 
 from core.db.engine import SessionFactory
 from core.db.models import ComfyGeneration, GenerationStatus, Server
@@ -68,17 +68,21 @@ class PoolStore:
             if server is not None and server.idle_timeout != minutes:
                 server.idle_timeout = minutes
 
-    async def jobs_since(self, server_ids: list[int], since: dt.datetime) -> int:
-        """Jobs placed on these servers since ``since`` (the pool's recent demand)."""
+    async def job_times(self, server_ids: list[int], since: dt.datetime) -> list[dt.datetime]:
+        """When the jobs placed on these servers since ``since`` were submitted, oldest
+        first (the pool's recent demand)."""
         if not server_ids:
-            return 0
+            return []
         async with self._sessions() as session:
-            return int(
-                await session.scalar(
-                    select(func.count())
-                    .where(ComfyGeneration.server_id.in_(server_ids))
-                    .where(ComfyGeneration.created_at > since)
-                ) or 0
+            return list(
+                (
+                    await session.scalars(
+                        select(ComfyGeneration.created_at)
+                        .where(ComfyGeneration.server_id.in_(server_ids))
+                        .where(ComfyGeneration.created_at > since)
+                        .order_by(ComfyGeneration.created_at)
+                    )
+                ).all()
             )
 
     async def job_seconds(self, server_ids: list[int], now: dt.datetime) -> float | None:

@@ -87,7 +87,11 @@ class Autostop:
                 await ctx.registry.touch(server.id)
                 self._warned.pop(server.id, None)
                 continue
-            last = server.last_used_at or server.running_since or server.created_at
+            # Idle since the last job or since it came up, whichever is later: a server
+            # started again keeps the last job's time from before its stop, and counted
+            # from that it was stopped again at the first tick, before any job reached it.
+            seen = [t for t in (server.last_used_at, server.running_since) if t is not None]
+            last = max(seen) if seen else server.created_at
             idle = now - last
             if idle >= dt.timedelta(minutes=timeout):
                 await self._idle_action(server, f"idle for {timeout} minutes")
