@@ -168,10 +168,11 @@ async def test_burst_starts_stopped_then_rents_within_max_and_cooldown(
         autoscaler = env.services.autoscaler
         assert await autoscaler.tick() == []  # nothing queued: nothing to do
 
-        # 10 jobs at the default 60 s each on one server: ~600 s against a 60 s target;
+        # 20 jobs at the default 60 s each on one server: ~1200 s against a 60 s target;
         # the pool may grow to 4: the stopped members start (cheapest first), then one
-        # is rented from the template.
-        await queue_jobs(env, "warm", 10)
+        # is rented from the template (what is left when a rental would be up, taken as
+        # RENT_SECONDS before one was measured, still needs it).
+        await queue_jobs(env, "warm", 20)
         made = await autoscaler.tick()
         rented = f"gpu-{made[-1].id}"
         assert [(d.action, d.server_name) for d in made] == [
@@ -197,13 +198,13 @@ async def test_burst_starts_stopped_then_rents_within_max_and_cooldown(
         assert [(a, o) for a, o, _ in entries] == [
             ("pool scale-up start", "ok"), ("pool scale-up start", "ok"),
             ("pool scale-up rent", "ok")]
-        assert "10 jobs would wait ~600 s (target 60 s)" in entries[0][2]["reason"]
+        assert "20 jobs would wait ~1200 s (target 60 s)" in entries[0][2]["reason"]
         await env.fake.wait_for(lambda: any(
             f"**{rented}** is ready" in t for t in channel_texts(env)))
         texts = channel_texts(env)
         ups = [t for t in texts if t.startswith("Pool **gpu**: st") or "renting" in t]
         assert [t.split("**")[3] for t in ups] == ["cold", "colder", rented]
-        assert all("10 jobs would wait ~600 s (target 60 s)." in t for t in ups)
+        assert all("20 jobs would wait ~1200 s (target 60 s)." in t for t in ups)
         assert any(f"Pool **gpu**: renting **{rented}**" in t for t in texts)
 
         # Still a long queue, but in the cool-down: nothing new.

@@ -253,3 +253,23 @@ def test_warm_members_hold_longer_while_sessions_keep_coming() -> None:
     assert needed(sorted(busy), 30.0, now) == 1
     assert needed(sorted(busy), 60.0, now) == 2
     assert needed([], 30.0, now) == 0
+
+
+async def test_a_burst_the_started_members_work_off_rents_nothing(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """10 jobs of 60 s on one server: the two stopped members start; a rental would be up
+    only after RENT_SECONDS (Vast's boot time, none measured yet), when three servers have
+    left 20 s of work each, so nothing is rented (it would bill its disk on)."""
+    from tests.test_pools_e2e import queue_jobs, warm_and_two_stopped
+
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await warm_and_two_stopped(env, 4)
+        await queue_jobs(env, "warm", 10)
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold"),
+                                                             ("start", "colder")]
+        assert len(vast.instances) == 3
+    finally:
+        await env.stop()

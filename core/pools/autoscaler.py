@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 UNPLACED_MEMORY = dt.timedelta(hours=1)
 # How many recent starts (and rents) the cold-start estimate averages.
 COLD_START_SAMPLES = 5
+# A rental's time until it runs before one was measured: Vast.ai's "boot time is typically
+# 1-5 minutes depending on the Docker image size" (reference/vast.md, section 3).
+RENT_SECONDS = 180.0
 COMING = (ServerStatus.CREATING.value, ServerStatus.LOADING.value,
           ServerStatus.STARTING.value)
 
@@ -197,24 +200,17 @@ class Autoscaler:
             await self._store.settle(decision.id, DONE, f"recovered: {server.status}")
 
     def cold_start(self, action: str) -> float:
-        """Seconds a ``start`` or ``rent`` takes until the server runs (recent mean)."""
+        """Seconds a ``start`` or ``rent`` takes until the server runs (recent mean;
+        before any was measured, a start is taken as instant and a rent as RENT_SECONDS)."""
         seen = self.ready_seconds[action]
-        return sum(seen) / len(seen) if seen else 0.0
+        if not seen:
+            return RENT_SECONDS if action == "rent" else 0.0
+        return sum(seen) / len(seen)
 
     def _timed(self, action: str, began: dt.datetime) -> None:
         seen = self.ready_seconds[action]
         seen.append((self._ops.clock() - began).total_seconds())
         del seen[:-COLD_START_SAMPLES]
-
-    def _wanted(self, pool: PoolView, load: Load, stopped: bool) -> int:
-        """Servers the queue needs, counting the cold start: by the time a new server
-        runs, the ready ones have worked off part of the queue; only what is left then, if
-        it would still wait past the target, asks for more."""
-        boot = self.cold_start("start" if stopped else "rent")
-        left = load.queued * load.job_seconds - load.ready * boot
-        if load.ready and left / load.ready <= pool.target_wait:
-            return 0
-        return math.ceil(max(left, 0.0) / pool.target_wait)
 
     async def _scale(self, pool: PoolView) -> list[DecisionView]:
         members = await self._pools.members(pool)
@@ -227,7 +223,7 @@ class Autoscaler:
             key=lambda s: (s.price_per_hour, s.id),
         )
         if load.wait > pool.target_wait:
-            wanted = self._wanted(pool, load, bool(stopped))
+            wanted = _wanted(pool, load, self.cold_start("start" if stopped else "rent"))
             jobs = "1 job" if load.queued == 1 else f"{load.queued} jobs"
             why = (f"{jobs} would wait ~{_secs(load.wait)} "
                    f"(target {pool.target_wait} s)")
@@ -261,7 +257,8 @@ class Autoscaler:
             made.append(decision)
             if decision.state == REFUSED:
                 return made
-        for _ in range(need - len(made)):
+        short = need - len(made)
+        for _ in range(_rents(pool, load, len(made), short, self.cold_start("rent"))):
             decision, plan = await self._decide_rent(pool, committed, why)
             made.append(decision)
             if plan is None:
@@ -392,6 +389,31 @@ class Autoscaler:
 
     async def close(self) -> None:
         await self._tasks.close()
+
+
+def _wanted(pool: PoolView, load: Load, boot: float) -> int:
+    """Servers the queue needs, counting the cold start: by the time a new server
+    runs, the ready ones have worked off part of the queue; only what is left then, if
+    it would still wait past the target, asks for more."""
+    left = load.queued * load.job_seconds - load.ready * boot
+    if load.ready and left / load.ready <= pool.target_wait:
+        return 0
+    return math.ceil(max(left, 0.0) / pool.target_wait)
+
+
+def _rents(pool: PoolView, load: Load, started: int, short: int, boot: float) -> int:
+    """Rentals of the ``short`` servers the stopped members did not cover: a rental
+    is up only after the rent time, by when the members just started work too; only
+    what is left of the queue then, past the target, asks for one (a burst that the
+    started members work off never rents a server that bills on for its disk)."""
+    if short <= 0:
+        return 0
+    later = Load(ready=load.ready + load.coming + started, coming=0, queued=load.queued,
+                 job_seconds=load.job_seconds)
+    left = later.queued * later.job_seconds - later.ready * boot
+    if later.ready and left / later.ready <= pool.target_wait:
+        return 0
+    return min(short, max(0, math.ceil(max(left, 0.0) / pool.target_wait) - later.ready))
 
 
 def _secs(seconds: float) -> str:
