@@ -408,12 +408,15 @@ def _rents(pool: PoolView, load: Load, started: int, short: int, boot: float) ->
     started members work off never rents a server that bills on for its disk)."""
     if short <= 0:
         return 0
+    # Below the pool's minimum: rent up to it whatever the queue.
+    floor = max(0, pool.min_servers - (load.ready + load.coming + started))
     later = Load(ready=load.ready + load.coming + started, coming=0, queued=load.queued,
                  job_seconds=load.job_seconds)
     left = later.queued * later.job_seconds - later.ready * boot
     if later.ready and left / later.ready <= pool.target_wait:
-        return 0
-    return min(short, max(0, math.ceil(max(left, 0.0) / pool.target_wait) - later.ready))
+        return min(short, floor)
+    queue = math.ceil(max(left, 0.0) / pool.target_wait) - later.ready
+    return min(short, max(floor, queue, 0))
 
 
 def _secs(seconds: float) -> str:
