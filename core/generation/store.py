@@ -37,7 +37,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, insert, literal, or_, select, update
+from sqlalchemy import case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -237,26 +237,26 @@ class GenerationStore:
         # One INSERT ... RETURNING with everything known (no flush of a new object, no
         # read back): submission runs it once per /generate.
         stmt: Any = insert(ComfyGeneration)
-        if quota is None:
+        server_id = fields.get("server_id")
+        conditions = quota.conditions() if quota is not None else []
+        if server_id is not None:
+            conditions.append(_running(server_id))  # atomic with the insert (SQLite)
+        if not conditions:
             stmt = stmt.values(values)
         else:
             table = ComfyGeneration.__table__
             within = select(
                 *[literal(value, table.c[name].type) for name, value in values.items()]
-            ).where(*quota.conditions())
+            ).where(*conditions)
             stmt = stmt.from_select(list(values), within)
         stmt = stmt.returning(ComfyGeneration)
         async with self._sessions.begin() as session:
-            server_id = fields.get("server_id")
             if server_id is not None:
-                status = await session.scalar(
-                    select(Server.status).where(Server.id == server_id)
-                    .with_for_update(read=True)
-                )
-                if status != ServerStatus.RUNNING.value:
-                    raise ResourceBusy("The server chosen for this job is no longer running.")
+                await _server_still_running(session, server_id)
             row = (await session.execute(stmt)).scalars().first()
             if row is None:
+                if server_id is not None:
+                    await _server_still_running(session, server_id)
                 return None  # over the quota
             if input_path is not None:
                 row.parameters = {**row.parameters, "input_path": input_path(row.id)}
@@ -305,21 +305,18 @@ class GenerationStore:
         the row, or None when it ended meanwhile (cancelled) or has a server already.
         The server must be running, as in :meth:`record`; its activity is written too."""
         async with self._sessions.begin() as session:
-            status = await session.scalar(
-                select(Server.status).where(Server.id == server_id).with_for_update(read=True)
-            )
-            if status != ServerStatus.RUNNING.value:
-                raise ResourceBusy("The server chosen for this job is no longer running.")
+            await _server_still_running(session, server_id)
             row = (
                 await session.execute(
                     _guarded("assign", job_id)
-                    .where(ComfyGeneration.server_id.is_(None))
+                    .where(ComfyGeneration.server_id.is_(None), _running(server_id))
                     .values(server_id=server_id)
                     .returning(ComfyGeneration),
                     execution_options=_PLAIN,
                 )
             ).scalars().first()
             if row is None:
+                await _server_still_running(session, server_id)
                 return None
             if model is not None and (row.parameters or {}).get("model") != model:
                 row.parameters = {**(row.parameters or {}), "model": model}
@@ -406,6 +403,22 @@ class GenerationStore:
             if row is None:
                 return None
             return row, await _server_name(session, row)
+
+
+def _running(server_id: int) -> ColumnElement[bool]:
+    """The server is running: a condition of the statement that records a job on it."""
+    return exists().where(Server.id == server_id,
+                          Server.status == ServerStatus.RUNNING.value)
+
+
+async def _server_still_running(session: AsyncSession, server_id: int) -> None:
+    """ResourceBusy unless the server runs; under a share lock of its row (PostgreSQL),
+    which the idle autostop's stop takes exclusively (ServerStates.begin_stop)."""
+    status = await session.scalar(
+        select(Server.status).where(Server.id == server_id).with_for_update(read=True)
+    )
+    if status != ServerStatus.RUNNING.value:
+        raise ResourceBusy("The server chosen for this job is no longer running.")
 
 
 async def _server_name(session: AsyncSession, row: ComfyGeneration) -> str | None:

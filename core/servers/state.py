@@ -6,7 +6,7 @@ spend is always derived from the rows.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import exists, select, update
 
 from core.db.models import ComfyGeneration, Server, ServerStatus
 from core.overview import ACTIVE_JOB_STATES
@@ -48,26 +48,26 @@ class ServerStates:
 
     async def begin_stop(self, server_id: int, *, only_if_idle: bool) -> bool:
         """Mark a server stopping; False (nothing written) when ``only_if_idle`` and a job
-        is on it. The check and the write hold the server row's lock, which recording a
-        job on the server takes too (core.generation.store: record, assign): a job is
-        either seen here, or refused there because the stop began. Without the lock the
-        idle autostop stopped servers that a job had just been placed on."""
+        is on it. One conditional UPDATE (atomic on SQLite, whose writes serialize), after
+        taking the server row's lock (PostgreSQL), which recording a job on the server
+        takes too (core.generation.store: record, assign, whose writes are conditional on
+        the server running): a job is either seen here, or refused there because the stop
+        began. Without this the idle autostop stopped servers a job had just been put on."""
         async with self._ctx.sessions.begin() as session:
-            row = await session.get(Server, server_id, with_for_update=True)
-            if row is None:
-                return False
+            await session.execute(
+                select(Server.id).where(Server.id == server_id).with_for_update()
+            )
+            stmt = update(Server).where(Server.id == server_id)
             if only_if_idle:
-                active = await session.scalar(
-                    select(ComfyGeneration.id)
-                    .where(ComfyGeneration.server_id == server_id)
-                    .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
-                    .limit(1)
-                )
-                if active is not None:
-                    return False
-            row.status = ServerStatus.STOPPING.value
-            row.status_message = None
-        return True
+                stmt = stmt.where(~exists().where(
+                    ComfyGeneration.server_id == server_id,
+                    ComfyGeneration.status.in_(ACTIVE_JOB_STATES),
+                ))
+            result = await session.execute(
+                stmt.values(status=ServerStatus.STOPPING.value, status_message=None),
+                execution_options={"synchronize_session": False},
+            )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def apply_instance(self, server_id: int, instance: Instance) -> None:
         """Record a running instance: where to reach it, its price, running since when."""
