@@ -111,6 +111,7 @@ class Placement:
         # The pools a job that finds no room may wait for (set by the wiring); None or an
         # empty list: such a job is refused as before.
         self.pools: Callable[[], Awaitable[list[PoolChoice]]] | None = None
+        self._pool_choices: tuple[float, list[PoolChoice]] | None = None
 
     def _unplaced(self, req: GenerationRequest, final: bool) -> None:
         """A refusal after a fresh read (``final``) is demand for the pools."""
@@ -125,7 +126,11 @@ class Placement:
         have or its template downloads. None: no pool fits (the job is refused)."""
         if self.pools is None or req.server or req.kind == "upscale":
             return None
-        for pool in await self.pools():
+        # Read at most once per VIEW_TTL: submission asks for every /generate.
+        cached = self._pool_choices
+        if cached is None or time.monotonic() - cached[0] >= VIEW_TTL:
+            cached = self._pool_choices = (time.monotonic(), await self.pools())
+        for pool in cached[1]:
             if req.model is None or req.workflow or req.model in pool.models or any(
                 req.model in (self.catalog.peek(s, "checkpoints") or ())
                 for s in pool.server_ids
