@@ -513,6 +513,42 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
     return result
 
 
+# --------------------------------------------------------------------------- bounds
+
+
+def bounds(cfg: Config, boot: float = 65.0) -> str:
+    """What the demand allows at best, without the bot (``--bound``): FIFO on ``c``
+    servers with no overhead at all, (a) all warm through the window, (b) with a
+    clairvoyant that stops a server in every gap longer than a cold start and has it
+    ready again exactly when the next job comes (paying ``boot`` s of billing per start)."""
+    import heapq
+
+    lo, hi = cfg.first_hour * 3600.0, (cfg.first_hour + cfg.hours) * 3600.0
+    jobs = [j.at for j in demand(cfg) if lo <= j.at < hi]
+    busy = len(jobs) * IMAGE_SECONDS_4090
+    lines = ["| servers | warm all along: wait p50 / p95 | idle share | clairvoyant stop/start: "
+             "idle share | × ideal |", "|---|---|---|---|---|"]
+    for c in range(1, 6):
+        free, waits = [lo] * c, []
+        for t in jobs:
+            start = max(t, heapq.heappop(free))
+            waits.append(start - t)
+            heapq.heappush(free, start + IMAGE_SECONDS_4090)
+        # Clairvoyant, packed (the first free server in a fixed order takes the job).
+        until, last, idle = [-math.inf] * c, [False] * c, 0.0
+        for t in jobs:
+            ready = [i for i in range(c) if until[i] <= t]
+            i = ready[0] if ready else min(range(c), key=lambda k: until[k])
+            start = max(t, until[i])
+            idle += min(start - until[i], boot) if last[i] else boot
+            last[i], until[i] = True, start + IMAGE_SECONDS_4090
+        warm_idle = 1 - busy / (c * (hi - lo))
+        lines.append(f"| {c} | {pct(waits, .5):.0f} s / {pct(waits, .95):.0f} s | "
+                     f"{100 * warm_idle:.0f} % | {100 * idle / (idle + busy):.0f} % | "
+                     f"{(idle + busy) / busy:.2f}× |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -596,6 +632,8 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--port-base", type=int, default=21000,
                     help="host ports for the fake ComfyUIs: 3000 from here")
     ap.add_argument("--verbose", action="store_true", help="one line per simulated hour")
+    ap.add_argument("--bound", action="store_true",
+                    help="only print what the demand allows at best (no bot, instant)")
     ap.add_argument("--policy", choices=POLICIES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = Config(seed=args.seed, pool_idle=args.pool_idle, target_wait=args.target_wait,
@@ -618,6 +656,9 @@ def main(argv: list[str] | None = None) -> None:
             result = asyncio.run(run_policy(args.policy, cfg, Path(tmp)))
         assert args.json is not None
         args.json.write_text(json.dumps(asdict(result)))
+        return
+    if args.bound:
+        print(bounds(cfg))
         return
     start, span = cfg.first_hour * 3600, cfg.hours * 3600
     jobs = [j for j in demand(cfg) if start <= j.at < start + span]

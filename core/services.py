@@ -18,6 +18,7 @@ from core.db.models import utcnow
 from core.diagnostics import Diagnostics
 from core.endpoints import EndpointResolver
 from core.generation import GenerationService
+from core.generation.placement import PoolChoice
 from core.model_files import DEFAULT_INSTALL_DIR, ModelService
 from core.netguard import guarded_connector
 from core.pools import Autoscaler, PoolService
@@ -139,6 +140,16 @@ async def build_services(
     autoscaler.on_ready = prepare_member(setup, models)
     autoscaler.rebalance = generation.rebalancer.to
     generation.rebalancer.on_unplaced(autoscaler.note_unplaced)
+
+    async def pool_choices() -> list[PoolChoice]:
+        return [PoolChoice(p.name, tuple(await pools.store.member_ids(p.id)), p.models)
+                for p in await pools.store.pools() if p.max_servers > 0]
+
+    # A job no server has room for waits for a pool's next free server (not refused).
+    generation.rebalancer.pools_from(pool_choices)
+    generation.waiting.on_wait = autoscaler.poke
+    autoscaler.waiting = generation.waiting.count
+    autoscaler.place_waiting = generation.waiting.kick
     server_ops.pool_check = autoscaler.tick
     return Services(
         settings=settings,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from core.db.models import ComfyGeneration, GenerationStatus
@@ -73,6 +74,9 @@ class LiveJobs:
         self.observer: JobObserver = JobObserver()
         self._states: dict[int, LiveState] = {}
         self._views: dict[int, JobView] = {}  # row snapshots of running jobs
+        # Told when a job ended (a slot freed): jobs waiting for a pool's server are placed
+        # (core.generation.waiting).
+        self.on_end: Callable[[], None] | None = None
 
     def state(self, job_id: int) -> LiveState:
         """The live state of a job, created on first use."""
@@ -201,6 +205,8 @@ class LiveJobs:
 
     async def finished(self, view: JobView) -> None:
         """Tell the observer a job ended; a failure to show it is only logged."""
+        if self.on_end is not None:
+            self.on_end()
         try:
             await self.observer.on_finished(view)
         except Exception:

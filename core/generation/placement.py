@@ -1,8 +1,12 @@
 """Where a job runs: the model catalog, server choice, failover targets.
 
-A server is chosen for a request among the ready ones that have its model, the least
-loaded first; a slot on it is held from the choice until the job's row exists, so
-concurrent submissions spread instead of all seeing the same least-busy server.
+A server is chosen for a request among the ready ones that have its model, packed: the
+busiest one that still starts the job within one job's time (fewer than PACK_DEPTH jobs),
+else the least loaded; a slot on it is held from the choice until the job's row exists, so
+concurrent submissions see each other. Packing leaves the servers that demand does not
+need without work, so their idle stop ends their billing (spreading kept every server
+a little busy and none ever stopped). When no server has room and a pool can run the job,
+it waits for the pool's next free server (core.generation.waiting) instead of a refusal.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 
 from core.audit import Actor
 from core.comfy.errors import ComfyError
@@ -26,6 +31,26 @@ log = logging.getLogger(__name__)
 CATALOG_TTL = 60.0
 # How long a read of the servers and their loads serves new choices (see Placement._view).
 VIEW_TTL = 0.25
+# Jobs a server holds before packing looks past it: the one running and the next, which
+# ComfyUI starts the moment the first ends (a third would wait two jobs' time).
+PACK_DEPTH = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PoolChoice:
+    """A pool whose servers may take a job that found no room: its name, its members'
+    ids and the models its template downloads (the wiring asks core.pools)."""
+
+    name: str
+    server_ids: tuple[int, ...]
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    """No server has room now: the job waits for a server of this pool."""
+
+    pool: str
 
 
 class ModelCatalog:
@@ -83,6 +108,10 @@ class Placement:
         # autoscaler counts it as demand (core.pools), so a pool at zero can start one.
         # Given the request's identity: a member sending the same job again is one job.
         self.on_unplaced: Callable[[Hashable], None] | None = None
+        # The pools a job that finds no room may wait for (set by the wiring); None or an
+        # empty list: such a job is refused as before.
+        self.pools: Callable[[], Awaitable[list[PoolChoice]]] | None = None
+        self._pool_choices: tuple[float, list[PoolChoice]] | None = None
 
     def _unplaced(self, req: GenerationRequest, final: bool) -> None:
         """A refusal after a fresh read (``final``) is demand for the pools."""
@@ -90,6 +119,57 @@ class Placement:
             a = req.actor
             self.on_unplaced((a.user_id, a.channel_id, req.kind, req.prompt, req.model,
                               req.workflow, req.parent_id))
+
+    async def pool_for(self, req: GenerationRequest) -> str | None:
+        """The pool a job may wait for: not pinned to a server nor an upscale of one
+        server's image; a named checkpoint must be one the pool's servers were seen to
+        have or its template downloads. None: no pool fits (the job is refused)."""
+        if self.pools is None or req.server or req.kind == "upscale":
+            return None
+        # Read at most once per VIEW_TTL: submission asks for every /generate.
+        cached = self._pool_choices
+        if cached is None or time.monotonic() - cached[0] >= VIEW_TTL:
+            cached = self._pool_choices = (time.monotonic(), await self.pools())
+        for pool in cached[1]:
+            if req.model is None or req.workflow or req.model in pool.models or any(
+                req.model in (self.catalog.peek(s, "checkpoints") or ())
+                for s in pool.server_ids
+            ):
+                return pool.name
+        return None
+
+    async def choose_or_wait(
+        self, req: GenerationRequest, *, exclude: set[int], waiting: bool = False
+    ) -> ServerView | WaitFor:
+        """:meth:`choose`, or which pool to wait for when no server has room. ``waiting``:
+        jobs wait for a pool already, so a new one that a pool can run joins them (first
+        come, first placed) instead of taking the next free slot before them.
+
+        A job a pool can run takes a server only while it holds fewer than PACK_DEPTH jobs
+        (not comfy.max_generations): the rest wait in the pool's queue and go to whichever
+        server frees first. Queued in one ComfyUI, a job waited for that server even when
+        another was idle (and the idle one, without work, was stopped)."""
+        pool = await self.pool_for(req)
+        if pool is not None and waiting:
+            return WaitFor(pool)
+        cap = PACK_DEPTH if pool is not None else None
+        try:
+            return await self._choose(req, exclude, None, fresh=False, notify=False, cap=cap)
+        except (ValidationFailed, ResourceBusy):
+            try:
+                return await self._choose(req, exclude, None, fresh=True, notify=False,
+                                          cap=cap)
+            except (ValidationFailed, ResourceBusy):
+                if pool is None:
+                    if self.on_unplaced is not None:
+                        self._unplaced(req, True)
+                    raise
+                return WaitFor(pool)
+
+    async def place(self, req: GenerationRequest, *, fresh: bool) -> ServerView:
+        """A server with room for a job waiting for a pool (no demand is noted: the
+        autoscaler counts waiting jobs apart). The caller must :meth:`release` it."""
+        return await self._choose(req, set(), None, fresh=fresh, notify=False, cap=PACK_DEPTH)
 
     async def choose(
         self, req: GenerationRequest, *, exclude: set[int], model: str | None = None
@@ -106,10 +186,12 @@ class Placement:
             return await self._choose(req, exclude, model, fresh=True)
 
     async def _choose(
-        self, req: GenerationRequest, exclude: set[int], model: str | None, *, fresh: bool
+        self, req: GenerationRequest, exclude: set[int], model: str | None, *, fresh: bool,
+        notify: bool = True, cap: int | None = None,
     ) -> ServerView:
         wanted_model = model or req.model
-        cap = self._settings.comfy.max_generations
+        cap = min(cap or self._settings.comfy.max_generations,
+                  self._settings.comfy.max_generations)
         if req.server:
             server = await self._registry.get(req.server)
             if not server.is_ready:
@@ -121,7 +203,7 @@ class Placement:
         servers, busy = await self._view(fresh)
         candidates = [s for s in servers if s.is_ready and s.id not in exclude]
         if not candidates:
-            self._unplaced(req, fresh)
+            self._unplaced(req, fresh and notify)
             raise ValidationFailed(
                 "No server is running. An admin can add one with /server add-direct, "
                 "/server add-ssh or /server create."
@@ -138,7 +220,7 @@ class Placement:
             usable.append(server)
         if not usable and wanted_model:
             raise ValidationFailed(f"No running server has the model '{wanted_model}'.")
-        return self._reserve(usable, cap, busy, final=fresh, req=req)
+        return self._reserve(usable, cap, busy, final=fresh and notify, req=req)
 
     async def _view(self, fresh: bool) -> tuple[list[ServerView], dict[int, int]]:
         """The servers and their active jobs (those recorded since the read included).
@@ -196,7 +278,8 @@ class Placement:
         self, usable: list[ServerView], cap: int, busy: dict[int, int], *,
         explicit: bool = False, final: bool = True, req: GenerationRequest | None = None,
     ) -> ServerView:
-        """Pick the least loaded server and hold a slot on it until the row is written.
+        """Pick a server (packed, see the module) and hold a slot on it until the row is
+        written.
 
         Counting and reserving happen without a pause in between (no await): concurrent
         submissions see each other's slots before any of their rows exists.
@@ -212,7 +295,15 @@ class Placement:
             if req is not None:
                 self._unplaced(req, final)
             raise ResourceBusy("Every server is busy; try again in a moment.")
-        chosen = min(free, key=lambda s: (load[s.id], s.id))
+        if explicit:
+            chosen = free[0]
+        else:
+            # The busiest that starts the job within a job's time; else the least loaded.
+            # Ties: the cheapest (the one the pool keeps warm longest), then the oldest.
+            packed = [s for s in free if load[s.id] < PACK_DEPTH]
+            chosen = (max(packed, key=lambda s: (load[s.id], -s.price_per_hour, -s.id))
+                      if packed else
+                      min(free, key=lambda s: (load[s.id], s.price_per_hour, s.id)))
         self._reserved[chosen.id] = self._reserved.get(chosen.id, 0) + 1
         return chosen
 

@@ -11,12 +11,12 @@ store) and follows it again: on the new server, or where it was if anything went
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
 from core.comfy.pool import ComfyPool
 from core.db.models import GenerationStatus
 from core.errors import ComfyVastError
-from core.generation.placement import Placement
+from core.generation.placement import Placement, PoolChoice
 from core.generation.runner import JobRunner
 from core.generation.store import GenerationStore
 from core.servers import ServerView
@@ -36,6 +36,11 @@ class Rebalancer:
         """Call ``callback`` whenever a job finds no server with room (pools' demand),
         with the job's identity (the same member's same request is one job)."""
         self._placement.on_unplaced = callback
+
+    def pools_from(self, pools: Callable[[], Awaitable[list[PoolChoice]]]) -> None:
+        """Where a job that finds no room may wait (core.generation.waiting): the pools
+        ``pools`` lists, instead of being refused."""
+        self._placement.pools = pools
 
     async def to(self, target: ServerView, sources: list[ServerView]) -> list[int]:
         """Move an even share of the jobs waiting on ``sources`` to ``target``; the ids."""

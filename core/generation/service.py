@@ -19,12 +19,12 @@ from core.comfy.pool import ComfyPool
 from core.config import Settings
 from core.db.engine import SessionFactory
 from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, utcnow
-from core.errors import NotFound, RateLimited
+from core.errors import NotFound, RateLimited, ResourceBusy
 from core.generation.delivery import Delivery
 from core.generation.follow import Follower, QueueSnapshots
 from core.generation.inputs import InputFiles
 from core.generation.live import LiveJobs, job_view
-from core.generation.placement import ModelCatalog, Placement
+from core.generation.placement import ModelCatalog, Placement, WaitFor
 from core.generation.rebalance import Rebalancer
 from core.generation.runner import FirstAttempt, JobRunner
 from core.generation.store import GenerationStore, Quota
@@ -38,6 +38,7 @@ from core.generation.types import (
     request_from,
 )
 from core.generation.validation import check_rate_limits, validate
+from core.generation.waiting import WaitingJobs, waiting_notice
 from core.images import ImageFile
 from core.servers import ServerRegistry, ServerView
 
@@ -77,6 +78,12 @@ class GenerationService:
         self.rebalancer = Rebalancer(self._store, self._runner, pool, self._placement)
         # Jobs submitted and not started yet: their row and server, for the first attempt.
         self._fresh: dict[int, FirstAttempt] = {}
+        # Jobs waiting for a pool's server (core.generation.waiting), and those submitted
+        # to wait and not started yet (their pool and request).
+        self.waiting = WaitingJobs(self._store, self._live, self._placement,
+                                   lambda job_id: self._runner.start(job_id), clock)
+        self._live.on_end = self.waiting.kick
+        self._held: dict[int, tuple[str, GenerationRequest]] = {}
 
     @property
     def observer(self) -> JobObserver:
@@ -90,47 +97,82 @@ class GenerationService:
     # ------------------------------------------------------------------ submit
 
     async def submit(self, req: GenerationRequest) -> JobView:
-        """Validate and record a job (status pending). Nothing is queued yet."""
+        """Validate and record a job (status pending). Nothing is queued yet.
+
+        No server with room and a pool can run it: recorded without a server, to wait for
+        the pool's next free one (core.generation.waiting)."""
         validate(req, self._settings.limits)
         workflow_row = await self._custom_workflow(req.workflow) if req.workflow else None
-        server = await self._placement.choose(req, exclude=set())
-        try:
-            row = await self._record(req, server, workflow_row)
-            if row is None:  # over the member's limits: say which, from the counts
-                await self.check_limits(req.actor)
-                row = await self._record(req, server, workflow_row)  # freed meanwhile
-                if row is None:
-                    await self.check_limits(req.actor)
-                    raise RateLimited("You have too many jobs right now; try again shortly.")
-        finally:
-            self._placement.release(server.id)
+        exclude: set[int] = set()
+        while True:
+            choice = await self._placement.choose_or_wait(
+                req, exclude=exclude, waiting=bool(self.waiting))
+            if isinstance(choice, WaitFor):
+                row = await self._record_within(req, None, workflow_row, choice.pool)
+                if len(self._held) >= MAX_FRESH:
+                    del self._held[next(iter(self._held))]
+                self._held[row.id] = (choice.pool, req)
+                self._live.state(row.id).notice = waiting_notice(choice.pool)
+                return self._live.view(row, None)
+            server = choice
+            try:
+                row = await self._record_within(req, server, workflow_row, None)
+            except ResourceBusy:
+                if req.server or server.id in exclude:
+                    raise
+                exclude.add(server.id)  # its stop began after the choice: choose again
+                continue
+            finally:
+                self._placement.release(server.id)
+            break
         if len(self._fresh) >= MAX_FRESH:  # submitted and never started: forget the oldest
             del self._fresh[next(iter(self._fresh))]
         self._fresh[row.id] = FirstAttempt(row, workflow_row, server)
         return job_view(row, server.name)
 
+    async def _record_within(
+        self, req: GenerationRequest, server: ServerView | None,
+        workflow_row: ComfyWorkflow | None, pool: str | None,
+    ) -> ComfyGeneration:
+        row = await self._record(req, server, workflow_row, pool)
+        if row is None:  # over the member's limits: say which, from the counts
+            await self.check_limits(req.actor)
+            row = await self._record(req, server, workflow_row, pool)  # freed meanwhile
+            if row is None:
+                await self.check_limits(req.actor)
+                raise RateLimited("You have too many jobs right now; try again shortly.")
+        return row
+
     async def _record(
-        self, req: GenerationRequest, server: ServerView, workflow_row: ComfyWorkflow | None
+        self, req: GenerationRequest, server: ServerView | None,
+        workflow_row: ComfyWorkflow | None, pool: str | None = None,
     ) -> ComfyGeneration | None:
-        """Record the job, unless its member is over their limits (None)."""
+        """Record the job, unless its member is over their limits (None). Without a
+        server it waits for ``pool``'s: its checkpoint is resolved when it is placed."""
         model = req.model
-        if workflow_row is None and req.kind != "upscale":
+        if server is not None and workflow_row is None and req.kind != "upscale":
             model = await self._placement.resolve_model(server, req.model)
             if req.lora:
                 await self._placement.check_lora(server, req.lora)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        parameters = job_parameters(req, model, seed)
+        if pool is not None:
+            parameters["pool"] = pool
         image = req.image
         now, limits = self._clock(), self._settings.limits
         return await self._store.record(
             fields={
-                "server_id": server.id,
+                "server_id": server.id if server is not None else None,
                 "workflow_id": workflow_row.id if workflow_row else None,
                 "user_id": req.actor.user_id or 0,
                 "guild_id": req.actor.guild_id,
                 "channel_id": req.actor.channel_id,
                 "prompt": req.prompt,
                 "negative_prompt": req.negative or None,
-                "parameters": job_parameters(req, model, seed),
+                "parameters": parameters,
+                # The services' clock (a compressed one in bench.costsim), as every other
+                # time of the row: the pools' demand is read from it.
+                "created_at": now,
             },
             now=now,
             input_path=(lambda job_id: self._inputs.save(job_id, image)) if image else None,
@@ -167,6 +209,10 @@ class GenerationService:
 
         ``resumed``: a previous process may have posted the result already.
         """
+        held = self._held.pop(job_id, None)
+        if held is not None:  # waits for its pool's server; the runner follows it then
+            self.waiting.add(job_id, *held)
+            return
         self._runner.start(job_id, resumed=resumed, first=self._fresh.pop(job_id, None))
 
     async def resume_unfinished(self) -> list[int]:
@@ -175,6 +221,10 @@ class GenerationService:
         # Inputs of jobs that ended while no one could delete them (a crash, a kill).
         await self._inputs.sweep(ids)
         for job_id in ids:
+            row = await self._store.load(job_id)
+            if row is not None and self.waiting.resume(row):
+                log.info("generation %s waits for its pool again", job_id)
+                continue
             log.info("resuming generation %s", job_id)
             self._runner.start(job_id, resumed=True)
         return ids
@@ -182,15 +232,19 @@ class GenerationService:
     async def abandon(self, job_id: int, reason: str) -> None:
         """End a job that could not be started (e.g. its status message failed)."""
         self._fresh.pop(job_id, None)
+        self._held.pop(job_id, None)
         await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
         await self._runner.discard_input(job_id)
 
     async def cancel(self, job_id: int, actor: Actor) -> JobView:
         """Cancel a job: dequeue it if waiting, interrupt exactly it if running."""
         await self._runner.cancel(await self.get(job_id), actor)
+        self._held.pop(job_id, None)
+        self.waiting.forget(job_id)
         return await self.get(job_id)
 
     async def close(self) -> None:
+        await self.waiting.close()
         await self._runner.close()
         await self._placement.close()
 

@@ -12,7 +12,8 @@ Legal transitions (``ACTIVE`` = pending, queued, running, uploading):
 =================  ==========================  ============================================
 function           from                        to
 =================  ==========================  ============================================
-record             (no row)                    pending
+record             (no row)                    pending (on a server, or waiting for a pool's)
+assign             pending, without a server   pending, on a server (a pool's queue placed it)
 attach_message     any (not a status change)   (unchanged)
 mark_queued        pending                     queued
 save_progress      ACTIVE                      unchanged; running once ComfyUI started it
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, insert, literal, or_, select, update
+from sqlalchemy import case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -47,8 +48,10 @@ from core.db.models import (
     ComfyWorkflow,
     GenerationStatus,
     Server,
+    ServerStatus,
     UTCDateTime,
 )
+from core.errors import ResourceBusy
 from core.overview import ACTIVE_JOB_STATES
 
 ACTIVE = tuple(ACTIVE_JOB_STATES)
@@ -61,6 +64,7 @@ COMPLETED = GenerationStatus.COMPLETED.value
 # Legal previous states of each guarded transition (the table above).
 FROM: dict[str, tuple[str, ...]] = {
     "mark_queued": (PENDING,),
+    "assign": (PENDING,),
     "save_progress": ACTIVE,
     "move": ACTIVE,
     "complete": (QUEUED, RUNNING, UPLOADING),
@@ -228,7 +232,10 @@ class GenerationStore:
         slot): None when refused.
 
         A new job is activity on its server (idle autostop counts from here), written in
-        the same transaction as the row.
+        the same transaction as the row. The server must still be running, read under a
+        share lock of its row: idle autostop takes that row's lock and looks for jobs
+        before it begins a stop (core.servers.state.ServerStates.begin_stop), so a job is
+        never recorded on a server whose stop began (ResourceBusy instead).
         """
         values = {
             **fields,
@@ -239,18 +246,26 @@ class GenerationStore:
         # One INSERT ... RETURNING with everything known (no flush of a new object, no
         # read back): submission runs it once per /generate.
         stmt: Any = insert(ComfyGeneration)
-        if quota is None:
+        server_id = fields.get("server_id")
+        conditions = quota.conditions() if quota is not None else []
+        if server_id is not None:
+            conditions.append(_running(server_id))  # atomic with the insert (SQLite)
+        if not conditions:
             stmt = stmt.values(values)
         else:
             table = ComfyGeneration.__table__
             within = select(
                 *[literal(value, table.c[name].type) for name, value in values.items()]
-            ).where(*quota.conditions())
+            ).where(*conditions)
             stmt = stmt.from_select(list(values), within)
         stmt = stmt.returning(ComfyGeneration)
         async with self._writing() as session:
+            if server_id is not None:
+                await _server_still_running(session, server_id)
             row = (await session.execute(stmt)).scalars().first()
             if row is None:
+                if server_id is not None:
+                    await _server_still_running(session, server_id)
                 return None  # over the quota
             if input_path is not None:
                 row.parameters = {**row.parameters, "input_path": input_path(row.id)}
@@ -291,6 +306,38 @@ class GenerationStore:
         )
         async with self._writing() as session:
             return (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
+
+    async def assign(
+        self, job_id: int, server_id: int, model: str | None, now: dt.datetime
+    ) -> ComfyGeneration | None:
+        """A job waiting for a pool's server gets one (and the checkpoint resolved on it);
+        the row, or None when it ended meanwhile (cancelled) or has a server already.
+        The server must be running, as in :meth:`record`; its activity is written too."""
+        async with self._writing() as session:
+            await _server_still_running(session, server_id)
+            row = (
+                await session.execute(
+                    _guarded("assign", job_id)
+                    .where(ComfyGeneration.server_id.is_(None), _running(server_id))
+                    .values(server_id=server_id)
+                    .returning(ComfyGeneration),
+                    execution_options=_PLAIN,
+                )
+            ).scalars().first()
+            if row is None:
+                await _server_still_running(session, server_id)
+                return None
+            if model is not None and (row.parameters or {}).get("model") != model:
+                row.parameters = {**(row.parameters or {}), "model": model}
+            activity: dict[str, Any] = {"last_used_at": now}
+            if row.channel_id is not None:
+                activity["last_channel_id"] = row.channel_id
+            await session.execute(
+                update(Server).where(Server.id == server_id).values(activity),
+                execution_options=_PLAIN,
+            )
+            await session.flush()
+            return row
 
     async def save_progress(
         self, job_id: int, progress: float, node: str | None, started_at: dt.datetime | None
@@ -365,6 +412,22 @@ class GenerationStore:
             if row is None:
                 return None
             return row, await _server_name(session, row)
+
+
+def _running(server_id: int) -> ColumnElement[bool]:
+    """The server is running: a condition of the statement that records a job on it."""
+    return exists().where(Server.id == server_id,
+                          Server.status == ServerStatus.RUNNING.value)
+
+
+async def _server_still_running(session: AsyncSession, server_id: int) -> None:
+    """ResourceBusy unless the server runs; under a share lock of its row (PostgreSQL),
+    which the idle autostop's stop takes exclusively (ServerStates.begin_stop)."""
+    status = await session.scalar(
+        select(Server.status).where(Server.id == server_id).with_for_update(read=True)
+    )
+    if status != ServerStatus.RUNNING.value:
+        raise ResourceBusy("The server chosen for this job is no longer running.")
 
 
 async def _server_name(session: AsyncSession, row: ComfyGeneration) -> str | None:

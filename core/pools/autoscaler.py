@@ -12,8 +12,19 @@ Every decision is written (``pool_decisions``, state ``planned``) before it is a
 then audited and announced in the pool's channel. A restarted bot settles decisions a
 dead process left planned: a rent whose server row exists is the rental path's to finish
 (recovery adopts it by label) and joins the pool; a rent without a row never reached
-Vast.ai (the row is written before the create) and is abandoned. Scale-down is the idle
-autostop with the pool's idle timeout (set on each member when it joins).
+Vast.ai (the row is written before the create) and is abandoned.
+
+Demand is the members' active jobs plus the jobs waiting for the pool's next free server
+(core.generation.waiting: a job no server had room for waits in the database instead of
+being refused); a new waiting job pokes a tick at once, and each tick (and each member
+that joins) places the waiting jobs that now fit.
+
+Scale-down is the idle autostop, per member: placement packs jobs on the busiest server
+with room, so the members demand does not need get no work. Each tick sets the idle
+timeout of each running member: the pool's ``min`` cheapest never stop; as many others as
+the last window's work kept busy (the most recently used first) keep the pool's
+idle timeout (the hysteresis: a server that the recent rate of jobs will need again soon
+is not stopped between two sessions); the surplus drains (core.pools.drain).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from dataclasses import dataclass
 from core.audit import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REFUSED, SYSTEM, AuditService
 from core.db.models import ServerStatus
 from core.errors import BudgetExceeded, ComfyVastError, NotFound
+from core.pools.drain import DEFAULT_JOB_SECONDS, set_idle_stops
 from core.pools.models import ABANDONED, DONE, FAILED, REFUSED
 from core.pools.service import PoolService
 from core.pools.types import DecisionView, PoolStatus, PoolView
@@ -38,12 +50,13 @@ from core.vast import OfferQuery
 
 log = logging.getLogger(__name__)
 
-# A pool that has finished no job yet is assumed to take this long per job (seconds).
-DEFAULT_JOB_SECONDS = 60.0
 # How long a refused job counts as demand at most.
 UNPLACED_MEMORY = dt.timedelta(hours=1)
 # How many recent starts (and rents) the cold-start estimate averages.
 COLD_START_SAMPLES = 5
+# A rental's time until it runs before one was measured: Vast.ai's "boot time is typically
+# 1-5 minutes depending on the Docker image size" (reference/vast.md, section 3).
+RENT_SECONDS = 180.0
 COMING = (ServerStatus.CREATING.value, ServerStatus.LOADING.value,
           ServerStatus.STARTING.value)
 
@@ -93,6 +106,26 @@ class Autoscaler:
         # (a cold start): a server that would come up after the queue is worked off anyway
         # only costs. None measured yet: taken as instant, as before any was measured.
         self.ready_seconds: dict[str, list[float]] = {"start": [], "rent": []}
+        # Jobs waiting for a pool's next free server, by pool name, and a call that places
+        # those that fit now (core.generation.waiting; set by the wiring).
+        self.waiting: Callable[[str], int] | None = None
+        self.place_waiting: Callable[[], None] | None = None
+        self._poked_again = False
+
+    def poke(self) -> None:
+        """A job began to wait for a pool: decide now, not at the next maintenance tick
+        (up to 30 s later, all of it added to the member's wait)."""
+        self._poked_again = True
+        if "poke" not in self._tasks:
+            self._tasks.spawn(self._poked(), key="poke", name="pools-poke")
+
+    async def _poked(self) -> None:
+        while self._poked_again:  # pokes during a tick: one more tick after it
+            self._poked_again = False
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("a poked pool tick failed")
 
     def note_unplaced(self, job: Hashable | None = None) -> None:
         now = self._ops.clock()
@@ -118,9 +151,10 @@ class Autoscaler:
         job_seconds = await self._store.job_seconds([s.id for s in members], now)
         recent = dt.timedelta(seconds=pool.target_wait)
         refused = sum(1 for t in self._unplaced.values() if now - t < recent)
+        waiting = self.waiting(pool.name) if self.waiting is not None else 0
         return Load(
             ready=sum(1 for s in members if s.is_ready), coming=coming,
-            queued=sum(busy.get(s.id, 0) for s in members) + refused,
+            queued=sum(busy.get(s.id, 0) for s in members) + refused + waiting,
             job_seconds=job_seconds or DEFAULT_JOB_SECONDS, planned=planned,
         )
 
@@ -143,7 +177,9 @@ class Autoscaler:
                     made += await self._scale(pool)
                 except Exception:
                     log.exception("scaling pool %s failed; retrying next tick", pool.name)
-            return made
+        if self.place_waiting is not None:
+            self.place_waiting()  # a server that came up since may take waiting jobs
+        return made
 
     async def settle(self) -> None:
         for pool_id, decision in await self._store.planned():
@@ -163,39 +199,22 @@ class Autoscaler:
             # The server's own recovery (creating/starting rows) finishes the operation.
             await self._store.settle(decision.id, DONE, f"recovered: {server.status}")
 
-    async def _keep_minimum(self, pool: PoolView, members: list[ServerView]) -> None:
-        """The pool's ``min`` cheapest running members never idle-stop (autostop 0); the
-        others stop after the pool's idle timeout. Else autostop and the minimum would
-        take turns stopping and starting the same server."""
-        ready = sorted((s for s in members if s.is_ready), key=lambda s: (s.price_per_hour, s.id))
-        for index, server in enumerate(ready):
-            minutes = 0 if index < pool.min_servers else pool.idle_timeout
-            if server.idle_timeout != minutes:
-                await self._store.set_idle(server.id, minutes)
-
     def cold_start(self, action: str) -> float:
-        """Seconds a ``start`` or ``rent`` takes until the server runs (recent mean)."""
+        """Seconds a ``start`` or ``rent`` takes until the server runs (recent mean;
+        before any was measured, a start is taken as instant and a rent as RENT_SECONDS)."""
         seen = self.ready_seconds[action]
-        return sum(seen) / len(seen) if seen else 0.0
+        if not seen:
+            return RENT_SECONDS if action == "rent" else 0.0
+        return sum(seen) / len(seen)
 
     def _timed(self, action: str, began: dt.datetime) -> None:
         seen = self.ready_seconds[action]
         seen.append((self._ops.clock() - began).total_seconds())
         del seen[:-COLD_START_SAMPLES]
 
-    def _wanted(self, pool: PoolView, load: Load, stopped: bool) -> int:
-        """Servers the queue needs, counting the cold start: by the time a new server
-        runs, the ready ones have worked off part of the queue; only what is left then, if
-        it would still wait past the target, asks for more."""
-        boot = self.cold_start("start" if stopped else "rent")
-        left = load.queued * load.job_seconds - load.ready * boot
-        if load.ready and left / load.ready <= pool.target_wait:
-            return 0
-        return math.ceil(max(left, 0.0) / pool.target_wait)
-
     async def _scale(self, pool: PoolView) -> list[DecisionView]:
         members = await self._pools.members(pool)
-        await self._keep_minimum(pool, members)
+        await set_idle_stops(self._store, pool, members, self._ops.clock())
         load = await self.load(pool, members)
         have = load.ready + load.coming
         stopped = sorted(
@@ -204,7 +223,7 @@ class Autoscaler:
             key=lambda s: (s.price_per_hour, s.id),
         )
         if load.wait > pool.target_wait:
-            wanted = self._wanted(pool, load, bool(stopped))
+            wanted = _wanted(pool, load, self.cold_start("start" if stopped else "rent"))
             jobs = "1 job" if load.queued == 1 else f"{load.queued} jobs"
             why = (f"{jobs} would wait ~{_secs(load.wait)} "
                    f"(target {pool.target_wait} s)")
@@ -238,7 +257,8 @@ class Autoscaler:
             made.append(decision)
             if decision.state == REFUSED:
                 return made
-        for _ in range(need - len(made)):
+        short = need - len(made)
+        for _ in range(_rents(pool, load, len(made), short, self.cold_start("rent"))):
             decision, plan = await self._decide_rent(pool, committed, why)
             made.append(decision)
             if plan is None:
@@ -343,6 +363,8 @@ class Autoscaler:
         if self.on_ready is not None and (pool.profile or pool.models):
             await self.on_ready(pool, server)
         await self._store.settle(decision.id, DONE, f"{server.name} is {server.status}")
+        if self.place_waiting is not None:
+            self.place_waiting()  # jobs waiting for the pool take it first
         if pool.channel_id:
             await self._ops.events.notice(
                 pool.channel_id, f"Pool **{pool.name}**: **{server.name}** is ready."
@@ -367,6 +389,34 @@ class Autoscaler:
 
     async def close(self) -> None:
         await self._tasks.close()
+
+
+def _wanted(pool: PoolView, load: Load, boot: float) -> int:
+    """Servers the queue needs, counting the cold start: by the time a new server
+    runs, the ready ones have worked off part of the queue; only what is left then, if
+    it would still wait past the target, asks for more."""
+    left = load.queued * load.job_seconds - load.ready * boot
+    if load.ready and left / load.ready <= pool.target_wait:
+        return 0
+    return math.ceil(max(left, 0.0) / pool.target_wait)
+
+
+def _rents(pool: PoolView, load: Load, started: int, short: int, boot: float) -> int:
+    """Rentals of the ``short`` servers the stopped members did not cover: a rental
+    is up only after the rent time, by when the members just started work too; only
+    what is left of the queue then, past the target, asks for one (a burst that the
+    started members work off never rents a server that bills on for its disk)."""
+    if short <= 0:
+        return 0
+    # Below the pool's minimum: rent up to it whatever the queue.
+    floor = max(0, pool.min_servers - (load.ready + load.coming + started))
+    later = Load(ready=load.ready + load.coming + started, coming=0, queued=load.queued,
+                 job_seconds=load.job_seconds)
+    left = later.queued * later.job_seconds - later.ready * boot
+    if later.ready and left / later.ready <= pool.target_wait:
+        return min(short, floor)
+    queue = math.ceil(max(left, 0.0) / pool.target_wait) - later.ready
+    return min(short, max(floor, queue, 0))
 
 
 def _secs(seconds: float) -> str:

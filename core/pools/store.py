@@ -68,6 +68,23 @@ class PoolStore:
             if server is not None and server.idle_timeout != minutes:
                 server.idle_timeout = minutes
 
+    async def job_times(self, server_ids: list[int], since: dt.datetime) -> list[dt.datetime]:
+        """When the jobs placed on these servers since ``since`` were submitted, oldest
+        first (the pool's recent demand)."""
+        if not server_ids:
+            return []
+        async with self._sessions() as session:
+            return list(
+                (
+                    await session.scalars(
+                        select(ComfyGeneration.created_at)
+                        .where(ComfyGeneration.server_id.in_(server_ids))
+                        .where(ComfyGeneration.created_at > since)
+                        .order_by(ComfyGeneration.created_at)
+                    )
+                ).all()
+            )
+
     async def job_seconds(self, server_ids: list[int], now: dt.datetime) -> float | None:
         """Mean run time of the latest finished jobs on these servers; None without any."""
         if not server_ids:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from core.audit import OUTCOME_OK, SYSTEM, Actor
 from core.db.models import ComfyGeneration, ModelDownload, ServerExecution, ServerStatus
-from core.errors import ComfyVastError
+from core.errors import ComfyVastError, ResourceBusy
 from core.overview import ACTIVE_JOB_STATES
 from core.providers import provider_for
 from core.servers.context import ServerContext
@@ -87,7 +87,11 @@ class Autostop:
                 await ctx.registry.touch(server.id)
                 self._warned.pop(server.id, None)
                 continue
-            last = server.last_used_at or server.running_since or server.created_at
+            # Idle since the last job or since it came up, whichever is later: a server
+            # started again keeps the last job's time from before its stop, and counted
+            # from that it was stopped again at the first tick, before any job reached it.
+            seen = [t for t in (server.last_used_at, server.running_since) if t is not None]
+            last = max(seen) if seen else server.created_at
             idle = now - last
             if idle >= dt.timedelta(minutes=timeout):
                 await self._idle_action(server, f"idle for {timeout} minutes")
@@ -109,7 +113,13 @@ class Autostop:
             if action == "destroy":
                 await self._lifecycle.destroy(SYSTEM, server.name, reason=why)
             else:
-                await self._lifecycle.stop(SYSTEM, server.name, reason=why)
+                # Re-checked under the lock that recording a job takes: a job placed in
+                # the instant of the stop keeps the server (ResourceBusy).
+                await self._lifecycle.stop(SYSTEM, server.name, reason=why,
+                                           only_if_idle=True)
+        except ResourceBusy as exc:
+            log.info("autostop of %s skipped: %s", server.name, exc)
+            return
         except ComfyVastError as exc:
             log.warning("autostop of %s failed: %s", server.name, exc)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from core.audit import OUTCOME_OK, Actor
 from core.db.models import Server, ServerStatus
-from core.errors import ComfyVastError, ValidationFailed
+from core.errors import ComfyVastError, ResourceBusy, ValidationFailed
 from core.providers import provider_for
 from core.servers.billing import Billing
 from core.servers.boot import BootWait, StillStarting
@@ -98,7 +98,10 @@ class Lifecycle:
         *,
         reason: str = "stopped",
         message: MessageRef | None = None,
+        only_if_idle: bool = False,
     ) -> ServerView:
+        """Stop the instance. ``only_if_idle`` (the idle autostop): not if a job was
+        placed on it meanwhile (ResourceBusy; see ServerStates.begin_stop)."""
         ctx = self._ctx
         server = await ctx.registry.get(name)
         require_powered(server, "stop")
@@ -108,7 +111,8 @@ class Lifecycle:
             server = await ctx.registry.get(server.id)
             if server.status == ServerStatus.STOPPED.value:
                 raise ValidationFailed(f"Server '{server.name}' is already stopped.")
-            await self._states.set(server.id, status=ServerStatus.STOPPING)
+            if not await self._states.begin_stop(server.id, only_if_idle=only_if_idle):
+                raise ResourceBusy(f"Server '{server.name}' has a job again; not stopped.")
             await ctx.pending.begin(server.id, "stop", message)
             instance_id = int(server.provider_id or 0)
             ctx.claim(server.id)

@@ -6,7 +6,10 @@ spend is always derived from the rows.
 
 from __future__ import annotations
 
-from core.db.models import Server, ServerStatus
+from sqlalchemy import exists, select, update
+
+from core.db.models import ComfyGeneration, Server, ServerStatus
+from core.overview import ACTIVE_JOB_STATES
 from core.servers.billing import Billing
 from core.servers.context import ServerContext
 from core.vast import Instance
@@ -42,6 +45,29 @@ class ServerStates:
             state = BILLING_STATE.get(status)
             if state is not None:
                 await self._billing.open_interval(session, row, state)
+
+    async def begin_stop(self, server_id: int, *, only_if_idle: bool) -> bool:
+        """Mark a server stopping; False (nothing written) when ``only_if_idle`` and a job
+        is on it. One conditional UPDATE (atomic on SQLite, whose writes serialize), after
+        taking the server row's lock (PostgreSQL), which recording a job on the server
+        takes too (core.generation.store: record, assign, whose writes are conditional on
+        the server running): a job is either seen here, or refused there because the stop
+        began. Without this the idle autostop stopped servers a job had just been put on."""
+        async with self._ctx.sessions.begin() as session:
+            await session.execute(
+                select(Server.id).where(Server.id == server_id).with_for_update()
+            )
+            stmt = update(Server).where(Server.id == server_id)
+            if only_if_idle:
+                stmt = stmt.where(~exists().where(
+                    ComfyGeneration.server_id == server_id,
+                    ComfyGeneration.status.in_(ACTIVE_JOB_STATES),
+                ))
+            result = await session.execute(
+                stmt.values(status=ServerStatus.STOPPING.value, status_message=None),
+                execution_options={"synchronize_session": False},
+            )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def apply_instance(self, server_id: int, instance: Instance) -> None:
         """Record a running instance: where to reach it, its price, running since when."""

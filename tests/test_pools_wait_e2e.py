@@ -1,0 +1,275 @@
+"""Jobs wait for a pool's server; packing, drain and the autostop-placement race.
+
+The real bot through the fake Discord, the fake Vast.ai and a fake ComfyUI reached at the
+instance's public port (``comfy.expose_port``; the instance's 18188 port is pointed at the
+fake with FakeVast.set_network, which stays across a stop and a start).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.audit import SYSTEM, Actor
+from core.db.models import ComfyGeneration
+from core.errors import ResourceBusy
+from core.generation.placement import Placement
+from core.servers import ServerView
+from tests.conftest import BotEnv, _answered, eventually
+from tests.fakevast import FakeVast
+from tests.test_generation_e2e import finished_row, job_row
+from tests.test_pools_e2e import _is, admin, decisions, offers, rent_running, running
+from tests.test_servers_vast_e2e import press, vast_env
+
+
+@pytest.fixture
+async def vast() -> AsyncIterator[FakeVast]:
+    fake = FakeVast(offers=offers(), clock=time.time, provision_seconds=0.05,
+                    boot_seconds=0.1, restart_seconds=0.1, timeout_hang=1.5)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def pool_of_one_stopped(env: BotEnv, vast: FakeVast, comfy: Any) -> ServerView:
+    """Pool "gpu" holding "cold": stopped, its ComfyUI (the fake) answering once it runs."""
+    await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090"})
+    await rent_running(env, "RTX 4090", "cold")
+    server = await env.services.servers.get("cold")
+    vast.set_network(int(server.provider_id or 0), ports={"18188/tcp": comfy.port})
+    await admin(env, "add-server", {"name": "gpu", "server": "cold"})
+    await env.slash("server", {"server": "cold"}, user=env.fake.admin, subcommand="stop")
+    await eventually(lambda: _is(env, "cold", "stopped"), timeout=20)
+    return server
+
+
+async def generate_waiting(env: BotEnv) -> ComfyGeneration:
+    interaction = await env.slash("generate", {"prompt": "a cat"})
+    reply = await env.fake.wait_for(lambda: _answered(interaction))
+    assert (reply.content or "").startswith("Queued #"), reply.content
+    return await job_row(env)
+
+
+async def test_a_job_waits_for_the_pools_server_and_runs_on_it(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast, comfy: Any
+) -> None:
+    """No server runs: the job is kept (not refused), its status says it waits for the
+    pool, the autoscaler starts the pool's server for it, and it runs there."""
+    env = await vast_env(fake_discord, tmp_path, vast, comfy={"expose_port": True})
+    try:
+        server = await pool_of_one_stopped(env, vast, comfy)
+        poke = env.services.generation.waiting.on_wait
+        env.services.generation.waiting.on_wait = None  # the status is read first
+        row = await generate_waiting(env)
+        assert row.parameters["pool"] == "gpu" and row.server_id is None
+        message = env.fake.messages[row.message_id]
+        await env.fake.wait_for(
+            lambda: "Waiting for a free server of pool 'gpu'" in str(message.embeds))
+        assert poke is not None
+        poke()  # as a waiting job does: the autoscaler decides now
+        done = await finished_row(env, row.id, timeout=20)
+        assert done.status == "completed" and done.server_id == server.id
+        assert await decisions(env) == [("start", "cold", "done")]
+        assert env.services.generation.waiting.count("gpu") == 0
+    finally:
+        await env.stop()
+
+
+async def test_a_cancelled_waiting_job_stays_cancelled_and_a_restart_keeps_the_queue(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast, comfy: Any
+) -> None:
+    env = await vast_env(fake_discord, tmp_path, vast, comfy={"expose_port": True})
+    try:
+        await pool_of_one_stopped(env, vast, comfy)
+        generation = env.services.generation
+        generation.waiting.on_wait = None  # no scale-up here: the jobs keep waiting
+        first = await generate_waiting(env)
+        second = await generate_waiting(env)
+        assert generation.waiting.count("gpu") == 2
+        await generation.cancel(first.id, Actor(user_id=first.user_id))
+        assert generation.waiting.count("gpu") == 1
+        # A restart: a new service on the same database finds the waiting job again
+        # (before the change it was resumed as a job whose server was removed: failed).
+        from core.generation import GenerationService
+
+        again = GenerationService(env.services.settings, env.services.sessions,
+                                  env.services.servers, env.services.comfy)
+        try:
+            assert await again.resume_unfinished() == [second.id]
+            assert again.waiting.count("gpu") == 1
+        finally:
+            await again.close()
+        assert (await job_row(env, second.id)).status == "pending"
+        # The server comes up (an admin starts it): the waiting job takes it, the
+        # cancelled one stays cancelled.
+        start = await env.slash("server", {"server": "cold"}, user=env.fake.admin,
+                                subcommand="start")
+        await press(env, start, "Start it")
+        await eventually(lambda: running(env, "cold"), timeout=20)
+        generation.waiting.kick()
+        assert (await finished_row(env, second.id, timeout=20)).status == "completed"
+        assert (await job_row(env, first.id)).status == "cancelled"
+        assert len(comfy.history) == 1
+    finally:
+        await env.stop()
+
+
+async def test_autostop_does_not_stop_a_server_a_job_was_just_placed_on(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """The stop and the recording of a job agree under the server row's lock: a stop that
+    finds a job refuses, a job recorded after the stop began is refused."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await rent_running(env, "RTX 4090", "warm")
+        server = await env.services.servers.get("warm")
+        async with env.services.sessions.begin() as session:
+            session.add(ComfyGeneration(server_id=server.id, user_id=7, prompt="p",
+                                        status="pending", parameters={}))
+        lifecycle = env.services.server_ops.lifecycle
+        with pytest.raises(ResourceBusy):
+            await lifecycle.stop(SYSTEM, "warm", only_if_idle=True)
+        assert await running(env, "warm")
+        # The other order: a stop has begun, the job chosen a moment before is refused.
+        states = lifecycle._states
+        assert await states.begin_stop(server.id, only_if_idle=False)
+        store = env.services.generation._store
+        with pytest.raises(ResourceBusy):
+            await store.record(fields={"server_id": server.id, "user_id": 7, "prompt": "q",
+                                       "parameters": {}}, now=dt.datetime.now(dt.UTC))
+    finally:
+        await env.stop()
+
+
+def _view(server_id: int, price: float) -> ServerView:
+    return ServerView(id=server_id, name=f"s{server_id}", provider="vast", provider_id="1",
+                      status="running", status_message=None, gpu="RTX 4090",
+                      price_per_hour=price, **_defaults())
+
+
+def _defaults() -> dict[str, Any]:
+    import dataclasses
+
+    required = {"id", "name", "provider", "provider_id", "status", "status_message", "gpu",
+                "price_per_hour"}
+    return {f.name: None for f in dataclasses.fields(ServerView)
+            if f.name not in required and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING}
+
+
+def test_placement_packs_jobs_on_the_busiest_server_with_room(settings: Any) -> None:
+    """Packing, not spreading: a server running one job takes the next (it starts when the
+    first ends); an idle one is used only when the busy ones hold PACK_DEPTH jobs."""
+    placement = Placement(settings, None, None)  # type: ignore[arg-type]
+    a, b, c = _view(1, 0.40), _view(2, 0.30), _view(3, 0.50)
+    assert placement._reserve([a, b, c], 5, {1: 1}).id == 1
+    placement.release(1)
+    assert placement._reserve([a, b, c], 5, {1: 2}).id == 2  # the cheapest idle one
+    placement.release(2)
+    assert placement._reserve([a, b, c], 5, {1: 2, 2: 3, 3: 4}).id == 1  # least loaded
+
+
+async def test_a_server_started_again_is_idle_from_its_start_not_its_last_job(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """Its last job was two hours ago, before its stop: the idle stop counts from the
+    start, else the first autostop tick stops it again before a job reaches it."""
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await rent_running(env, "RTX 4090", "again")
+        server = await env.services.servers.get("again")
+        from core.db.models import Server
+
+        async with env.services.sessions.begin() as session:
+            row = await session.get(Server, server.id)
+            assert row is not None and row.running_since is not None
+            row.last_used_at = row.running_since - dt.timedelta(hours=2)
+            row.idle_timeout = 5
+        assert await env.services.server_ops.autostop_tick() == []
+        assert await running(env, "again")
+    finally:
+        await env.stop()
+
+
+async def test_a_pool_server_holds_two_jobs_and_the_rest_go_to_the_first_free(
+    fake_discord: Any, tmp_path: Path, comfy: Any
+) -> None:
+    """Late binding: a pool's job waits in the pool's queue rather than third in one
+    ComfyUI's queue, so a server that joins (or frees up) takes it while the first one is
+    still busy."""
+    from tests.conftest import MODELS, add_server, bot_settings, start_bot
+    from tests.fakecomfy import FakeComfy
+    from tests.test_generation_e2e import generate
+
+    env = await start_bot(fake_discord, bot_settings(
+        tmp_path, fake_discord, limits={"user_concurrent_jobs": 10}))
+    second = FakeComfy(models=MODELS, step_delay=0.01, output_size=(64, 64))
+    await second.start()
+    try:
+        await add_server(env, "busy", comfy.url)
+        await admin(env, "create", {"name": "p", "gpu": "RTX 4090"})
+        await admin(env, "add-server", {"name": "p", "server": "busy"})
+        comfy.pause_sampling()
+        for i in range(4):
+            await generate(env, {"prompt": f"job {i}", "steps": 3})
+        await env.fake.wait_for(lambda: len(comfy.pending_prompt_ids) == 1)
+        assert [(await job_row(env, i)).server_id for i in (3, 4)] == [None, None]
+        await add_server(env, "fresh", second.url)
+        await admin(env, "add-server", {"name": "p", "server": "fresh"})
+        await env.services.autoscaler.tick()  # the maintenance round places waiting jobs
+        fresh = await env.services.servers.get("fresh")
+        for job_id in (3, 4):
+            row = await finished_row(env, job_id)
+            assert row.status == "completed" and row.server_id == fresh.id
+        # Meanwhile the first still runs on "busy" and the second waits behind it there.
+        assert len(comfy.pending_prompt_ids) == 1 and not comfy.history
+    finally:
+        comfy.resume_sampling()
+        await second.stop()
+        await env.stop()
+
+
+def test_warm_members_hold_longer_while_sessions_keep_coming() -> None:
+    """Hysteresis: the last hour's sessions set how long a warm member waits idle."""
+    from core.pools.drain import HOLD_CAP, hold_minutes, needed
+
+    now = dt.datetime(2026, 12, 7, 15, tzinfo=dt.UTC)
+    # 30 sessions an hour (one every 2 minutes) of 3 jobs 10 s apart: a 6-minute hold.
+    busy = [now - dt.timedelta(minutes=2 * s, seconds=10 * j)
+            for s in range(30) for j in range(3)]
+    assert hold_minutes(sorted(busy), now) == 6
+    # Two sessions in the hour: no hold (the pool's own idle timeout applies).
+    assert hold_minutes([now - dt.timedelta(minutes=50), now - dt.timedelta(minutes=5)],
+                        now) == 0
+    # Six sessions: 30 minutes would pass the cap, so no hold either.
+    six = sorted(now - dt.timedelta(minutes=10 * s) for s in range(6))
+    assert hold_minutes(six, now) == 0 and HOLD_CAP < 30
+    # 24 jobs in the last 15 minutes: of 30 s, one server's worth; of 60 s, two.
+    assert needed(sorted(busy), 30.0, now) == 1
+    assert needed(sorted(busy), 60.0, now) == 2
+    assert needed([], 30.0, now) == 0
+
+
+async def test_a_burst_the_started_members_work_off_rents_nothing(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """10 jobs of 60 s on one server: the two stopped members start; a rental would be up
+    only after RENT_SECONDS (Vast's boot time, none measured yet), when three servers have
+    left 20 s of work each, so nothing is rented (it would bill its disk on)."""
+    from tests.test_pools_e2e import queue_jobs, warm_and_two_stopped
+
+    env = await vast_env(fake_discord, tmp_path, vast)
+    try:
+        await warm_and_two_stopped(env, 4)
+        await queue_jobs(env, "warm", 10)
+        made = await env.services.autoscaler.tick()
+        assert [(d.action, d.server_name) for d in made] == [("start", "cold"),
+                                                             ("start", "colder")]
+        assert len(vast.instances) == 3
+    finally:
+        await env.stop()
