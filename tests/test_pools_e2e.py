@@ -427,7 +427,8 @@ async def test_a_job_waits_and_starts_a_pool_at_zero(fake_discord: Any, tmp_path
         assert await env.services.autoscaler.tick() == []  # no demand, min 0: stays off
         interaction = await env.slash("generate", {"prompt": "a cat"})
         reply = await env.fake.wait_for(lambda: _answered(interaction))
-        assert (reply.content or "").startswith("Queued #1")
+        # Kept, not refused: the reply is job #1's public status message.
+        assert not reply.ephemeral and reply.embeds[0]["title"].endswith("job #1"), reply
         await eventually(lambda: _states(env, ["done"]), timeout=20)
         assert await decisions(env) == [("start", "cold", "done")]
         (reason,) = [d.reason for d in await env.services.pools.store.decisions(1)]

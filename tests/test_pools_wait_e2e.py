@@ -22,7 +22,7 @@ from core.generation.placement import Placement
 from core.servers import ServerView
 from tests.conftest import BotEnv, _answered, eventually
 from tests.fakevast import FakeVast
-from tests.test_generation_e2e import finished_row, job_row
+from tests.test_generation_e2e import finished_row, generate, job_row
 from tests.test_pools_e2e import _is, admin, decisions, offers, rent_running, running
 from tests.test_servers_vast_e2e import press, vast_env
 
@@ -49,9 +49,10 @@ async def pool_of_one_stopped(env: BotEnv, vast: FakeVast, comfy: Any) -> Server
 
 
 async def generate_waiting(env: BotEnv) -> ComfyGeneration:
-    interaction = await env.slash("generate", {"prompt": "a cat"})
-    reply = await env.fake.wait_for(lambda: _answered(interaction))
-    assert (reply.content or "").startswith("Queued #"), reply.content
+    interaction = await generate(env, {"prompt": "a cat"})
+    reply = _answered(interaction)
+    # Kept, not refused: the reply is the job's public status message.
+    assert reply.embeds and not reply.ephemeral, reply.content
     return await job_row(env)
 
 
