@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 # A result shown by editing the status message pings its member (a short reply) only when
 # the job took at least this long from the command (see DiscordJobObserver._notify).
 NOTIFY_AFTER = 60.0
-# Seconds between edits of a status message while its job waits in line.
-QUEUED_INTERVAL = 5.0
+# Seconds between edits of a status message while its job waits in line: a place in
+# line moves with every job that ends ahead of it, and at 5 s those were half of a
+# burst's edits; the start of the job is shown at once whatever this is.
+QUEUED_INTERVAL = 10.0
 
 
 def _part_marker(job_id: int) -> str:

@@ -70,27 +70,37 @@ TOKEN_MARGIN = 60.0
 
 class FixedWindow:
     """``limit`` requests per window; a window starts with its first request and all of its
-    requests reset together ``per`` seconds later (as Discord's buckets do)."""
+    requests reset together ``per`` seconds later (as Discord's buckets do).
 
-    def __init__(self, limit: int, per: float, clock: Callable[[], float]) -> None:
+    Paced requests (progress) are also spread evenly, ``spacing`` apart: sent in a burst
+    at each window's start they would be in flight together when a result comes, and the
+    final state would wait for all of them."""
+
+    def __init__(
+        self, limit: int, per: float, clock: Callable[[], float], *, spacing: float = 0.0
+    ) -> None:
         self.limit = limit
         self.per = per + WINDOW_MARGIN
+        self.spacing = spacing
         self._clock = clock
         self._used = 0
         self._ends = float("-inf")
+        self._last = float("-inf")
 
-    def delay(self, tokens: float = 1.0) -> float:
+    def delay(self, tokens: float = 1.0, *, paced: bool = False) -> float:
         """Seconds until ``tokens`` requests may be sent (0 when they may now)."""
         now = self._clock()
+        wait = max(0.0, self._last + self.spacing - now) if paced else 0.0
         if now >= self._ends or self.limit - self._used >= tokens:
-            return 0.0
-        return self._ends - now
+            return wait
+        return max(wait, self._ends - now)
 
     def take(self) -> None:
         now = self._clock()
         if now >= self._ends:
             self._used, self._ends = 0, now + self.per
         self._used += 1
+        self._last = now
 
 
 @dataclass
@@ -232,7 +242,9 @@ class MessageRelay:
         lane = self._lanes.get(key)
         if lane is None:
             limit, per = CHANNEL_EDITS if key[0] == "channel" else WEBHOOK_EDITS
-            lane = _Lane(FixedWindow(limit, per, self._clock))
+            # Progress at an even pace: the window's requests less the finals' reserve.
+            spacing = (per + WINDOW_MARGIN) / max(1, limit - self._reserve)
+            lane = _Lane(FixedWindow(limit, per, self._clock, spacing=spacing))
             self._lanes[key] = lane
         return lane
 
@@ -263,16 +275,20 @@ class MessageRelay:
 
     def _next(self, lane: _Lane) -> tuple[_Slot, float]:
         """The message to edit next and when its interval allows: a final state first (the
-        one set first), else the progress of the message edited least recently."""
+        one set first), else the message whose interval ends first, of those the one
+        edited least recently (a waiting job's long interval must not hold back a running
+        job's progress)."""
         best: _Slot | None = None
+        best_key = (float("inf"), float("inf"))
         for slot in lane.pending.values():
             if slot.final:
                 return slot, 0.0
-            if best is None or slot.last_edit < best.last_edit:
-                best = slot
+            interval = self.interval if slot.interval is None else slot.interval
+            key = (slot.last_edit + interval, slot.last_edit)
+            if best is None or key < best_key:
+                best, best_key = slot, key
         assert best is not None
-        interval = self.interval if best.interval is None else best.interval
-        return best, best.last_edit + interval
+        return best, best_key[0]
 
     async def _work(self, key: LaneKey, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
@@ -288,7 +304,8 @@ class MessageRelay:
                     continue
                 wait = max(
                     ready_at - self._clock(),
-                    lane.window.delay(1.0 if slot.final else 1.0 + self._reserve),
+                    lane.window.delay(1.0 if slot.final else 1.0 + self._reserve,
+                                      paced=not slot.final),
                 )
                 if wait > 0:
                     # Sleep until then, or until a final state or a new message wants an edit.
