@@ -304,8 +304,9 @@ class MessageRelay:
                     continue
                 wait = max(
                     ready_at - self._clock(),
+                    # Paced when messages share the lane; a lone one keeps its interval.
                     lane.window.delay(1.0 if slot.final else 1.0 + self._reserve,
-                                      paced=not slot.final),
+                                      paced=not slot.final and len(lane.pending) > 1),
                 )
                 if wait > 0:
                     # Sleep until then, or until a final state or a new message wants an edit.
