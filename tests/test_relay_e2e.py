@@ -4,7 +4,9 @@ fake Discord, fake ComfyUI servers, real sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,6 +26,24 @@ FINAL = ("Done", "Failed", "Cancelled")
 FOOTER_JOB = re.compile(r"^Job #(\d+) ")
 
 
+@contextlib.asynccontextmanager
+async def five_servers(studio: BotEnv, comfy: FakeComfy) -> AsyncIterator[list[FakeComfy]]:
+    """``comfy`` and four more fake ComfyUIs (0.1 s a step), each a server of the bot, and
+    a member allowed ten jobs at once: one job per server."""
+    others = [FakeComfy(models=MODELS, step_delay=0.1, output_size=(64, 64)) for _ in range(4)]
+    comfy.step_delay = 0.1
+    studio.services.settings.limits.user_concurrent_jobs = 10
+    studio.services.settings.limits.user_jobs_per_minute = 10
+    try:
+        for n, other in enumerate(others, start=2):
+            await other.start()
+            await add_server(studio, f"gpu-{n}", other.url)
+        yield [comfy, *others]
+    finally:
+        for other in others:
+            await other.stop()
+
+
 def _title(rec: Any) -> str:
     payload = rec.json if isinstance(rec.json, dict) else {}
     embeds = payload.get("embeds") or []
@@ -35,15 +55,7 @@ async def test_final_states_go_before_progress_and_no_job_starves(
 ) -> None:
     # Five servers, one job each, all in one channel: four long jobs (8 s of progress)
     # spend the channel's budget while a short one and then the long ones finish.
-    others = [FakeComfy(models=MODELS, step_delay=0.1, output_size=(64, 64)) for _ in range(4)]
-    comfy.step_delay = 0.1
-    studio.services.settings.limits.user_concurrent_jobs = 10
-    studio.services.settings.limits.user_jobs_per_minute = 10
-    servers = [comfy, *others]
-    try:
-        for n, other in enumerate(others, start=2):
-            await other.start()
-            await add_server(studio, f"gpu-{n}", other.url)
+    async with five_servers(studio, comfy) as servers:
         for server in servers:
             server.pause_sampling()
         for n in range(4):
@@ -60,9 +72,6 @@ async def test_final_states_go_before_progress_and_no_job_starves(
             row = await finished_row(studio, job_id, timeout=60)
             assert row.status == "completed", row.error_message
         assert len(result_messages(studio)) == 5
-    finally:
-        for other in others:
-            await other.stop()
 
     channel = f"/channels/{studio.channel_id}/messages"
     patches = [r for r in studio.fake.requests if r.method == "PATCH" and r.path.startswith(
@@ -109,21 +118,11 @@ async def test_status_messages_of_one_channel_are_edited_through_their_own_webho
     # Five jobs of one channel, each on its own server: through the interactions'
     # webhooks each status message has its token's bucket, so together they are edited
     # far more often than the channel's 5 edits per 5 s would allow, without a 429.
-    others = [FakeComfy(models=MODELS, step_delay=0.1, output_size=(64, 64)) for _ in range(4)]
-    comfy.step_delay = 0.1
-    studio.services.settings.limits.user_concurrent_jobs = 10
-    studio.services.settings.limits.user_jobs_per_minute = 10
-    try:
-        for n, other in enumerate(others, start=2):
-            await other.start()
-            await add_server(studio, f"gpu-{n}", other.url)
+    async with five_servers(studio, comfy):
         for n in range(5):
             await generate(studio, {"prompt": f"parallel {n}", "steps": 50, "seed": n})
         last = await job_row(studio)
         rows = [await finished_row(studio, last.id - k, timeout=60) for k in range(5)]
-    finally:
-        for other in others:
-            await other.stop()
     assert all(row.status == "completed" for row in rows)
     edits = {row.id: _webhook_edits(studio, row.message_id) for row in rows}
     for job_id, mine in edits.items():
