@@ -255,10 +255,8 @@ class MessageRelay:
         if slot.sending:
             return  # the worker queues it again after the send
         key = self._lane_key(slot)
-        if slot.lane is not None and slot.lane != key:
-            old = self._lanes.get(slot.lane)
-            if old is not None:
-                old.pending.pop(slot.message_id, None)
+        if slot.lane != key:
+            self._unqueue(slot)  # its token expired: it leaves the interaction's lane
         slot.lane = key
         lane = self._lane(key)
         if urgent and slot.final:
@@ -298,8 +296,6 @@ class MessageRelay:
                 slot, ready_at = self._next(lane)
                 if self._lane_key(slot) != key:
                     # Its token expired while it waited: the channel's lane takes it.
-                    del lane.pending[slot.message_id]
-                    slot.lane = None
                     self._want(slot, urgent=True)
                     continue
                 wait = max(
@@ -393,14 +389,10 @@ class MessageRelay:
                 log.info("status message %s cannot be edited (%s); no more edits",
                          slot.message_id, exc)
                 return _GONE
-            except discord.HTTPException as exc:
-                if route is not None and exc.status == 401:
+            except (discord.HTTPException, OSError) as exc:
+                if route is not None and getattr(exc, "status", None) == 401:
                     return self._webhook_refused(slot, exc)  # 50027 Invalid Webhook Token
                 # discord.py already retried 429s; a final state gets a few more tries.
-                log.warning("edit of message %s failed (%s)", slot.message_id, exc)
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(1.0 * (attempt + 1))
-            except OSError as exc:
                 log.warning("edit of message %s failed (%s)", slot.message_id, exc)
                 if attempt + 1 < attempts:
                     await asyncio.sleep(1.0 * (attempt + 1))
@@ -409,11 +401,11 @@ class MessageRelay:
                 return _FAILED
         return _FAILED
 
-    def _webhook_refused(self, slot: _Slot, exc: discord.HTTPException) -> object:
+    def _webhook_refused(self, slot: _Slot, exc: Exception) -> object:
         """The interaction's webhook refused an edit: the token expired early, or the
         message is gone. Either way the channel's route decides (it says which)."""
         log.info("webhook edit of message %s refused (%s); using the channel's route",
-                 slot.message_id, exc.status)
+                 slot.message_id, getattr(exc, "status", None))
         self._webhooks.pop(slot.message_id, None)
         return _MOVED
 
