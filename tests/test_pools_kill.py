@@ -63,6 +63,9 @@ async def until(check: Any, timeout: float = WAIT) -> Any:
 async def test_killed_mid_scale_up_rents_once(bot: BotProcess, fake_discord: FakeDiscord,
                                               vast: FakeVast) -> None:
     fake = fake_discord
+    # The start-up round has run (it would rent for a pool created before its tick).
+    log = bot.tmp / f"bot-{bot.starts}.log"
+    await until(lambda: "server maintenance: first round done" in log.read_text())
     await fake.slash("pool", {"name": "gpu", "gpu": "RTX 3090", "min": 1},
                      user=fake.admin, subcommand="create")
     await until(lambda: query(bot, "SELECT id FROM server_pools"))
