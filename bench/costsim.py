@@ -516,16 +516,22 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
 # --------------------------------------------------------------------------- bounds
 
 
-def bounds(cfg: Config, boot: float = 65.0) -> str:
+def bounds(cfg: Config) -> str:
     """What the demand allows at best, without the bot (``--bound``): FIFO on ``c``
     servers with no overhead at all, (a) all warm through the window, (b) with a
-    clairvoyant that stops a server in every gap longer than a cold start and has it
-    ready again exactly when the next job comes (paying ``boot`` s of billing per start)."""
+    clairvoyant that stops a server in every gap it can (one at least as long as a start
+    from stopped) and has it ready again exactly when the next job comes.
+
+    A start from stopped takes ``restart_seconds + comfy_start`` (65 s) but bills only
+    ``comfy_start`` (20 s) of GPU: Vast bills the GPU while the instance runs, not while
+    it loads (vast.md, "Billing per state"; the fake Vast bills the same way). A gap
+    shorter than a start is billed whole: the server has to stay warm through it."""
     import heapq
 
     lo, hi = cfg.first_hour * 3600.0, (cfg.first_hour + cfg.hours) * 3600.0
     jobs = [j.at for j in demand(cfg) if lo <= j.at < hi]
     busy = len(jobs) * IMAGE_SECONDS_4090
+    latency, billed = cfg.restart_seconds + cfg.comfy_start, cfg.comfy_start
     lines = ["| servers | warm all along: wait p50 / p95 | idle share | clairvoyant stop/start: "
              "idle share | × ideal |", "|---|---|---|---|---|"]
     for c in range(1, 6):
@@ -540,7 +546,8 @@ def bounds(cfg: Config, boot: float = 65.0) -> str:
             ready = [i for i in range(c) if until[i] <= t]
             i = ready[0] if ready else min(range(c), key=lambda k: until[k])
             start = max(t, until[i])
-            idle += min(start - until[i], boot) if last[i] else boot
+            gap = start - until[i]
+            idle += (gap if gap < latency else billed) if last[i] else billed
             last[i], until[i] = True, start + IMAGE_SECONDS_4090
         warm_idle = 1 - busy / (c * (hi - lo))
         lines.append(f"| {c} | {pct(waits, .5):.0f} s / {pct(waits, .95):.0f} s | "
