@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 import bot.job_observer
+from core.db.models import ComfyGeneration
 from tests.conftest import MODELS, BotEnv, add_server
 from tests.fakecomfy import FakeComfy
 from tests.test_generation_e2e import (
@@ -190,3 +192,48 @@ async def test_a_place_in_line_is_shown_less_often_than_progress(
     # ...and as it ran its progress was shown at the relay's pace.
     gaps = [b.time - a.time for a, b in zip(running, running[1:], strict=False)]
     assert len(running) >= 2 and all(g >= 0.25 for g in gaps), gaps
+
+
+async def test_places_in_line_and_previews_share_bot_wide_budgets(
+    studio: BotEnv, comfy: FakeComfy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Eight jobs on one server, the first long, the rest short. Places in line share a
+    # budget of 1 edit per second across every waiting job, so a waiting job is shown at
+    # most every (jobs waiting) s, whatever QUEUED_INTERVAL allows; the previews of running
+    # jobs share 1 thumbnail per second, so a running job's progress is edited at the
+    # relay's pace while its preview image is replaced at most once a second.
+    monkeypatch.setattr(bot.job_observer, "QUEUED_INTERVAL", 0.2)
+    monkeypatch.setattr(bot.job_observer, "QUEUED_EDITS_PER_SECOND", 1.0)
+    monkeypatch.setattr(bot.job_observer, "PREVIEWS_PER_SECOND", 1.0)
+    studio.bot.relay.interval = 0.2
+    studio.services.settings.limits.user_concurrent_jobs = 10
+    studio.services.settings.limits.user_jobs_per_minute = 10
+    comfy.step_delay = 0.05
+    comfy.pause_sampling()
+    for n in range(8):
+        await generate(studio, {"prompt": f"budget {n}", "steps": 6 if n else 60, "seed": n})
+    last = await job_row(studio)
+    comfy.resume_sampling()
+    row = await finished_row(studio, last.id, timeout=60)
+    assert row.status == "completed", row.error_message
+    async with studio.services.sessions() as session:
+        rows = list(await session.scalars(
+            select(ComfyGeneration).order_by(ComfyGeneration.id).limit(8)))
+    # The short jobs end one after another, a third of a second apart: each end moves
+    # every job behind it a place up. Shown to the member at most once a second each:
+    gaps = []
+    for job in rows:
+        edits = _webhook_edits(studio, job.message_id)
+        gaps += [b.time - a.time for a, b in zip(edits, edits[1:], strict=False)
+                 if _title(b).startswith("Queued")]
+    assert len(gaps) >= 3, gaps
+    assert min(gaps) >= 0.95, gaps
+    # The first job ran 60 steps (3 s): progress edits every relay interval, each new
+    # thumbnail (a multipart edit with a file) at least a second after the previous.
+    running = [r for r in _webhook_edits(studio, rows[0].message_id)
+               if _title(r).startswith("Generating")]
+    thumbs = [r.time for r in running if r.files]
+    assert len(running) >= 6 and len(thumbs) >= 2, (len(running), len(thumbs))
+    assert len(thumbs) < len(running)
+    gaps = [b - a for a, b in zip(thumbs, thumbs[1:], strict=False)]
+    assert min(gaps) >= 0.95, gaps
