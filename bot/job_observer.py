@@ -29,6 +29,7 @@ from bot.job_render import (
     status_embed,
 )
 from bot.jobs import result_view
+from bot.pings import ResultPings
 from bot.relay import MessageRelay
 from core.generation import GenerationFailed, JobObserver, JobView
 from core.images import UPLOAD_MARGIN, ImageFile, ImageRejected, thumbnail
@@ -72,6 +73,9 @@ class DiscordJobObserver(JobObserver):
         # Jobs last shown waiting in line, and running: what the budgets are shared by.
         self._waiting: set[int] = set()
         self._running: set[int] = set()
+        self.pings = ResultPings(
+            self._send_ping, bot.services.generation.active_jobs,
+            lambda coro: bot.spawn(coro, name="result-ping"))
         self._results: dict[int, str] = {}  # job id -> jump URL of its result message
         self._in_place: set[int] = set()  # jobs whose status message became the result
 
@@ -223,24 +227,23 @@ class DiscordJobObserver(JobObserver):
         waited = (discord.utils.utcnow() - job.created_at).total_seconds()
         if waited < NOTIFY_AFTER:
             return
-        content = f"<@{job.user_id}> job #{job.id} is ready."
-        mention = discord.AllowedMentions(users=[discord.Object(id=job.user_id)])
+        await self.pings.ready(job.user_id, channel.id, job.id, result)
+
+    async def _send_ping(self, content: str, mention: discord.AllowedMentions,
+                         result: discord.PartialMessage | discord.Message, job_id: int) -> None:
         route = self.relay.webhook_of(result.id)
-        try:
-            if route is not None and route.send is not None:
-                # A followup of the member's interaction: the token's own bucket, not the
-                # channel's message budget (a burst's results would queue behind pings).
-                await route.send(content=content, allowed_mentions=mention, wait=True)
-                return
-            await channel.send(
-                content=content,
-                reference=result,
-                mention_author=False,
-                allowed_mentions=mention,
-                nonce=f"cvjob{job.id}n",
-            )
-        except discord.HTTPException as exc:  # the result is shown; the ping is a courtesy
-            log.warning("could not notify the member of job %s: %s", job.id, exc)
+        if route is not None and route.send is not None:
+            # A followup of the member's interaction: the token's own bucket, not the
+            # channel's message budget (a burst's results would queue behind pings).
+            await route.send(content=content, allowed_mentions=mention, wait=True)
+            return
+        await result.channel.send(
+            content=content,
+            reference=result,
+            mention_author=False,
+            allowed_mentions=mention,
+            nonce=f"cvjob{job_id}n",
+        )
 
     def _delivered(
         self, job: JobView, message: discord.PartialMessage | discord.Message
@@ -263,9 +266,12 @@ class DiscordJobObserver(JobObserver):
                 job.message_id,
                 lambda: self._render_final(job, f"Finished: {link}" if link else None),
             )
+        self._forget(job.id)
+        # The member's last job in flight here announces their results (bot/pings.py),
+        # through this one's webhook if it is the newest result: dropped after.
+        await self.pings.ended(job.user_id)
         if job.message_id is not None:
             self.relay.drop_webhook(job.message_id)
-        self._forget(job.id)
 
     async def _render_final(self, job: JobView, link: str | None) -> dict[str, Any]:
         # The final view comes with the event: no database read for the last edit.

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 import bot.job_observer
+import bot.pings
 from tests.conftest import BotEnv, eventually
 from tests.fakecomfy import FakeComfy
 from tests.test_generation_e2e import (
@@ -103,3 +104,49 @@ async def test_a_long_job_pings_its_member_once_the_result_is_shown(
     [post] = [r for r in studio.fake.calls("POST", "/webhooks/") if "is ready" in str(r.json)]
     assert [int(u) for u in post.json["allowed_mentions"]["users"]] == [studio.fake.member.id]
     assert not post.files
+
+
+def _pings(env: BotEnv) -> list[Any]:
+    return [m for m in env.fake.channel_messages(env.channel_id)
+            if m.content.startswith(f"<@{env.fake.member.id}> job")]
+
+
+async def test_a_members_run_of_long_jobs_pings_once(
+    studio: BotEnv, comfy: FakeComfy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three long jobs of one member in one channel: one ping, from the last to land,
+    # naming all three (each would have been its own ping, a request each).
+    monkeypatch.setattr(bot.job_observer, "NOTIFY_AFTER", 0.0)
+    studio.services.settings.limits.user_concurrent_jobs = 5
+    ids = []
+    for n in range(3):
+        await generate(studio, {"prompt": f"run {n}", "steps": 3, "seed": n})
+        ids.append((await job_row(studio)).id)
+    for job_id in ids:
+        assert (await finished_row(studio, job_id)).status == "completed"
+    [note] = await studio.fake.wait_for(lambda: _pings(studio) or None)
+    assert note.content == (f"<@{studio.fake.member.id}> jobs #{ids[0]}, #{ids[1]} "
+                            f"and #{ids[2]} are ready.")
+    assert len(_pings(studio)) == 1
+
+
+async def test_a_ready_result_is_not_held_back_by_a_long_job(
+    studio: BotEnv, comfy: FakeComfy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short job lands while the member's long one still runs: its ping waits at most
+    # PING_HOLD for the long one, then goes alone; the long one pings when it lands.
+    monkeypatch.setattr(bot.job_observer, "NOTIFY_AFTER", 0.0)
+    monkeypatch.setattr(bot.pings, "PING_HOLD", 1.0)
+    studio.services.settings.limits.user_concurrent_jobs = 5
+    comfy.step_delay = 0.05
+    await generate(studio, {"prompt": "short", "steps": 2, "seed": 1})
+    short = await job_row(studio)
+    await generate(studio, {"prompt": "long", "steps": 120, "seed": 2})
+    long = await job_row(studio)
+    assert (await finished_row(studio, short.id)).status == "completed"
+    [note] = await studio.fake.wait_for(lambda: _pings(studio) or None)
+    assert note.content == f"<@{studio.fake.member.id}> job #{short.id} is ready."
+    assert (await job_row(studio, long.id)).status in ("queued", "running")  # not done
+    assert (await finished_row(studio, long.id, timeout=60)).status == "completed"
+    await studio.fake.wait_for(lambda: len(_pings(studio)) == 2 or None)
+    assert _pings(studio)[1].content == f"<@{studio.fake.member.id}> job #{long.id} is ready."
