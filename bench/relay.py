@@ -424,8 +424,16 @@ user_concurrent_jobs = {self.args.jobs + 10}
     async def start_bot(self, deadline: float) -> None:
         config = self.write_config()
         log = (self.workdir / "bot.log").open("wb")
+        # --memory-profile: the same bot under memray or tracemalloc (bench/memhook.py).
+        hook: list[str] = []
+        if self.args.memory_profile:
+            from bench.memhook import memray_command
+
+            out = Path(self.args.memory_profile).resolve()
+            hook = (memray_command(out) if self.args.memory_tool == "memray"
+                    else ["-m", "bench.memhook", str(out)])
         self.bot = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "--config", str(config), cwd=ROOT,
+            sys.executable, *hook, "-m", "bot", "--config", str(config), cwd=ROOT,
             stdout=log, stderr=asyncio.subprocess.STDOUT, env=child_env(),
         )
         fake = self.discord
@@ -875,6 +883,11 @@ async def run(args: argparse.Namespace) -> list[tuple[Phase, Phase]]:
                 print(round_line(number, figures(bare, bot)), flush=True)
         finally:
             await rig.stop()
+            if args.memory_profile:
+                from bench.memhook import report, report_memray
+
+                memory_report = report_memray if args.memory_tool == "memray" else report
+                print(memory_report(Path(args.memory_profile)), flush=True)
     return rounds
 
 
@@ -923,6 +936,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "or PATH); skews the CPU figures")
     parser.add_argument("--profile-submit", metavar="PATH",
                         help="the same, while the /generate commands are submitted")
+    parser.add_argument("--memory-profile", metavar="PATH",
+                        help="run the bot under a memory profiler (bench/memhook.py) writing "
+                             "to PATH; what was allocated at the peak is printed at the end "
+                             "(by thread, project line, library line); skews CPU and RSS")
+    parser.add_argument("--memory-tool", choices=("memray", "tracemalloc"), default="memray",
+                        help="memray (default: Python and native allocations of every "
+                             "thread, at the heap's peak; pip install memray) or tracemalloc "
+                             "(Python allocations only, the snapshot nearest the RSS peak; "
+                             "slow enough to change the run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.servers, args.channels, args.users = 40, 4, 4, 8

@@ -164,12 +164,17 @@ class ComfyEventStream:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, prompt_id: str) -> EventSubscription:
+    def subscribe(self, prompt_id: str, *, latest_only: bool = False) -> EventSubscription:
         """Events of one prompt, ending with exactly one :class:`PromptDone`.
 
         Subscribe *before* queueing (with your own prompt_id) so no message is missed.
+        ``latest_only``: for a reader that shows only the newest progress and preview, at
+        most one event of each such kind (progress, progress state, preview, text...) waits
+        unread: a newer one replaces it, and once the prompt's end is queued the unread
+        ones are dropped (such a reader skips to the end). Every other event is kept, in
+        order.
         """
-        sub = self._fanout.subscribe(prompt_id)
+        sub = self._fanout.subscribe(prompt_id, latest_only=latest_only)
         self._tracker.track(prompt_id)
         return sub
 

@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 # Put in a subscription's queue to end it.
 CLOSED = object()
 
+
+class _Newest:
+    """Stands in a subscription's queue for the newest unread event of one stale kind
+    (see EventSubscription.put)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
 # Events that concern the connection, handed to every subscription.
 _CONNECTION_EVENTS = (Disconnected, Reconnected)
 
@@ -56,23 +66,70 @@ class EventSubscription:
     """
 
     def __init__(
-        self, unsubscribe: Callable[[EventSubscription], None], prompt_id: str | None
+        self, unsubscribe: Callable[[EventSubscription], None], prompt_id: str | None,
+        *, latest_only: bool = False,
     ) -> None:
         # The stream's hook that forgets this subscription (and its prompt, if last).
         self._unsubscribe = unsubscribe
         self.prompt_id = prompt_id
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._ended = False
-        self.shed = 0  # events dropped because the reader fell MAX_PENDING behind
+        self.shed = 0  # events dropped: stale ones past MAX_PENDING, or superseded
+        self._warned = False
+        # With ``latest_only`` at most one event of each stale kind waits: the newest,
+        # read where the oldest unread one stood (see put).
+        self._latest_only = latest_only
+        self._newest: dict[type, Any] = {}
 
     def put(self, event: Any) -> None:
         """Called by the stream only."""
-        if self._queue.qsize() >= MAX_PENDING and event is not CLOSED:
+        if self._newest and isinstance(event, PromptDone):
+            # A reader that shows only the newest progress skips to the end once it is
+            # there: the progress and preview it has not read yet would never be shown.
+            # Dropped now, not when the reader catches up (at 2,000 jobs, finished
+            # prompts waiting for their follow loop each kept their last preview).
+            self._drop_newest()
+        item = event
+        if self._latest_only and isinstance(event, _STALE_KINDS):
+            kind = type(event)
+            if kind in self._newest:
+                # A reader that shows only the newest progress and preview, behind by one:
+                # the waiting event is replaced, not queued behind. A preview is a 512-px
+                # JPEG of ~65 KB (up to the frame cap from an untrusted server); at 2,000
+                # jobs on 100 servers the follow loops lag the sockets by seconds, and the
+                # previews queued meanwhile were most of the bot's memory (bench.relay
+                # --memory-profile: 700 MB at the peak).
+                self._newest[kind] = event
+                self.shed += 1
+                return
+            self._newest[kind], item = event, _Newest(kind)
+        if self._queue.qsize() >= MAX_PENDING and item is not CLOSED:
             self._shed_stale()
-            if self._queue.qsize() >= MAX_PENDING and not isinstance(event, _KEEP):
+            if self._queue.qsize() >= MAX_PENDING and not isinstance(item, _KEEP):
+                if isinstance(item, _Newest):
+                    del self._newest[item.kind]
                 self._note_shed(1)
                 return
-        self._queue.put_nowait(event)
+        self._queue.put_nowait(item)
+
+    def _drop_newest(self) -> None:
+        items: list[Any] = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        for item in items:
+            if not isinstance(item, _Newest):
+                self._queue.put_nowait(item)
+        self.shed += len(self._newest)
+        self._newest.clear()
+
+    def _take(self, item: Any) -> Any:
+        """The event a queued item stands for."""
+        if isinstance(item, _Newest):
+            return self._newest.pop(item.kind)
+        return item
 
     def _shed_stale(self) -> None:
         """Keep, in order, every event that is not stale plus the newest of each stale
@@ -94,7 +151,8 @@ class EventSubscription:
         self._note_shed(len(items) - len(kept))
 
     def _note_shed(self, count: int) -> None:
-        if count and not self.shed:
+        if count and not self._warned:
+            self._warned = True
             log.warning("prompt %s: the reader fell %d events behind; stale progress and "
                         "previews are dropped", self.prompt_id, MAX_PENDING)
         self.shed += count
@@ -114,6 +172,7 @@ class EventSubscription:
             # asyncio.timeout, not wait_for: no extra task per event (this is the hot path).
             async with asyncio.timeout(timeout):
                 item = await self._queue.get()
+        item = self._take(item)
         if item is CLOSED:
             self._ended = True
             raise StopAsyncIteration
@@ -133,6 +192,7 @@ class EventSubscription:
             if item is CLOSED:
                 self._queue.put_nowait(item)  # let the next get() see the end
                 break
+            item = self._take(item)
             items.append(item)
             if isinstance(item, PromptDone) and self.prompt_id is not None:
                 self._ended = True
@@ -177,8 +237,8 @@ class EventFanout:
         self._all_subs: list[EventSubscription] = []
         self._listeners: list[Listener] = []
 
-    def subscribe(self, prompt_id: str) -> EventSubscription:
-        sub = EventSubscription(self._unsubscribe, prompt_id)
+    def subscribe(self, prompt_id: str, *, latest_only: bool = False) -> EventSubscription:
+        sub = EventSubscription(self._unsubscribe, prompt_id, latest_only=latest_only)
         self._subs.setdefault(prompt_id, []).append(sub)
         return sub
 

@@ -21,7 +21,7 @@ from core.comfy.pool import ComfyConnection, ComfyPool
 from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus
 from core.errors import GENERIC_FAILURE, ComfyVastError, PermissionDenied, ValidationFailed
 from core.generation.delivery import Delivery
-from core.generation.follow import Follower, QueueSnapshots
+from core.generation.follow import Follower, QueueSnapshots, node_titles
 from core.generation.inputs import InputFiles
 from core.generation.live import LiveJobs, LiveState
 from core.generation.placement import Placement
@@ -251,8 +251,9 @@ class JobRunner:
         )
         # Warm the cache the result's Upscale button is decided from, off the critical path.
         self._placement.prefetch(server, "upscale_models")
-        # Subscribe before queueing, so no message about the prompt can be missed.
-        sub = conn.stream.subscribe(prompt_id)
+        # Subscribe before queueing, so no message about the prompt can be missed. The
+        # follow loop shows only the newest progress and preview: no older one waits.
+        sub = conn.stream.subscribe(prompt_id, latest_only=True)
         try:
             workflow = job_workflow(job_id, spec, await self._upload_input(conn.client, spec))
             if row.status == GenerationStatus.PENDING:
@@ -260,7 +261,9 @@ class JobRunner:
             else:
                 # Resumed after a restart: ComfyUI's queue and history tell where it is.
                 await conn.stream.reconcile()
-            done = await self._follower.follow(job_id, conn, sub, workflow, live)
+            titles = node_titles(workflow)
+            del workflow  # ComfyUI has the graph now; the status needs only its titles
+            done = await self._follower.follow(job_id, conn, sub, titles, live)
         finally:
             sub.close()
         if done.status == "success":

@@ -21,7 +21,7 @@ from core.comfy.errors import (
 )
 from core.comfy.pool import ComfyConnection
 from core.comfy.workflows import GenerationParams, build_workflow
-from core.generation.follow import QueueSnapshots
+from core.generation.follow import QueueSnapshots, node_titles
 from tests.fakecomfy import FakeComfy
 from tests.fakecomfy.replay import trace_prompt_bodies
 
@@ -282,3 +282,17 @@ async def test_jobs_looking_at_one_queue_together_share_one_request(
     assert len([r for r in fake.requests if r.path == "/queue"]) == before + 2
     fake.resume_sampling()
     await fake.wait_idle()
+
+
+def test_a_followed_job_keeps_its_nodes_titles_not_its_graph() -> None:
+    # The status names the running node by its title, else its class: the follow loop
+    # keeps only that map (the graph is ComfyUI's once queued).
+    workflow = txt2img()
+    sampler = next(k for k, n in workflow.items() if n["class_type"] == "KSampler")
+    workflow[sampler]["_meta"] = {"title": "Main sampler"}
+    workflow["junk"] = "not a node"  # a custom workflow's oddity is skipped
+    titles = node_titles(workflow)
+    assert titles[sampler] == "Main sampler"
+    assert {titles[k] for k, n in workflow.items() if k not in (sampler, "junk")} == {
+        n["class_type"] for k, n in workflow.items() if k not in (sampler, "junk")}
+    assert "junk" not in titles and all(isinstance(v, str) for v in titles.values())

@@ -23,7 +23,7 @@ from core.comfy.errors import (
     ComfyRedirectRefused,
     ComfyResponseTooLarge,
 )
-from core.comfy.events import Disconnected, Progress, PromptDone
+from core.comfy.events import Disconnected, PreviewEvent, Progress, ProgressState, PromptDone
 from core.comfy.limits import DEFAULT_LIMITS, MiB, ResponseLimits
 from core.comfy.stream import ComfyEventStream
 from core.comfy.subscriptions import MAX_PENDING
@@ -134,6 +134,40 @@ async def test_a_flood_of_progress_and_previews_waits_in_a_bounded_queue(
         events.append(event)
     flooded = [e for e in events if isinstance(e, Progress) and e.max == flood]
     assert flooded and flooded[-1].value == flood  # the newest progress was kept
+    assert isinstance(events[-1], PromptDone) and events[-1].ok and events[-1].outputs
+
+
+async def test_a_reader_behind_holds_only_the_newest_progress_and_preview(
+    stream: ComfyEventStream, client: ComfyClient, fake: FakeComfy
+) -> None:
+    """A job's follow loop shows only the newest progress and preview: its subscription
+    keeps one of each unread (a preview is ~65 KB; at 2,000 jobs those queued were most
+    of the bot's memory), every other event in order, and drops what is left unread of
+    them when the prompt's end arrives (the reader skips to it)."""
+    seen: list = []
+    stream.add_listener(lambda e: seen.append(e) if e.prompt_id == "p-newest" else None)
+    fake.pause_sampling()
+    sub = stream.subscribe("p-newest", latest_only=True)
+    await client.queue_prompt(txt2img(), prompt_id="p-newest")
+    await fake.flood_progress("p-newest", 6, latent_preview_jpeg(8, 8))
+    await until(lambda: sum(isinstance(e, PreviewEvent) for e in seen) == 6)
+    waiting = sub.drain()  # the reader wakes up six steps late
+    sent = [e for e in seen if isinstance(e, PreviewEvent)]
+    previews = [e for e in waiting if isinstance(e, PreviewEvent)]
+    assert len(previews) == 1 and previews[0] is sent[-1]
+    assert [e.value for e in waiting if isinstance(e, Progress)] == [6]
+    assert sub.shed == len(seen) - len(waiting) >= 5 + 5  # all but the newest of each
+    newest_only = (PreviewEvent, Progress, ProgressState)
+    before = [e for e in seen if not isinstance(e, newest_only)]
+    assert [e for e in waiting if not isinstance(e, newest_only)] == before
+    # Behind again while the prompt runs to its end: only the end and the other events.
+    mark = len(seen)
+    fake.resume_sampling()
+    await until(lambda: any(isinstance(e, PromptDone) for e in seen))
+    events = sub.drain()
+    ran = seen[mark : next(i for i, e in enumerate(seen) if isinstance(e, PromptDone)) + 1]
+    assert any(isinstance(e, newest_only) for e in ran)  # it did send progress meanwhile
+    assert events == [e for e in ran if not isinstance(e, newest_only)]
     assert isinstance(events[-1], PromptDone) and events[-1].ok and events[-1].outputs
 
 
