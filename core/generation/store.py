@@ -302,7 +302,7 @@ class GenerationStore:
         """ComfyUI accepted the prompt; the row as written, or None if the job ended."""
         async with self._writing() as session:
             result = await session.execute(
-                _QUEUED, {"j_id": job_id, "j_position": position}, execution_options=_PLAIN)
+                _QUEUED, {"j_id": job_id, "j_position": position})
             return result.scalars().first()
 
     async def assign(
@@ -433,14 +433,12 @@ _ATTACH = update(ComfyGeneration).where(ComfyGeneration.id == bindparam("j_id"))
     channel_id=_or_kept("j_channel", ComfyGeneration.channel_id),
     message_id=bindparam("j_message"),
 ).execution_options(**_PLAIN)
-_QUEUED = (
-    update(ComfyGeneration)
-    .where(ComfyGeneration.id == bindparam("j_id"),
-           ComfyGeneration.status.in_(FROM["mark_queued"]))
+_T = ComfyGeneration.__table__
+_QUEUED = select(ComfyGeneration).from_statement(  # a plain UPDATE, loaded as in _insert
+    update(_T).where(_T.c.id == bindparam("j_id"), _T.c.status.in_(FROM["mark_queued"]))
     .values(status=QUEUED, queue_position=bindparam("j_position"),
-            attempts=case((ComfyGeneration.attempts < 1, 1), else_=ComfyGeneration.attempts))
-    .returning(ComfyGeneration)
-)
+            attempts=case((_T.c.attempts < 1, 1), else_=_T.c.attempts))
+    .returning(*_T.c))
 
 
 async def _server_still_running(session: AsyncSession, server_id: int) -> None:
