@@ -28,7 +28,7 @@ from bot.job_render import (
 )
 from bot.relay import TOKEN_MARGIN
 from bot.rendering import status_post_refused
-from bot.tree import defer_public, public_reply_shown, send_ephemeral
+from bot.tree import defer_public, public_reply_id, public_reply_shown, send_ephemeral
 from core.errors import GENERIC_FAILURE, ComfyVastError
 from core.generation import (
     GenerationRequest,
@@ -210,8 +210,11 @@ async def launch_jobs(
     if len(requests) > 1:
         await gen.check_limits(requests[0].actor, len(requests))
     jobs: list[JobView] = []
+    # The first job's status message is the reply: recorded with its row when Discord
+    # named it (no second write to attach it).
+    reply_id = public_reply_id(interaction)
     for request in requests:
-        job = await gen.submit(request)
+        job = await gen.submit(request, message_id=None if jobs else reply_id)
         try:
             message, edit = await _show_status(interaction, job, first=not jobs)
         except discord.HTTPException as exc:
@@ -231,7 +234,8 @@ async def launch_jobs(
             send=interaction.followup.send,
             lifetime=lifetime - TOKEN_MARGIN,
         )
-        await gen.attach_message(job.id, message.channel.id, message.id)
+        if (job.channel_id, job.message_id) != (message.channel.id, message.id):
+            await gen.attach_message(job.id, message.channel.id, message.id)
         gen.start(job.id)
         jobs.append(job)
     return jobs

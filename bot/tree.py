@@ -37,9 +37,10 @@ def describe_error(error: Exception) -> tuple[str, bool]:
     return GENERIC_FAILURE, False
 
 
-# Interaction.extras key: the interaction was acknowledged with a public "thinking..."
-# reply (defer_public) that has not become a status message yet.
+# Interaction.extras keys: the interaction was acknowledged with a public "thinking..."
+# reply (defer_public) that has not become a status message yet; the reply's message id.
 _PUBLIC_PENDING = "comfyvast.public_reply_pending"
+_REPLY_ID = "comfyvast.public_reply_id"
 
 
 async def defer_public(interaction: discord.Interaction) -> None:
@@ -50,7 +51,18 @@ async def defer_public(interaction: discord.Interaction) -> None:
     status, send_ephemeral removes the reply so that the error stays private.
     """
     interaction.extras[_PUBLIC_PENDING] = True
-    await interaction.response.defer(thinking=True)
+    response = await interaction.response.defer(thinking=True)
+    # The callback's answer names the reply it created (``response_message_id``, with the
+    # message as ``resource.message`` for type 5; /work/shared/reference/discord.md):
+    # a job can be recorded with its status message known.
+    if response is not None and response.message_id is not None:
+        interaction.extras[_REPLY_ID] = response.message_id
+
+
+def public_reply_id(interaction: discord.Interaction) -> int | None:
+    """The id of the reply defer_public created, if Discord named it."""
+    reply_id = interaction.extras.get(_REPLY_ID)
+    return reply_id if isinstance(reply_id, int) else None
 
 
 def public_reply_shown(interaction: discord.Interaction) -> None:

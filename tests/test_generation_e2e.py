@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from core.db.models import ComfyGeneration
 from tests.conftest import (
@@ -156,6 +156,34 @@ async def test_happy_path_progress_edits_and_png_upload(studio: BotEnv, comfy: F
     sampler = workflow["3"]["inputs"]
     assert (sampler["seed"], sampler["steps"]) == (1234, 8)
     assert workflow["6"]["inputs"]["text"] == "a lighthouse at dusk"
+
+
+async def test_the_job_is_recorded_with_its_status_message_in_one_write(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    """Submission writes the job's row once, with the reply that becomes its status
+    message (Discord names it when the command is acknowledged): no second write attaches
+    it. On SQLite no read of the server comes before the insert either: the insert's own
+    condition checks that the server runs (there are no row locks to take)."""
+    engine = studio.services.sessions.kw["bind"].sync_engine
+    statements: list[tuple[str, Any]] = []
+
+    def executed(_conn: Any, _cursor: Any, sql: str, params: Any, *_: Any) -> None:
+        statements.append((sql, params))
+
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        interaction = await generate(studio, {"prompt": "a cat", "steps": 2})
+        row = await finished_row(studio)
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+    assert row.status == "completed", row.error_message
+    assert row.message_id == reply(interaction).id == interaction.original_message_id
+    [inserted] = [p for sql, p in statements if sql.startswith("INSERT INTO comfy_generations")]
+    assert row.message_id in inserted
+    assert not [sql for sql, _ in statements if "SET channel_id" in sql]
+    server_read = "SELECT servers.status FROM servers WHERE servers.id = ?".split()
+    assert not [sql for sql, _ in statements if sql.split() == server_read]
 
 
 async def test_edits_are_coalesced_to_about_one_per_second(

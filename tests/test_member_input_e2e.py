@@ -379,6 +379,8 @@ async def test_a_refused_status_post_says_why_and_queues_nothing(
     assert ("Send Messages" in text) == (status == 403)
     row = await job_row(studio)
     assert row is not None and row.status == "failed" and not comfy.prompts
+    # The reply it was recorded with is not its status message: it is not edited.
+    assert row.message_id is None and row.channel_id == studio.channel_id
     # The reply was removed and the explanation is private: nothing public is left behind.
     assert studio.fake.messages[interaction.original_message_id].deleted
     assert _answered(interaction).ephemeral

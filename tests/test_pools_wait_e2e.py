@@ -7,6 +7,7 @@ fake with FakeVast.set_network, which stays across a stop and a start).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,8 @@ import pytest
 from core.audit import SYSTEM, Actor
 from core.db.models import ComfyGeneration
 from core.errors import ResourceBusy
-from core.generation.placement import Placement
+from core.generation import GenerationRequest
+from core.generation.placement import Placement, PoolChoice
 from core.servers import ServerView
 from tests.conftest import BotEnv, _answered, eventually
 from tests.fakevast import FakeVast
@@ -161,6 +163,23 @@ def _defaults() -> dict[str, Any]:
     return {f.name: None for f in dataclasses.fields(ServerView)
             if f.name not in required and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING}
+
+
+async def test_a_burst_of_submissions_reads_the_pools_once(settings: Any) -> None:
+    """Every /generate asks which pool it may wait for: the submissions that find the
+    last read stale at once share one read (each read its own, a pooled connection each)."""
+    placement = Placement(settings, None, None)  # type: ignore[arg-type]
+    reads: list[int] = []
+
+    async def pools() -> list[PoolChoice]:
+        reads.append(1)
+        await asyncio.sleep(0.01)
+        return [PoolChoice("gpu", (1,))]
+
+    placement.pools = pools
+    request = GenerationRequest(actor=Actor(7), prompt="p")
+    found = await asyncio.gather(*(placement.pool_for(request) for _ in range(20)))
+    assert found == ["gpu"] * 20 and reads == [1]
 
 
 def test_placement_packs_jobs_on_the_busiest_server_with_room(settings: Any) -> None:

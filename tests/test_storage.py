@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, inspect, select, update
+from sqlalchemy import event, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from core.audit import OUTCOME_OK, OUTCOME_REFUSED, Actor, AuditService
 from core.botstate import StateStore
 from core.db.engine import (
+    RollbackOnClose,
     SessionFactory,
     create_engine,
     create_session_factory,
@@ -250,6 +251,38 @@ async def test_a_writer_cancelled_mid_statement_does_not_keep_the_lock(tmp_path:
                 await s.execute(update(ComfyGeneration).values(error_message="ok"))
         # The rounds did cancel writers in the middle of a statement.
         assert invalidated
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_is_rolled_back_on_return_only_with_a_transaction_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback is a trip to the connection's thread (aiosqlite): the pool's usual
+    ROLLBACK on return made one more per write after its commit. It is still made when a
+    transaction was left open below SQLAlchemy (it would keep SQLite's write lock)."""
+    rollbacks: list[int] = []
+    original = RollbackOnClose.rollback
+
+    def counted(self: RollbackOnClose) -> None:
+        rollbacks.append(1)
+        original(self)
+
+    monkeypatch.setattr(RollbackOnClose, "rollback", counted)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/reset.db")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        rollbacks.clear()  # the first connection's set-up rolls back once
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+        assert rollbacks == []
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            await raw.driver_connection.execute("INSERT INTO t VALUES (2)")
+        assert rollbacks == [1]
+        async with engine.begin() as conn:  # not blocked, and the open insert was undone
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
     finally:
         await engine.dispose()
 

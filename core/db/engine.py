@@ -70,6 +70,8 @@ def create_engine(
             # time when many jobs write at once. Keep enough of them open.
             kwargs["pool_size"] = 20
             kwargs["max_overflow"] = 20
+        # Rolled back on return only when a transaction is open (see _sqlite_reset).
+        kwargs["pool_reset_on_return"] = None
     else:
         kwargs["pool_pre_ping"] = True
         kwargs["pool_size"] = 5
@@ -83,6 +85,15 @@ def create_engine(
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cur.close()
+
+        @event.listens_for(engine.sync_engine, "reset")
+        def _sqlite_reset(dbapi_conn, _record, _state) -> None:  # type: ignore[no-untyped-def]
+            # The pool's usual reset is a ROLLBACK on every return, a trip to the
+            # connection's thread (aiosqlite) even after a commit ended the transaction:
+            # one per write, a burst of jobs writes thousands of times. SQLite says whether
+            # a transaction is open (a SELECT alone opens none in sqlite3's default mode).
+            if dbapi_conn.driver_connection.in_transaction:
+                dbapi_conn.rollback()
 
     return engine
 

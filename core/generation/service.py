@@ -96,11 +96,12 @@ class GenerationService:
 
     # ------------------------------------------------------------------ submit
 
-    async def submit(self, req: GenerationRequest) -> JobView:
+    async def submit(self, req: GenerationRequest, *, message_id: int | None = None) -> JobView:
         """Validate and record a job (status pending). Nothing is queued yet.
 
         No server with room and a pool can run it: recorded without a server, to wait for
-        the pool's next free one (core.generation.waiting)."""
+        the pool's next free one (core.generation.waiting). ``message_id``: its status
+        message in the member's channel, when known already (else see attach_message)."""
         validate(req, self._settings.limits)
         workflow_row = await self._custom_workflow(req.workflow) if req.workflow else None
         exclude: set[int] = set()
@@ -108,7 +109,8 @@ class GenerationService:
             choice = await self._placement.choose_or_wait(
                 req, exclude=exclude, waiting=bool(self.waiting))
             if isinstance(choice, WaitFor):
-                row = await self._record_within(req, None, workflow_row, choice.pool)
+                row = await self._record_within(req, None, workflow_row, choice.pool,
+                                                message_id)
                 if len(self._held) >= MAX_FRESH:
                     del self._held[next(iter(self._held))]
                 self._held[row.id] = (choice.pool, req)
@@ -116,7 +118,7 @@ class GenerationService:
                 return self._live.view(row, None)
             server = choice
             try:
-                row = await self._record_within(req, server, workflow_row, None)
+                row = await self._record_within(req, server, workflow_row, None, message_id)
             except ResourceBusy:
                 if req.server or server.id in exclude:
                     raise
@@ -127,17 +129,18 @@ class GenerationService:
             break
         if len(self._fresh) >= MAX_FRESH:  # submitted and never started: forget the oldest
             del self._fresh[next(iter(self._fresh))]
-        self._fresh[row.id] = FirstAttempt(row, workflow_row, server)
+        self._fresh[row.id] = FirstAttempt(
+            row, workflow_row, server, row.channel_id if message_id else None, message_id)
         return job_view(row, server.name)
 
     async def _record_within(
         self, req: GenerationRequest, server: ServerView | None,
-        workflow_row: ComfyWorkflow | None, pool: str | None,
+        workflow_row: ComfyWorkflow | None, pool: str | None, message_id: int | None,
     ) -> ComfyGeneration:
-        row = await self._record(req, server, workflow_row, pool)
+        row = await self._record(req, server, workflow_row, pool, message_id)
         if row is None:  # over the member's limits: say which, from the counts
             await self.check_limits(req.actor)
-            row = await self._record(req, server, workflow_row, pool)  # freed meanwhile
+            row = await self._record(req, server, workflow_row, pool, message_id)  # freed
             if row is None:
                 await self.check_limits(req.actor)
                 raise RateLimited("You have too many jobs right now; try again shortly.")
@@ -146,6 +149,7 @@ class GenerationService:
     async def _record(
         self, req: GenerationRequest, server: ServerView | None,
         workflow_row: ComfyWorkflow | None, pool: str | None = None,
+        message_id: int | None = None,
     ) -> ComfyGeneration | None:
         """Record the job, unless its member is over their limits (None). Without a
         server it waits for ``pool``'s: its checkpoint is resolved when it is placed."""
@@ -167,6 +171,7 @@ class GenerationService:
                 "user_id": req.actor.user_id or 0,
                 "guild_id": req.actor.guild_id,
                 "channel_id": req.actor.channel_id,
+                "message_id": message_id,
                 "prompt": req.prompt,
                 "negative_prompt": req.negative or None,
                 "parameters": parameters,
@@ -237,6 +242,9 @@ class GenerationService:
         """End a job that could not be started (e.g. its status message failed)."""
         self._fresh.pop(job_id, None)
         self._held.pop(job_id, None)
+        # Recorded with the reply that was to show its status: that reply is removed (or
+        # shows the error), it is not the job's to edit.
+        await self._store.attach_message(job_id, None, None)
         await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
         await self._runner.discard_input(job_id)
 

@@ -33,24 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, exists, func, insert, literal, or_, select, update
+from sqlalchemy import bindparam, case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.db.engine import SessionFactory, write_gate
-from core.db.models import (
-    ComfyGeneration,
-    ComfyWorkflow,
-    GenerationStatus,
-    Server,
-    ServerStatus,
-    UTCDateTime,
-)
+from core.db.models import ComfyGeneration, ComfyWorkflow, GenerationStatus, Server, ServerStatus
 from core.errors import ResourceBusy
 from core.overview import ACTIVE_JOB_STATES
 
@@ -81,14 +75,35 @@ class Quota:
     max_active: int
     max_recent: int
 
-    def conditions(self) -> list[ColumnElement[bool]]:
-        mine = ComfyGeneration.user_id == self.user_id
-        active = select(func.count()).where(mine, ComfyGeneration.status.in_(ACTIVE))
-        recent = select(func.count()).where(mine, ComfyGeneration.created_at >= self.since)
-        return [
-            active.scalar_subquery() < self.max_active,
-            recent.scalar_subquery() < self.max_recent,
-        ]
+    def params(self) -> dict[str, Any]:
+        """The values of the statement's bound limits (see _quota_conditions)."""
+        return {"q_user": self.user_id, "q_since": self.since,
+                "q_active": self.max_active, "q_recent": self.max_recent}
+
+
+def _quota_conditions() -> list[ColumnElement[bool]]:
+    mine = ComfyGeneration.user_id == bindparam("q_user")
+    active = select(func.count()).where(mine, ComfyGeneration.status.in_(ACTIVE))
+    recent = select(func.count()).where(mine, ComfyGeneration.created_at >= bindparam("q_since"))
+    return [active.scalar_subquery() < bindparam("q_active"),
+            recent.scalar_subquery() < bindparam("q_recent")]
+
+
+@functools.cache
+def _insert(names: tuple[str, ...], quota: bool, on_server: bool) -> Any:
+    """The INSERT of :meth:`GenerationStore.record`, built once per shape, its values and
+    limits bound (``v_<column>``, ``q_*``): each /generate reuses the statement, its cache
+    key and compiled form (built anew per job, it cost more CPU than the database's work)."""
+    table = ComfyGeneration.__table__
+    values = {name: bindparam(f"v_{name}", type_=table.c[name].type) for name in names}
+    conditions = _quota_conditions() if quota else []
+    if on_server:
+        conditions.append(_running(bindparam("q_server")))  # atomic with the insert
+    stmt = (insert(table).from_select(list(names), select(*values.values()).where(*conditions))
+            if conditions else insert(table).values(values))
+    # Loaded as the ORM loads a SELECT (a row of this session), its parameters bound as
+    # they are: an ORM INSERT given parameters would take them for a bulk insert.
+    return select(ComfyGeneration).from_statement(stmt.returning(*table.c))
 
 
 # Plain statements: no objects of these sessions need to follow the change.
@@ -111,7 +126,7 @@ def _start_values(started_at: dt.datetime | None) -> dict[str, ColumnElement[Any
         "status": case((waiting, RUNNING), else_=ComfyGeneration.status),
         "queue_position": case((waiting, None), else_=ComfyGeneration.queue_position),
         "started_at": func.coalesce(
-            ComfyGeneration.started_at, literal(started_at, UTCDateTime())
+            ComfyGeneration.started_at, literal(started_at, ComfyGeneration.started_at.type)
         ),
     }
 
@@ -122,6 +137,11 @@ class GenerationStore:
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
         self._gate = write_gate(sessions)
+        # SQLite has no row locks (FOR SHARE is not rendered there): the server's state
+        # is checked by the insert's condition alone, atomic since SQLite's writes
+        # serialize; PostgreSQL takes the server row's share lock first (see record).
+        bind = sessions.kw.get("bind")
+        self._locks_rows = bind is None or bind.dialect.name != "sqlite"
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncSession]:
@@ -232,10 +252,12 @@ class GenerationStore:
         slot): None when refused.
 
         A new job is activity on its server (idle autostop counts from here), written in
-        the same transaction as the row. The server must still be running, read under a
-        share lock of its row: idle autostop takes that row's lock and looks for jobs
-        before it begins a stop (core.servers.state.ServerStates.begin_stop), so a job is
-        never recorded on a server whose stop began (ResourceBusy instead).
+        the same transaction as the row. The server must still be running, a condition of
+        the insert, read first under a share lock of its row on PostgreSQL: idle autostop
+        takes that row's lock and looks for jobs before it begins a stop
+        (core.servers.state.ServerStates.begin_stop), so a job is never recorded on a
+        server whose stop began (ResourceBusy instead). SQLite has no row locks: its
+        writes serialize, and the insert's condition alone is atomic with the stop's.
         """
         values = {
             **fields,
@@ -243,69 +265,45 @@ class GenerationStore:
             # Our own prompt id, known before queueing: a restart can find the prompt.
             "comfy_prompt_id": str(uuid.uuid4()),
         }
-        # One INSERT ... RETURNING with everything known (no flush of a new object, no
-        # read back): submission runs it once per /generate.
-        stmt: Any = insert(ComfyGeneration)
         server_id = fields.get("server_id")
-        conditions = quota.conditions() if quota is not None else []
+        stmt = _insert(tuple(values), quota is not None, server_id is not None)
+        params = {f"v_{name}": value for name, value in values.items()}
+        if quota is not None:
+            params.update(quota.params())
         if server_id is not None:
-            conditions.append(_running(server_id))  # atomic with the insert (SQLite)
-        if not conditions:
-            stmt = stmt.values(values)
-        else:
-            table = ComfyGeneration.__table__
-            within = select(
-                *[literal(value, table.c[name].type) for name, value in values.items()]
-            ).where(*conditions)
-            stmt = stmt.from_select(list(values), within)
-        stmt = stmt.returning(ComfyGeneration)
+            params["q_server"] = server_id
         async with self._writing() as session:
-            if server_id is not None:
+            if server_id is not None and self._locks_rows:
                 await _server_still_running(session, server_id)
-            row = (await session.execute(stmt)).scalars().first()
+            row = (await session.execute(stmt, params)).scalars().first()
             if row is None:
                 if server_id is not None:
                     await _server_still_running(session, server_id)
                 return None  # over the quota
+            if row.server_id is not None:
+                await session.execute(_ACTIVITY, {"s_id": row.server_id, "s_now": now,
+                                                  "s_channel": row.channel_id})
             if input_path is not None:
                 row.parameters = {**row.parameters, "input_path": input_path(row.id)}
-            if row.server_id is not None:
-                activity: dict[str, Any] = {"last_used_at": now}
-                if row.channel_id is not None:
-                    activity["last_channel_id"] = row.channel_id
-                await session.execute(
-                    update(Server).where(Server.id == row.server_id).values(activity),
-                    execution_options=_PLAIN,
-                )
-            await session.flush()
+                await session.flush()
             return row
 
-    async def attach_message(self, job_id: int, channel_id: int, message_id: int) -> bool:
-        """Where the job's status message is; legal in any state (it is not a status)."""
+    async def attach_message(
+        self, job_id: int, channel_id: int | None, message_id: int | None
+    ) -> bool:
+        """Where the job's status message is (None: it has none; ``channel_id`` None: the
+        channel stays); legal in any state (it is not a status)."""
         async with self._writing() as session:
             result = await session.execute(
-                update(ComfyGeneration)
-                .where(ComfyGeneration.id == job_id)
-                .values(channel_id=channel_id, message_id=message_id),
-                execution_options=_PLAIN,
-            )
+                _ATTACH, {"j_id": job_id, "j_channel": channel_id, "j_message": message_id})
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def mark_queued(self, job_id: int, position: int | None) -> ComfyGeneration | None:
         """ComfyUI accepted the prompt; the row as written, or None if the job ended."""
-        stmt = (
-            _guarded("mark_queued", job_id)
-            .values(
-                status=QUEUED,
-                queue_position=position,
-                attempts=case(
-                    (ComfyGeneration.attempts < 1, 1), else_=ComfyGeneration.attempts
-                ),
-            )
-            .returning(ComfyGeneration)
-        )
         async with self._writing() as session:
-            return (await session.execute(stmt, execution_options=_PLAIN)).scalars().first()
+            result = await session.execute(
+                _QUEUED, {"j_id": job_id, "j_position": position})
+            return result.scalars().first()
 
     async def assign(
         self, job_id: int, server_id: int, model: str | None, now: dt.datetime
@@ -414,10 +412,33 @@ class GenerationStore:
             return row, await _server_name(session, row)
 
 
-def _running(server_id: int) -> ColumnElement[bool]:
+def _running(server_id: Any) -> ColumnElement[bool]:
     """The server is running: a condition of the statement that records a job on it."""
     return exists().where(Server.id == server_id,
                           Server.status == ServerStatus.RUNNING.value)
+
+
+def _or_kept(name: str, column: Any) -> ColumnElement[Any]:
+    """A bound value that leaves the column as it is when None."""
+    return func.coalesce(bindparam(name, type_=column.type), column)
+
+
+# The per-job statements of submission, built once with bound values (see _insert).
+# A new job is its server's activity (and, with a channel, the server's last one).
+_ACTIVITY = update(Server).where(Server.id == bindparam("s_id")).values(
+    last_used_at=bindparam("s_now"),
+    last_channel_id=_or_kept("s_channel", Server.last_channel_id),
+).execution_options(**_PLAIN)
+_ATTACH = update(ComfyGeneration).where(ComfyGeneration.id == bindparam("j_id")).values(
+    channel_id=_or_kept("j_channel", ComfyGeneration.channel_id),
+    message_id=bindparam("j_message"),
+).execution_options(**_PLAIN)
+_T = ComfyGeneration.__table__
+_QUEUED = select(ComfyGeneration).from_statement(  # a plain UPDATE, loaded as in _insert
+    update(_T).where(_T.c.id == bindparam("j_id"), _T.c.status.in_(FROM["mark_queued"]))
+    .values(status=QUEUED, queue_position=bindparam("j_position"),
+            attempts=case((_T.c.attempts < 1, 1), else_=_T.c.attempts))
+    .returning(*_T.c))
 
 
 async def _server_still_running(session: AsyncSession, server_id: int) -> None:

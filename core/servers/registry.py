@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 
 from core.audit import OUTCOME_OK, Actor, AuditService
 from core.db.engine import SessionFactory
@@ -63,7 +63,7 @@ class ServerView:
         return self.status == ServerStatus.RUNNING.value
 
     @classmethod
-    def of(cls, row: Server) -> ServerView:
+    def of(cls, row: Server | Row[Any]) -> ServerView:
         return cls(
             id=row.id,
             name=row.name,
@@ -93,6 +93,16 @@ class ServerView:
         )
 
 
+_ALL_SERVERS = select(*Server.__table__.c).order_by(Server.name)
+_LIVE_SERVERS = _ALL_SERVERS.where(Server.status != ServerStatus.DESTROYED.value)
+_ACTIVE_JOBS = (
+    select(ComfyGeneration.server_id, func.count())
+    .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
+    .where(ComfyGeneration.server_id.is_not(None))
+    .group_by(ComfyGeneration.server_id)
+)
+
+
 class ServerRegistry:
     def __init__(self, session_factory: SessionFactory, audit: AuditService) -> None:
         self._sessions = session_factory
@@ -120,11 +130,11 @@ class ServerRegistry:
         return row
 
     async def list(self, *, include_destroyed: bool = False) -> list[ServerView]:
-        stmt = select(Server).order_by(Server.name)
-        if not include_destroyed:
-            stmt = stmt.where(Server.status != ServerStatus.DESTROYED.value)
+        # Plain rows (no ORM objects), from statements built once: placement reads this
+        # a few times a second while jobs are submitted.
+        stmt = _ALL_SERVERS if include_destroyed else _LIVE_SERVERS
         async with self._sessions() as session:
-            return [ServerView.of(r) for r in (await session.scalars(stmt)).all()]
+            return [ServerView.of(r) for r in (await session.execute(stmt)).all()]
 
     async def names(self, prefix: str = "", *, limit: int = 25) -> list[str]:
         """Names for autocomplete: live servers whose name contains what was typed."""
@@ -140,14 +150,8 @@ class ServerRegistry:
 
     async def active_jobs(self) -> dict[int, int]:
         """Jobs waiting or running per server id, for picking the least busy server."""
-        stmt = (
-            select(ComfyGeneration.server_id, func.count())
-            .where(ComfyGeneration.status.in_(ACTIVE_JOB_STATES))
-            .where(ComfyGeneration.server_id.is_not(None))
-            .group_by(ComfyGeneration.server_id)
-        )
         async with self._sessions() as session:
-            return {sid: n for sid, n in (await session.execute(stmt)).all()}
+            return {sid: n for sid, n in (await session.execute(_ACTIVE_JOBS)).all()}
 
     async def ensure_name_free(self, name: str) -> None:
         async with self._sessions() as session:
