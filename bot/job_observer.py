@@ -74,14 +74,14 @@ class DiscordJobObserver(JobObserver):
         self._waiting: set[int] = set()
         self._running: set[int] = set()
         self.pings = ResultPings(
-            self._send_ping, bot.services.generation.active_jobs,
-            lambda coro: bot.spawn(coro, name="result-ping"))
+            self._send_ping, lambda coro: bot.spawn(coro, name="result-ping"))
         self._results: dict[int, str] = {}  # job id -> jump URL of its result message
         self._in_place: set[int] = set()  # jobs whose status message became the result
 
     async def on_update(self, job: JobView, preview: bytes | None) -> None:
         if job.message_id is None or job.channel_id is None:
             return
+        self.pings.seen(job.user_id, job.channel_id, job.id)
         if preview is not None:
             self._preview_count += 1
             self._previews[job.id] = (self._preview_count, preview)
@@ -269,7 +269,7 @@ class DiscordJobObserver(JobObserver):
         self._forget(job.id)
         # The member's last job in flight here announces their results (bot/pings.py),
         # through this one's webhook if it is the newest result: dropped after.
-        await self.pings.ended(job.user_id)
+        await self.pings.ended(job.user_id, job.channel_id, job.id)
         if job.message_id is not None:
             self.relay.drop_webhook(job.message_id)
 

@@ -39,22 +39,26 @@ class _Ready:
 
 
 class ResultPings:
-    """The results not announced yet, per member and channel."""
+    """Which jobs each member has in flight per channel, and the results not announced."""
 
     def __init__(
-        self,
-        send: Sender,
-        active: Callable[[int], Awaitable[int]],
-        spawn: Callable[[Coroutine[Any, Any, None]], object],
+        self, send: Sender, spawn: Callable[[Coroutine[Any, Any, None]], object]
     ) -> None:
         self._send = send
-        self._active = active  # a member's jobs in progress, from the database
         self._spawn = spawn
+        self._in_flight: dict[Key, set[int]] = {}
         self._ready: dict[Key, _Ready] = {}
 
+    def seen(self, user_id: int, channel_id: int, job_id: int) -> None:
+        """The job is in flight (called with every update it gets: kept cheap)."""
+        jobs = self._in_flight.get((user_id, channel_id))
+        if jobs is None:
+            self._in_flight[(user_id, channel_id)] = {job_id}
+        else:
+            jobs.add(job_id)
+
     async def ready(self, user_id: int, channel_id: int, job_id: int, result: Any) -> None:
-        """A long job's result is shown (its row not ended yet): ping now, or with the
-        member's last job."""
+        """A long job's result is shown: ping now, or with the member's last job."""
         key = (user_id, channel_id)
         entry = self._ready.get(key)
         if entry is None:
@@ -63,16 +67,21 @@ class ResultPings:
             entry.timer = loop.call_later(PING_HOLD, lambda: self._spawn(self._flush(key)))
         entry.jobs.append(job_id)
         entry.result = result
-        if await self._active(user_id) <= 1:  # this one only
+        if not self._in_flight.get(key, set()) - {job_id}:
             await self._flush(key)
 
-    async def ended(self, user_id: int) -> None:
-        """One of the member's jobs ended (its row says so): if it was their last in
-        progress, announce what is ready."""
-        keys = [key for key in self._ready if key[0] == user_id]
-        if keys and await self._active(user_id) == 0:
-            for key in keys:
-                await self._flush(key)
+    async def ended(self, user_id: int, channel_id: int | None, job_id: int) -> None:
+        """The job ended (any way): the member's last job in flight sends the ping."""
+        if channel_id is None:
+            return
+        key = (user_id, channel_id)
+        jobs = self._in_flight.get(key)
+        if jobs is not None:
+            jobs.discard(job_id)
+            if not jobs:
+                del self._in_flight[key]
+        if key in self._ready and key not in self._in_flight:
+            await self._flush(key)
 
     async def _flush(self, key: Key) -> None:
         entry = self._ready.pop(key, None)
@@ -94,3 +103,5 @@ class ResultPings:
             await self._send(content, mention, entry.result, entry.jobs[-1])
         except discord.HTTPException as exc:  # the results are shown; the ping is a courtesy
             log.warning("could not notify member %s of jobs %s: %s", user_id, named, exc)
+        except Exception:  # never the job's failure: its result is shown
+            log.exception("notifying member %s of jobs %s failed", user_id, named)

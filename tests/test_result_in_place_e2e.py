@@ -119,9 +119,11 @@ async def test_a_members_run_of_long_jobs_pings_once(
     monkeypatch.setattr(bot.job_observer, "NOTIFY_AFTER", 0.0)
     studio.services.settings.limits.user_concurrent_jobs = 5
     ids = []
+    comfy.pause_sampling()  # all three in flight before the first lands
     for n in range(3):
         await generate(studio, {"prompt": f"run {n}", "steps": 3, "seed": n})
         ids.append((await job_row(studio)).id)
+    comfy.resume_sampling()
     for job_id in ids:
         assert (await finished_row(studio, job_id)).status == "completed"
     [note] = await studio.fake.wait_for(lambda: _pings(studio) or None)

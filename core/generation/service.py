@@ -195,10 +195,6 @@ class GenerationService:
         recent, active = await self._store.counts(actor.user_id, since)
         check_rate_limits(self._settings.limits, active=active, recent=recent, count=count)
 
-    async def active_jobs(self, user_id: int) -> int:
-        """How many of the member's jobs are in progress (any channel)."""
-        return (await self._store.counts(user_id, self._clock()))[1]
-
     async def _custom_workflow(self, name: str) -> ComfyWorkflow:
         row = await self._store.workflow_named(name)
         if row is None:
