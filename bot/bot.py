@@ -166,6 +166,11 @@ class ComfyVastBot(commands.Bot):
     async def close(self) -> None:
         if self.metrics is not None:
             await self.metrics.close()
+        from bot.job_observer import DiscordJobObserver
+
+        observer = self.services.generation.observer
+        if isinstance(observer, DiscordJobObserver):
+            observer.pings.close()
         await self.services.generation.close()
         await self.services.server_ops.close()
         if hasattr(self, "relay"):

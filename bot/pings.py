@@ -48,9 +48,14 @@ class ResultPings:
         self._spawn = spawn
         self._in_flight: dict[Key, set[int]] = {}
         self._ready: dict[Key, _Ready] = {}
+        # Jobs that ended: an update that comes after the end (a progress event handled
+        # late) must not count the job in flight again and hold its member's pings.
+        self._ended: dict[int, None] = {}
 
     def seen(self, user_id: int, channel_id: int, job_id: int) -> None:
         """The job is in flight (called with every update it gets: kept cheap)."""
+        if job_id in self._ended:
+            return
         jobs = self._in_flight.get((user_id, channel_id))
         if jobs is None:
             self._in_flight[(user_id, channel_id)] = {job_id}
@@ -72,6 +77,9 @@ class ResultPings:
 
     async def ended(self, user_id: int, channel_id: int | None, job_id: int) -> None:
         """The job ended (any way): the member's last job in flight sends the ping."""
+        self._ended[job_id] = None
+        if len(self._ended) > 10_000:
+            del self._ended[next(iter(self._ended))]
         if channel_id is None:
             return
         key = (user_id, channel_id)
@@ -82,6 +90,14 @@ class ResultPings:
                 del self._in_flight[key]
         if key in self._ready and key not in self._in_flight:
             await self._flush(key)
+
+    def close(self) -> None:
+        """The bot is closing: what was not announced stays so (its timers would fire on a
+        closed session)."""
+        for entry in self._ready.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+        self._ready.clear()
 
     async def _flush(self, key: Key) -> None:
         entry = self._ready.pop(key, None)
