@@ -73,14 +73,15 @@ class DiscordJobObserver(JobObserver):
         # Jobs last shown waiting in line, and running: what the budgets are shared by.
         self._waiting: set[int] = set()
         self._running: set[int] = set()
+        self._ended: dict[int, None] = {}  # jobs whose end was shown (oldest first)
         self.pings = ResultPings(
             self._send_ping, lambda coro: bot.spawn(coro, name="result-ping"))
         self._results: dict[int, str] = {}  # job id -> jump URL of its result message
         self._in_place: set[int] = set()  # jobs whose status message became the result
 
     async def on_update(self, job: JobView, preview: bytes | None) -> None:
-        if job.message_id is None or job.channel_id is None:
-            return
+        if job.message_id is None or job.channel_id is None or job.id in self._ended:
+            return  # an update handled after the end: it would count the job again
         self.pings.seen(job.user_id, job.channel_id, job.id)
         if preview is not None:
             self._preview_count += 1
@@ -336,3 +337,6 @@ class DiscordJobObserver(JobObserver):
         self._preview_due.pop(job_id, None)
         self._waiting.discard(job_id)
         self._running.discard(job_id)
+        self._ended[job_id] = None
+        if len(self._ended) > 10_000:
+            del self._ended[next(iter(self._ended))]
