@@ -364,6 +364,7 @@ class Result:
     refusals: int = 0
     waits: list[float] = field(default_factory=list)
     refused_waits: list[float] = field(default_factory=list)  # jobs refused at first
+    waits_at: list[tuple[float, float]] = field(default_factory=list)  # (first try, wait)
     gpu_seconds: float = 0.0
     nominal_seconds: float = 0.0
     bot_job_seconds: float = 0.0
@@ -583,6 +584,7 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
             result.done += 1
             start = clock.from_wall(wall) + window - SETUP  # simulated s after midnight
             result.waits.append(start - tried[row.id])
+            result.waits_at.append((tried[row.id], start - tried[row.id]))
             if keys[row.id] in refused:
                 result.refused_waits.append(start - tried[row.id])
             inst = every.get(int(server.provider_id or 0))

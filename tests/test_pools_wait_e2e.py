@@ -371,3 +371,24 @@ def test_only_one_warm_member_holds_through_a_gap() -> None:
     cheap = dataclasses.replace(_view(4, 0.30), last_used_at=now - dt.timedelta(hours=1))
     assert idle_stops(dataclasses.replace(pool, min_servers=1), [a, b, cheap], busy=3,
                       hold=12) == {4: 0, 1: 5, 2: 5}
+
+
+def test_a_server_on_its_way_counts_with_the_work_it_does_before_a_new_one() -> None:
+    """A session's third job comes a cool-down after its first started a server (65-s
+    cold starts, 30-s jobs, target 60 s): that server is nearly up and works the three
+    jobs off before another could come, so none starts. Just decided, it would not."""
+    from core.pools.autoscaler import Load, _wanted
+    from core.pools.types import PoolView
+
+    pool = PoolView(id=1, name="gpu", gpu="RTX 4090", max_price=None, image=None,
+                    disk_gb=None, profile=None, models=(), min_servers=0, max_servers=4,
+                    target_wait=60, idle_timeout=5, cooldown=60, channel_id=None)
+    nearly_up = Load(ready=0, coming=1, queued=3, job_seconds=30.0, coming_in=(5.0,))
+    assert _wanted(pool, nearly_up, boot=65.0) == 0  # the one on its way is enough
+    just_started = Load(ready=0, coming=1, queued=3, job_seconds=30.0, coming_in=(65.0,))
+    assert _wanted(pool, just_started, boot=65.0) == 2
+    # A server on its way that is up only after a new one would be does no work first.
+    rental = Load(ready=0, coming=1, queued=3, job_seconds=30.0, coming_in=(170.0,))
+    assert _wanted(pool, rental, boot=65.0) == 2
+    # Ready servers as before: 5 jobs on one ready server, 150 - 65 = 85 s left > 60 s.
+    assert _wanted(pool, Load(ready=1, coming=0, queued=5, job_seconds=30.0), 65.0) == 2
