@@ -33,7 +33,9 @@ Spend comes from the fake Vast's billing (``FakeInstance.spent``: GPU while runn
 storage from creation in every state), not from a formula here; /budget's figure (the
 product's billing intervals) is printed beside it. "Idle" is GPU spend while a server
 runs but its ComfyUI executes nothing; "ideal" is the GPU-seconds the fake ComfyUIs spent
-executing jobs times the price of the instance they ran on.
+executing jobs times the price of the instance they ran on. Under the table the idle
+spend is broken down by cause (:func:`idle_causes`: the start's phases, gaps between jobs,
+the tail before each stop by the stop's reason, night).
 """
 
 from __future__ import annotations
