@@ -392,3 +392,37 @@ def test_a_server_on_its_way_counts_with_the_work_it_does_before_a_new_one() -> 
     assert _wanted(pool, rental, boot=65.0) == 2
     # Ready servers as before: 5 jobs on one ready server, 150 - 65 = 85 s left > 60 s.
     assert _wanted(pool, Load(ready=1, coming=0, queued=5, job_seconds=30.0), 65.0) == 2
+
+
+async def test_a_member_that_became_surplus_drains_in_the_same_round(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """The pools' tick sets each member's idle stop before the autostop runs: a member
+    idle for 3 minutes under the pool's 15 that no recent demand needs drains (2 minutes)
+    and stops in that round, not a 30-s round later."""
+    import asyncio
+
+    from sqlalchemy import update
+
+    from core.db.models import Server
+
+    env = await vast_env(fake_discord, tmp_path, vast)
+    loop: asyncio.Task[None] | None = None
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090"})
+        await rent_running(env, "RTX 4090", "spare")
+        await admin(env, "add-server", {"name": "gpu", "server": "spare"})
+        server = await env.services.servers.get("spare")
+        assert server.idle_timeout == 15  # the pool's
+        ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3)
+        async with env.services.sessions.begin() as session:
+            await session.execute(update(Server).where(Server.id == server.id).values(
+                running_since=ago, last_used_at=ago))
+        loop = asyncio.create_task(
+            env.services.server_ops.maintain(sync_every=600, autostop_every=30))
+        await eventually(lambda: _is(env, "spare", "stopped"), timeout=10)
+        assert vast.instances[int(server.provider_id or 0)].actual_status == "stopped"
+    finally:
+        if loop is not None:
+            loop.cancel()
+        await env.stop()
