@@ -336,6 +336,15 @@ async def test_a_stopped_server_s_comfyui_connection_is_closed(
             return not comfy._sockets
 
         await eventually(hung_up, timeout=5)
+        # Stopped outside the bot (outbid): the sync finds it stopped and hangs up too.
+        await env.services.server_ops.start(SYSTEM, "warm")
+        again = await generate_row(env)
+        assert (await finished_row(env, again.id, timeout=20)).status == "completed"
+        assert comfy._sockets
+        vast.interrupt(int(server.provider_id or 0))
+        await env.services.server_ops.sync()
+        assert await _is(env, "warm", "stopped")
+        await eventually(hung_up, timeout=5)
     finally:
         await env.stop()
 
