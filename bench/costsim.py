@@ -33,7 +33,9 @@ Spend comes from the fake Vast's billing (``FakeInstance.spent``: GPU while runn
 storage from creation in every state), not from a formula here; /budget's figure (the
 product's billing intervals) is printed beside it. "Idle" is GPU spend while a server
 runs but its ComfyUI executes nothing; "ideal" is the GPU-seconds the fake ComfyUIs spent
-executing jobs times the price of the instance they ran on.
+executing jobs times the price of the instance they ran on. Under the table the idle
+spend is broken down by cause (:func:`idle_causes`: the start's phases, gaps between jobs,
+the tail before each stop by the stop's reason, night).
 """
 
 from __future__ import annotations
@@ -175,6 +177,10 @@ class ComfyHosts:
         self.starting: dict[int, asyncio.Task[None]] = {}
         self.ready: dict[int, asyncio.Event] = {}
         self.every: list[tuple[int, Any]] = []  # (instance id, FakeComfy) ever started
+        # Each instance's spells of running at Vast (GPU billed), simulated epoch seconds:
+        # running (Vast's running_since), comfy (its ComfyUI answers), ready (the bot's
+        # readiness wait returned), end (stopped); for the idle breakdown.
+        self.spans: dict[int, list[dict[str, float | None]]] = {}
 
     def event(self, instance_id: int) -> asyncio.Event:
         return self.ready.setdefault(instance_id, asyncio.Event())
@@ -185,6 +191,12 @@ class ComfyHosts:
             for inst in list(self.vast.instances.values()):
                 port = (inst.ports or {}).get("8188/tcp")
                 up = inst.actual_status == "running" and port is not None
+                spans = self.spans.setdefault(inst.id, [])
+                if up and (not spans or spans[-1]["end"] is not None):
+                    spans.append({"running": inst.running_since, "comfy": None,
+                                  "ready": None, "end": None})
+                elif not up and spans and spans[-1]["end"] is None:
+                    spans[-1]["end"] = self.vast.now()
                 if up and inst.id not in self.live and inst.id not in self.starting:
                     self.starting[inst.id] = asyncio.create_task(self._boot(inst, int(port)))
                 elif not up and (inst.id in self.live or inst.id in self.starting):
@@ -202,6 +214,8 @@ class ComfyHosts:
         await comfy.start()
         self.live[inst.id] = comfy
         self.every.append((inst.id, comfy))
+        if self.spans.get(inst.id) and self.spans[inst.id][-1]["comfy"] is None:
+            self.spans[inst.id][-1]["comfy"] = self.clock.epoch()
         self.starting.pop(inst.id, None)
         self.event(inst.id).set()
 
@@ -219,6 +233,24 @@ class ComfyHosts:
         instance's ComfyUI answers."""
         await asyncio.wait_for(self.event(int(server.provider_id)).wait(),
                                self.clock.real(600))
+        spans = self.spans.get(int(server.provider_id))
+        if spans and spans[-1]["ready"] is None:
+            spans[-1]["ready"] = self.clock.epoch()
+
+    def executions(self) -> dict[int, list[tuple[float, float]]]:
+        """Per instance, the (start, end) of each prompt its ComfyUIs executed (simulated
+        epoch seconds), in order."""
+        found: dict[int, list[tuple[float, float]]] = {}
+        base = self.clock.start.timestamp()
+        for instance_id, comfy in self.every:
+            for entry in comfy.history.values():
+                stamps = {event: data["timestamp"] for event, data in
+                          entry.get("status", {}).get("messages", [])}
+                if "execution_start" in stamps and "execution_success" in stamps:
+                    found.setdefault(instance_id, []).append(
+                        (base + self.clock.from_wall(stamps["execution_start"] / 1000),
+                         base + self.clock.from_wall(stamps["execution_success"] / 1000)))
+        return {k: sorted(v) for k, v in found.items()}
 
     def started(self) -> dict[str, float]:
         """Prompt id -> time.time() when a fake ComfyUI began executing it."""
@@ -245,6 +277,60 @@ class ComfyHosts:
     async def close(self) -> None:
         for instance_id in list(self.live) + list(self.starting):
             await self._halt(instance_id)
+
+
+NIGHT = ((0.0, 8 * 3600.0), (19 * 3600.0, 24 * 3600.0))  # quiet hours, for the breakdown
+
+
+def idle_causes(spans: dict[int, list[dict[str, float | None]]],
+                runs: dict[int, list[tuple[float, float]]], stops: dict[int, list[str]],
+                price: dict[int, float], window: tuple[float, float],
+                midnight: float) -> dict[str, float]:
+    """GPU dollars billed while nothing executed, by cause: each running spell at Vast
+    split into its start (Vast running -> ComfyUI answers -> the bot's readiness wait
+    returns -> the first job executes), the gaps between jobs, and the tail after the last
+    job until the stop (labelled by the stop's reason: the drain's 2 minutes, the pool's
+    idle timeout or the hold). Idle time in the quiet hours is counted as night."""
+    lo, hi = window
+    causes: dict[str, float] = {}
+
+    def add(cause: str, a: float | None, b: float | None, rate: float) -> None:
+        if a is None or b is None:
+            return
+        a, b = max(a, lo), min(b, hi)
+        if b <= a:
+            return
+        night = sum(max(0.0, min(b, midnight + n1) - max(a, midnight + n0))
+                    for n0, n1 in NIGHT)
+        for label, seconds in (("night (19:00-08:00), any cause", night),
+                               (cause, b - a - night)):
+            if seconds > 0:
+                causes[label] = causes.get(label, 0.0) + seconds * rate / 3600
+
+    for iid, spells in spans.items():
+        rate = price.get(iid, 0.0)
+        reasons = iter(stops.get(iid, []))
+        for spell in spells:
+            a, end = spell["running"], spell["end"]
+            reason = next(reasons, "stopped") if end is not None else None
+            b = end if end is not None else hi
+            inside = [(x, y) for x, y in runs.get(iid, []) if a is not None and a <= x <= b]
+            if not inside:
+                add("started, no job ran before its stop", a, b, rate)
+                continue
+            comfy = spell["comfy"] or inside[0][0]
+            ready = min(spell["ready"] or comfy, inside[0][0])
+            add("start: Vast running -> ComfyUI answers", a, comfy, rate)
+            add("start: ComfyUI answers -> bot sees it ready", comfy, max(comfy, ready), rate)
+            add("start: bot ready -> first job executes", max(comfy, ready), inside[0][0], rate)
+            for (_, y0), (x1, _) in zip(inside, inside[1:], strict=False):
+                gap = "between jobs, gap <= 150 s" if x1 - y0 <= 150 else \
+                    "between jobs, gap > 150 s (kept warm)"
+                add(gap, y0, x1, rate)
+            tail = f"after the last job until the stop ({reason})" if reason else \
+                "after the last job, still running at the window's end"
+            add(tail, inside[-1][1], b, rate)
+    return causes
 
 
 def offers(policy_index: int, port_base: int = 21000) -> list[dict[str, Any]]:
@@ -280,6 +366,7 @@ class Result:
     refusals: int = 0
     waits: list[float] = field(default_factory=list)
     refused_waits: list[float] = field(default_factory=list)  # jobs refused at first
+    waits_at: list[tuple[float, float]] = field(default_factory=list)  # (first try, wait)
     gpu_seconds: float = 0.0
     nominal_seconds: float = 0.0
     bot_job_seconds: float = 0.0
@@ -289,6 +376,12 @@ class Result:
     decisions: list[str] = field(default_factory=list)
     loop_lag_p95: float = 0.0  # simulated seconds
     failures: dict[str, int] = field(default_factory=dict)
+    idle_causes: dict[str, float] = field(default_factory=dict)  # $ by cause
+    failed_jobs: list[dict[str, Any]] = field(default_factory=list)  # JSON only
+    start_seconds: list[float] = field(default_factory=list)  # Vast running -> bot ready
+    # Each running spell (JSON only): instance, running/ready/end (simulated s after
+    # midnight), the prompts it executed, the stop's reason.
+    spells: list[dict[str, Any]] = field(default_factory=list)
     real_seconds: float = 0.0
 
 
@@ -387,7 +480,8 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
             await ops.stop(SYSTEM, first.name)
         if policy == "manual":
             admin = Admin(ops, svc.servers, first.name, clock, cfg.admin_delay)
-        ops.start_maintenance(sync_every=clock.real(60), autostop_every=clock.real(30))
+        ops.tick_sleep = clock.sleep  # maintenance periods on the simulated clock
+        ops.start_maintenance(sync_every=60, autostop_every=30)
         await clock.until(SETUP)
         vast._tick()
         spent0 = sum(i.spent for i in vast.instances.values())
@@ -482,10 +576,17 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
                 result.failed += 1
                 why = f"{row.status}: {(row.error_message or '')[:80]}"
                 result.failures[why] = result.failures.get(why, 0) + 1
+                result.failed_jobs.append({
+                    "id": row.id, "server": server.provider_id if server else None,
+                    "error": row.error_message, "tried": tried.get(row.id),
+                    **{k: (getattr(row, k) - midnight).total_seconds()
+                       for k in ("created_at", "started_at", "completed_at")
+                       if getattr(row, k) is not None}})
                 continue
             result.done += 1
             start = clock.from_wall(wall) + window - SETUP  # simulated s after midnight
             result.waits.append(start - tried[row.id])
+            result.waits_at.append((tried[row.id], start - tried[row.id]))
             if keys[row.id] in refused:
                 result.refused_waits.append(start - tried[row.id])
             inst = every.get(int(server.provider_id or 0))
@@ -496,6 +597,36 @@ async def run_policy(policy: str, cfg: Config, workdir: Path) -> Result:
                 result.bot_timed += 1
         result.starts = sum(1 for r in vast.requests
                             if r.method == "PUT" and (r.body or {}).get("state") == "running")
+        from core.db.models import AuditLog
+        async with svc.sessions() as session:
+            audits = (await session.scalars(select(AuditLog).where(
+                AuditLog.action == "server stop").order_by(AuditLog.id))).all()
+        by_name = {s.name: int(s.provider_id or 0) for s in servers.values()}
+        stops: dict[int, list[str]] = {}
+        for a in audits:
+            iid = by_name.get(a.resource or "")
+            if iid is not None:
+                stops.setdefault(iid, []).append(str((a.details or {}).get("reason", "")))
+        result.idle_causes = idle_causes(
+            hosts.spans, hosts.executions(), stops, gpu_rate, (day_start, day_end),
+            midnight.timestamp())
+        runs = hosts.executions()
+        at = midnight.timestamp()
+        for iid, spells in hosts.spans.items():
+            reasons = iter(stops.get(iid, []))
+            for sp in spells:
+                end = sp["end"]
+                inside = [(x - at, y - at) for x, y in runs.get(iid, [])
+                          if sp["running"] is not None and sp["running"] <= x
+                          and (end is None or x <= end)]
+                result.spells.append({
+                    "instance": iid, **{k: (v - at if v is not None else None)
+                                        for k, v in sp.items()},
+                    "runs": inside, "reason": next(reasons, "") if end is not None else ""})
+        result.start_seconds = [
+            sp["ready"] - sp["running"] for spells in hosts.spans.values() for sp in spells
+            if sp["ready"] is not None and sp["running"] is not None
+            and day_start <= sp["running"] < day_end]
         for pool in await svc.pools.store.pools():
             result.decisions = [f"{d.action} {d.server_name} {d.state}: {d.reason}"
                                 for d in await svc.pools.store.decisions(pool.id, 1000)]
@@ -604,6 +735,25 @@ def table(results: list[Result], cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def breakdown(results: list[Result]) -> str:
+    causes = sorted({c for r in results for c in r.idle_causes},
+                    key=lambda c: -max(r.idle_causes.get(c, 0.0) for r in results))
+    lines = ["| idle cause | " + " | ".join(r.policy for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+    for cause in causes:
+        cells = []
+        for r in results:
+            cost = r.idle_causes.get(cause, 0.0)
+            cells.append(f"${cost:.2f} ({100 * cost / r.spend:.1f} %)" if r.spend else "–")
+        lines.append(f"| {cause} | " + " | ".join(cells) + " |")
+    lines.append("| sum (the idle row above: GPU spend - busy) | " + " | ".join(
+        f"${sum(r.idle_causes.values()):.2f} (${r.idle:.2f})" for r in results) + " |")
+    lines.append("| starts: Vast running -> bot ready, p50 / max | " + " | ".join(
+        f"{pct(r.start_seconds, .5):.0f} s / {max(r.start_seconds, default=0):.0f} s "
+        f"({len(r.start_seconds)})" for r in results) + " |")
+    return "\n".join(lines)
+
+
 def verdict(r: Result) -> list[str]:
     idle = r.idle / r.spend if r.spend else math.inf
     ratio = r.spend / r.ideal if r.ideal else math.inf
@@ -693,6 +843,8 @@ def main(argv: list[str] | None = None) -> None:
     auto = next(r for r in results if r.policy == "autoscaler")
     for line in verdict(auto):
         print(line)
+    print("\nidle GPU spend by cause ($, share of the policy's total spend):")
+    print(breakdown(results))
     print(f"\nautoscaler decisions ({len(auto.decisions)}):")
     for line in auto.decisions[-12:]:
         print("  " + line)

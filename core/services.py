@@ -116,6 +116,7 @@ async def build_services(
     )
     server_ops.heartbeat = remote.heartbeat
     server_ops.comfy_ready = remote.wait_comfy
+    server_ops.forget_connections = comfy.drop
     state = StateStore(sessions)
     keys = KeyRotation(settings.ssh_key_path, state, servers, remote, vast,
                        rotate_days=settings.ssh.rotate_days)

@@ -293,3 +293,164 @@ async def test_a_burst_the_started_members_work_off_rents_nothing(
         assert len(vast.instances) == 3
     finally:
         await env.stop()
+
+
+async def test_an_idle_server_stops_when_its_timeout_passes_not_at_the_next_round(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """The maintenance round is every 30 s; a server whose idle timeout passes between two
+    rounds stops then (the loop wakes for it), not up to 30 s of GPU billing later."""
+    import asyncio
+
+    from sqlalchemy import update
+
+    from core.db.models import Server
+
+    env = await vast_env(fake_discord, tmp_path, vast)
+    loop: asyncio.Task[None] | None = None
+    try:
+        await rent_running(env, "RTX 4090", "idle")
+        server = await env.services.servers.get("idle")
+        # Idle for 57 s of a 1-minute timeout: due 3 s from now.
+        async with env.services.sessions.begin() as session:
+            await session.execute(update(Server).where(Server.id == server.id).values(
+                idle_timeout=1, running_since=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=57),
+                last_used_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=57)))
+        began = time.monotonic()
+        # A loop of its own whose first round comes now (the bot's own sleeps 30 s).
+        loop = asyncio.create_task(
+            env.services.server_ops.maintain(sync_every=600, autostop_every=30))
+        await eventually(lambda: _is(env, "idle", "stopped"), timeout=15)
+        # Stopped about when due (3 s), long before the next 30-s round.
+        assert time.monotonic() - began < 15
+        inst = vast.instances[int(server.provider_id or 0)]
+        assert inst.actual_status == "stopped"
+    finally:
+        if loop is not None:
+            loop.cancel()
+        await env.stop()
+
+
+async def test_a_stopped_server_s_comfyui_connection_is_closed(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast, comfy: Any
+) -> None:
+    """A stop closes the bot's WebSocket to the server's ComfyUI. Kept, its stream retried
+    the stopped instance with a backoff growing to 10 s, and after the next start a job
+    waited for the stream's next try (in bench.costsim, jobs failed as "it stopped
+    answering")."""
+    env = await vast_env(fake_discord, tmp_path, vast, comfy={"expose_port": True})
+    try:
+        await rent_running(env, "RTX 4090", "warm")
+        server = await env.services.servers.get("warm")
+        vast.set_network(int(server.provider_id or 0), ports={"18188/tcp": comfy.port})
+        # Started again: the row learns the new port mapping.
+        await env.services.server_ops.stop(SYSTEM, "warm")
+        await env.services.server_ops.start(SYSTEM, "warm")
+        row = await generate_row(env)
+        assert (await finished_row(env, row.id, timeout=20)).status == "completed"
+        assert comfy._sockets  # the bot's event stream
+        await env.services.server_ops.stop(SYSTEM, "warm")
+        # The fake ComfyUI is outside the instance and keeps running; the bot hangs up.
+        async def hung_up() -> bool:
+            return not comfy._sockets
+
+        await eventually(hung_up, timeout=5)
+        # Stopped outside the bot (outbid): the sync finds it stopped and hangs up too.
+        await env.services.server_ops.start(SYSTEM, "warm")
+        again = await generate_row(env)
+        assert (await finished_row(env, again.id, timeout=20)).status == "completed"
+        assert comfy._sockets
+        vast.interrupt(int(server.provider_id or 0))
+        await env.services.server_ops.sync()
+        assert await _is(env, "warm", "stopped")
+        await eventually(hung_up, timeout=5)
+    finally:
+        await env.stop()
+
+
+async def generate_row(env: BotEnv) -> ComfyGeneration:
+    interaction = await generate(env, {"prompt": "a cat"})
+    reply = _answered(interaction)
+    assert reply.embeds, reply.content
+    return await job_row(env)
+
+
+def test_only_one_warm_member_holds_through_a_gap() -> None:
+    """The session rate's hold goes to the most recently used warm member only; the other
+    warm ones keep the pool's idle timeout, the surplus drains; with a ``min`` member
+    running, none holds (the next session has that one)."""
+    import dataclasses
+
+    from core.pools.drain import DRAIN_MINUTES, idle_stops
+    from core.pools.types import PoolView
+
+    now = dt.datetime(2026, 12, 7, 15, tzinfo=dt.UTC)
+    pool = PoolView(id=1, name="gpu", gpu="RTX 4090", max_price=None, image=None,
+                    disk_gb=None, profile=None, models=(), min_servers=0, max_servers=4,
+                    target_wait=60, idle_timeout=5, cooldown=60, channel_id=None)
+    a, b, c = (dataclasses.replace(_view(i, 0.40), last_used_at=now - dt.timedelta(minutes=i))
+               for i in (1, 2, 3))
+    assert all(s.is_ready for s in (a, b, c))
+    # Two servers' worth of recent work, a 12-minute hold: a (used last) holds, b is warm.
+    assert idle_stops(pool, [c, b, a], busy=2, hold=12) == {1: 12, 2: 5, 3: DRAIN_MINUTES}
+    # A hold shorter than the pool's idle timeout does not shorten it.
+    assert idle_stops(pool, [a, b], busy=2, hold=0) == {1: 5, 2: 5}
+    # min 1: the cheapest never stops and nobody holds.
+    cheap = dataclasses.replace(_view(4, 0.30), last_used_at=now - dt.timedelta(hours=1))
+    assert idle_stops(dataclasses.replace(pool, min_servers=1), [a, b, cheap], busy=3,
+                      hold=12) == {4: 0, 1: 5, 2: 5}
+
+
+def test_a_server_on_its_way_counts_with_the_work_it_does_before_a_new_one() -> None:
+    """A session's third job comes a cool-down after its first started a server (65-s
+    cold starts, 30-s jobs, target 60 s): that server is nearly up and works the three
+    jobs off before another could come, so none starts. Just decided, it would not."""
+    from core.pools.autoscaler import Load, _wanted
+    from core.pools.types import PoolView
+
+    pool = PoolView(id=1, name="gpu", gpu="RTX 4090", max_price=None, image=None,
+                    disk_gb=None, profile=None, models=(), min_servers=0, max_servers=4,
+                    target_wait=60, idle_timeout=5, cooldown=60, channel_id=None)
+    nearly_up = Load(ready=0, coming=1, queued=3, job_seconds=30.0, coming_in=(5.0,))
+    assert _wanted(pool, nearly_up, boot=65.0) == 0  # the one on its way is enough
+    just_started = Load(ready=0, coming=1, queued=3, job_seconds=30.0, coming_in=(65.0,))
+    assert _wanted(pool, just_started, boot=65.0) == 2
+    # A server on its way that is up only after a new one would be does no work first.
+    rental = Load(ready=0, coming=1, queued=3, job_seconds=30.0, coming_in=(170.0,))
+    assert _wanted(pool, rental, boot=65.0) == 2
+    # Ready servers as before: 5 jobs on one ready server, 150 - 65 = 85 s left > 60 s.
+    assert _wanted(pool, Load(ready=1, coming=0, queued=5, job_seconds=30.0), 65.0) == 2
+
+
+async def test_a_member_that_became_surplus_drains_in_the_same_round(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast
+) -> None:
+    """The pools' tick sets each member's idle stop before the autostop runs: a member
+    idle for 3 minutes under the pool's 15 that no recent demand needs drains (2 minutes)
+    and stops in that round, not a 30-s round later."""
+    import asyncio
+
+    from sqlalchemy import update
+
+    from core.db.models import Server
+
+    env = await vast_env(fake_discord, tmp_path, vast)
+    loop: asyncio.Task[None] | None = None
+    try:
+        await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090"})
+        await rent_running(env, "RTX 4090", "spare")
+        await admin(env, "add-server", {"name": "gpu", "server": "spare"})
+        server = await env.services.servers.get("spare")
+        assert server.idle_timeout == 15  # the pool's
+        ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3)
+        async with env.services.sessions.begin() as session:
+            await session.execute(update(Server).where(Server.id == server.id).values(
+                running_since=ago, last_used_at=ago))
+        loop = asyncio.create_task(
+            env.services.server_ops.maintain(sync_every=600, autostop_every=30))
+        await eventually(lambda: _is(env, "spare", "stopped"), timeout=10)
+        assert vast.instances[int(server.provider_id or 0)].actual_status == "stopped"
+    finally:
+        if loop is not None:
+            loop.cancel()
+        await env.stop()

@@ -74,6 +74,9 @@ class Load:
     queued: int
     job_seconds: float
     planned: frozenset[str] = frozenset()
+    # Seconds until each server started or rented by a decision still in flight runs
+    # (the action's measured cold start less the time since the decision).
+    coming_in: tuple[float, ...] = ()
 
     @property
     def wait(self) -> float:
@@ -138,9 +141,9 @@ class Autoscaler:
         busy = await self._registry.active_jobs()
         # Decisions in flight count as coming capacity: a start whose server still says
         # stopped, a rent whose server row does not exist yet (or a restart's leftovers).
+        in_flight = await self._store.planned()
         planned = frozenset(
-            d.server_name or "" for pool_id, d in await self._store.planned()
-            if pool_id == pool.id
+            d.server_name or "" for pool_id, d in in_flight if pool_id == pool.id
         )
         names = {s.name for s in members}
         coming = sum(
@@ -152,10 +155,15 @@ class Autoscaler:
         recent = dt.timedelta(seconds=pool.target_wait)
         refused = sum(1 for t in self._unplaced.values() if now - t < recent)
         waiting = self.waiting(pool.name) if self.waiting is not None else 0
+        coming_in = tuple(
+            max(0.0, self.cold_start(d.action) - (now - d.created_at).total_seconds())
+            for pool_id, d in in_flight if pool_id == pool.id
+        )
         return Load(
             ready=sum(1 for s in members if s.is_ready), coming=coming,
             queued=sum(busy.get(s.id, 0) for s in members) + refused + waiting,
             job_seconds=job_seconds or DEFAULT_JOB_SECONDS, planned=planned,
+            coming_in=coming_in,
         )
 
     async def status(self, name: str) -> PoolStatus:
@@ -393,10 +401,15 @@ class Autoscaler:
 
 def _wanted(pool: PoolView, load: Load, boot: float) -> int:
     """Servers the queue needs, counting the cold start: by the time a new server
-    runs, the ready ones have worked off part of the queue; only what is left then, if
-    it would still wait past the target, asks for more."""
-    left = load.queued * load.job_seconds - load.ready * boot
-    if load.ready and left / load.ready <= pool.target_wait:
+    runs, the ready ones have worked off part of the queue, and so have the servers on
+    their way that are up before it (from when each is up); only what is left then, if
+    it would still wait past the target, asks for more. (Without the servers on their
+    way, a session's third job, a cool-down after its first had started a server, started
+    a second one that came up when the first had worked off the session.)"""
+    early = [boot - r for r in load.coming_in if r <= boot]
+    left = load.queued * load.job_seconds - load.ready * boot - sum(early)
+    working = load.ready + len(early)
+    if working and left / working <= pool.target_wait:
         return 0
     return math.ceil(max(left, 0.0) / pool.target_wait)
 

@@ -7,11 +7,12 @@ idle timeout of every running member:
 - the pool's ``min`` cheapest never stop (0: else autostop and the minimum would take
   turns stopping and starting the same server);
 - as many others as the last DEMAND_WINDOW's jobs kept busy, the most recently used first
-  (those placement packs on), are warm: they stop after the pool's idle timeout, or
-  longer while sessions keep coming (the hysteresis): when the last hour's sessions
-  (jobs after a pause of SESSION_GAP) say the next one comes within HOLD_CAP with 95 %
-  probability (three mean gaps), the warm members wait that long, so a busy hour's
-  short pauses do not stop the pool and make the next member wait a cold start;
+  (those placement packs on), are warm: they stop after the pool's idle timeout; one of
+  them (none if the ``min`` keeps one) waits longer while sessions keep coming (the
+  hysteresis): when the last hour's sessions (jobs after a pause of SESSION_GAP) say the
+  next one comes within HOLD_CAP with 95 % probability (three mean gaps), it waits that
+  long, so a busy hour's short pauses do not stop the pool and make the next member wait
+  a cold start;
 - the surplus drains, stopping after DRAIN_MINUTES idle.
 """
 
@@ -39,20 +40,40 @@ HOLD_CAP = 20
 
 async def set_idle_stops(store: PoolStore, pool: PoolView, members: list[ServerView],
                          now: dt.datetime) -> None:
-    ready = [s for s in members if s.is_ready]
-    keep = sorted(ready, key=lambda s: (s.price_per_hour, s.id))[:pool.min_servers]
     ids = [s.id for s in members]
     times = await store.job_times(ids, now - SESSION_WINDOW)
     seconds = await store.job_seconds(ids, now) or DEFAULT_JOB_SECONDS
-    busy = needed(times, seconds, now)
+    plan = idle_stops(pool, members, needed(times, seconds, now), hold_minutes(times, now))
+    for server in members:
+        minutes = plan.get(server.id)
+        if minutes is not None and server.idle_timeout != minutes:
+            await store.set_idle(server.id, minutes)
+
+
+def idle_stops(pool: PoolView, members: list[ServerView], busy: int,
+               hold: int) -> dict[int, int]:
+    """Each ready member's idle stop (minutes; 0 never) given the servers recent work
+    kept ``busy`` and the session rate's ``hold``.
+
+    The hold goes to one member only, the most recently used warm one, and to none when
+    the pool's ``min`` keeps one running anyway: the next session (a few jobs) needs one
+    server, and one warm server spares it the cold start. Its other warm members were
+    there for sessions that overlapped; a gap that long means the overlap is over, and an
+    overlap to come is the scale-up's (a start from stopped bills only ComfyUI's start-up).
+    Held, each of them billed the whole gap (bench.costsim: the largest idle cost).
+    """
+    ready = [s for s in members if s.is_ready]
+    keep = sorted(ready, key=lambda s: (s.price_per_hour, s.id))[:pool.min_servers]
     others = sorted((s for s in ready if s not in keep), key=_recency)
     warm = others[:max(busy - len(keep), 0)]
-    hold = max(pool.idle_timeout, hold_minutes(times, now))
+    held = warm[:1] if not keep else []
+    plan: dict[int, int] = {}
     for server in ready:
-        minutes = (0 if server in keep else hold if server in warm
-                   else min(DRAIN_MINUTES, pool.idle_timeout))
-        if server.idle_timeout != minutes:
-            await store.set_idle(server.id, minutes)
+        plan[server.id] = (0 if server in keep
+                           else max(pool.idle_timeout, hold) if server in held
+                           else pool.idle_timeout if server in warm
+                           else min(DRAIN_MINUTES, pool.idle_timeout))
+    return plan
 
 
 def needed(times: list[dt.datetime], job_seconds: float, now: dt.datetime) -> int:

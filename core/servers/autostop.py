@@ -29,6 +29,10 @@ class Autostop:
         self._lifecycle = lifecycle
         # Servers warned of their coming stop, so each idle spell warns once.
         self._warned: dict[int, dt.datetime] = {}
+        # When the earliest idle server found by the last tick reaches its idle timeout
+        # (None: none will): the maintenance loop wakes then instead of at its next
+        # 30-s round, so a stop bills no more than the timeout (up to 30 s a stop).
+        self.next_due: dt.datetime | None = None
 
     async def busy(self, server_id: int) -> bool:
         """Setup, downloads and queued or running jobs count as activity, never idle."""
@@ -66,6 +70,7 @@ class Autostop:
         costs = ctx.settings.costs
         now = ctx.clock()
         acted: list[str] = []
+        self.next_due = None
         for server in await ctx.registry.list():
             if (
                 not provider_for(server).can_start_stop
@@ -96,7 +101,10 @@ class Autostop:
             if idle >= dt.timedelta(minutes=timeout):
                 await self._idle_action(server, f"idle for {timeout} minutes")
                 acted.append(server.name)
-            elif (
+                continue
+            due = last + dt.timedelta(minutes=timeout)
+            self.next_due = due if self.next_due is None else min(self.next_due, due)
+            if (
                 costs.idle_warning
                 and idle >= dt.timedelta(minutes=max(timeout - costs.idle_warning, 0))
                 and server.id not in self._warned

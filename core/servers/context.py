@@ -109,7 +109,19 @@ class ServerContext:
         self.comfy_ready: (
             Callable[[ServerView, tuple[str, int] | None, Progress], Awaitable[None]] | None
         ) = None
+        # Hook for the ComfyUI layer: close the bot's connection to a server whose instance
+        # stopped or starts again (core.comfy.pool.ComfyPool.drop). Its event stream would
+        # otherwise retry a stopped instance with a backoff growing to 10 s, and after a
+        # start a job could wait for the stream's next try, blind to its progress.
+        self.forget_connections: Callable[[int], Awaitable[None]] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+
+    async def connections_stale(self, server_id: int) -> None:
+        if self.forget_connections is not None:
+            try:
+                await self.forget_connections(server_id)
+            except Exception:  # a stale connection only delays progress, never a stop
+                log.exception("closing the ComfyUI connection of server %s failed", server_id)
 
     @property
     def vast(self) -> VastClient:

@@ -77,6 +77,7 @@ class Lifecycle:
                         server.id, status=ServerStatus.STOPPED, message=f"Start failed: {exc}"
                     )
                     raise
+                await ctx.connections_stale(server.id)  # a fresh stream once it runs
                 await ctx.audit.record(
                     actor, "server start", outcome=OUTCOME_OK, resource=server.name
                 )
@@ -119,6 +120,7 @@ class Lifecycle:
             try:
                 await ctx.retry("stop", lambda: ctx.vast.stop_instance(instance_id))
                 await self._states.set(server.id, status=ServerStatus.STOPPED, message=reason)
+                await ctx.connections_stale(server.id)
             finally:
                 ctx.release(server.id)
                 await ctx.pending.take(server.id)

@@ -76,8 +76,10 @@ class ServerService:
         self._tasks = ctx.tasks
         # Set by the wiring: the SSH key rotation's periodic check (core.servers.keys).
         self.key_check: Callable[[], Awaitable[None]] | None = None
-        # Set by the wiring: the pools' autoscaler (core.pools), after the autostop.
+        # Set by the wiring: the pools' autoscaler (core.pools), before the autostop.
         self.pool_check: Callable[[], Awaitable[object]] | None = None
+        # The maintenance loop's sleep (a simulation's compressed clock replaces it).
+        self.tick_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     # The knobs tests and the wiring set on the service reach every part.
 
@@ -142,6 +144,15 @@ class ServerService:
         self, hook: Callable[[ServerView, tuple[str, int] | None, Progress], Awaitable[None]] | None
     ) -> None:
         self._ctx.comfy_ready = hook
+
+    @property
+    def forget_connections(self) -> Callable[[int], Awaitable[None]] | None:
+        """Hook for the ComfyUI layer: close a stopped or restarted server's connection."""
+        return self._ctx.forget_connections
+
+    @forget_connections.setter
+    def forget_connections(self, hook: Callable[[int], Awaitable[None]] | None) -> None:
+        self._ctx.forget_connections = hook
 
     @property
     def vast(self) -> VastClient:
@@ -271,29 +282,41 @@ class ServerService:
         )
 
     async def maintain(self, *, sync_every: float = 60.0, autostop_every: float = 30.0) -> None:
-        """Reconcile with the provider at start and every minute; check idle servers often."""
+        """Reconcile with the provider at start and every minute; check idle servers often,
+        and again the moment the next idle server's timeout passes.
+
+        Periods are seconds of the services' clock, slept through ``tick_sleep``."""
         await self.register_key()
-        next_sync = 0.0
-        loop = asyncio.get_running_loop()
+        next_sync: dt.datetime | None = None
         first = True
         while True:
-            now = loop.time()
+            now = self._ctx.clock()
             try:
-                if now >= next_sync:
+                if next_sync is None or now >= next_sync:
                     await self.sync()
-                    next_sync = now + sync_every
+                    next_sync = now + dt.timedelta(seconds=sync_every)
+                # The pools first: their tick sets each member's idle stop (a member that
+                # became surplus drains), which autostop then applies in the same round.
+                if self.pool_check is not None:
+                    await self.pool_check()
                 await self.autostop_tick()
                 if self.key_check is not None:
                     await self.key_check()  # SSH key rotation, when ssh.rotate_days is due
-                if self.pool_check is not None:
-                    await self.pool_check()
             except Exception:
                 log.exception("server maintenance failed; retrying on the next tick")
             if first:
                 # What start-up found is settled from here (tests wait for this line).
                 log.info("server maintenance: first round done")
                 first = False
-            await asyncio.sleep(autostop_every)
+            await self.tick_sleep(self._next_round(autostop_every))
+
+    def _next_round(self, every: float) -> float:
+        """Seconds to the next round: ``every``, or sooner when an idle server's timeout
+        passes first (a stop 0-30 s late billed that much more GPU; at least 1 s)."""
+        due = self.autostop.next_due
+        if due is None:
+            return every
+        return min(every, max((due - self._ctx.clock()).total_seconds() + 0.5, 1.0))
 
     async def close(self) -> None:
         """Stop the maintenance loop."""

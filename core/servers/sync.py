@@ -93,6 +93,7 @@ class ProviderSync:
                     status=ServerStatus.STOPPED,
                     message="Stopped outside the bot (or outbid).",
                 )
+                await ctx.connections_stale(server_id)
             elif (
                 instance.is_running
                 and instance.dph_total
