@@ -454,3 +454,28 @@ async def test_a_member_that_became_surplus_drains_in_the_same_round(
         if loop is not None:
             loop.cancel()
         await env.stop()
+
+
+async def test_a_job_that_waits_too_long_for_its_pool_fails_with_the_reason(
+    fake_discord: Any, tmp_path: Path, vast: FakeVast, comfy: Any
+) -> None:
+    """The pool cannot get a server (nobody starts one here): past comfy.job_timeout the
+    waiting job fails, its status says why, and it leaves the pool's queue."""
+    env = await vast_env(fake_discord, tmp_path, vast, comfy={"expose_port": True})
+    try:
+        await pool_of_one_stopped(env, vast, comfy)
+        waiting = env.services.generation.waiting
+        waiting.on_wait = None  # no scale-up: the job keeps waiting
+        waiting.timeout = 0.5
+        row = await generate_waiting(env)
+        assert waiting.count("gpu") == 1
+        await asyncio.sleep(0.6)
+        waiting.kick()  # as the autoscaler's tick does every round
+        done = await finished_row(env, row.id, timeout=10)
+        assert done.status == "failed"
+        assert done.error_message.startswith("No server of pool 'gpu' was free within 1 minute")
+        assert waiting.count("gpu") == 0 and len(comfy.history) == 0
+        message = env.fake.messages[row.message_id]
+        await env.fake.wait_for(lambda: "No server of pool 'gpu'" in str(message.embeds))
+    finally:
+        await env.stop()

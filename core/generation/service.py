@@ -81,7 +81,8 @@ class GenerationService:
         # Jobs waiting for a pool's server (core.generation.waiting), and those submitted
         # to wait and not started yet (their pool and request).
         self.waiting = WaitingJobs(self._store, self._live, self._placement,
-                                   lambda job_id: self._runner.start(job_id), clock)
+                                   lambda job_id: self._runner.start(job_id), clock,
+                                   fail=self._expire, timeout=settings.comfy.job_timeout)
         self._live.on_end = self.waiting.kick
         self._held: dict[int, tuple[str, GenerationRequest]] = {}
 
@@ -241,6 +242,11 @@ class GenerationService:
         # Recorded with the reply that was to show its status: that reply is removed (or
         # shows the error), it is not the job's to edit.
         await self._store.attach_message(job_id, None, None)
+        await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
+        await self._runner.discard_input(job_id)
+
+    async def _expire(self, job_id: int, reason: str) -> None:
+        """End a job that waited too long for its pool (core.generation.waiting)."""
         await self._delivery.finish(job_id, GenerationStatus.FAILED, reason)
         await self._runner.discard_input(job_id)
 

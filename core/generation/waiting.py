@@ -8,14 +8,20 @@ as the pool's demand, and it is placed, first come first placed, the moment a sl
 :meth:`WaitingJobs.kick`). Placing it is the guarded ``assign`` of the store (a job
 cancelled meanwhile stays cancelled), then the runner follows it like any job. A
 restarted bot finds the waiting rows again (:meth:`WaitingJobs.resume`).
+
+A job waits at most ``comfy.job_timeout`` (counted from when this process began waiting
+for it): a pool that cannot get a server (its budget spent, no offer at its price, its
+servers failing) fails its waiting jobs with that reason instead of leaving their members
+on "waiting" for ever.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from core.audit import Actor
 from core.db.models import ComfyGeneration
@@ -33,11 +39,19 @@ def waiting_notice(pool: str) -> str:
     return f"Waiting for a free server of pool '{pool}'; it starts on the first one."
 
 
+def waited_too_long(pool: str, timeout: float) -> str:
+    minutes = max(1, round(timeout / 60))
+    return (f"No server of pool '{pool}' was free within {minutes} minute"
+            f"{'s' if minutes != 1 else ''}; try again later or ask an admin to check "
+            "the pool (/pool status).")
+
+
 @dataclass(frozen=True, slots=True)
 class Waiting:
     job_id: int
     pool: str
     request: GenerationRequest  # what placement needs: model, workflow, kind, LoRA
+    since: float = field(default_factory=time.monotonic)  # when it began to wait here
 
 
 def waiting_request(row: ComfyGeneration) -> GenerationRequest:
@@ -54,8 +68,11 @@ class WaitingJobs:
     """The jobs waiting for a pool's server, oldest first, and their placement."""
 
     def __init__(self, store: GenerationStore, live: LiveJobs, placement: Placement,
-                 start: Callable[[int], None], clock: Callable[[], dt.datetime]) -> None:
+                 start: Callable[[int], None], clock: Callable[[], dt.datetime], *,
+                 fail: Callable[[int, str], Awaitable[None]], timeout: float) -> None:
         self._store = store
+        self._fail = fail  # ends a job that waited too long, with the reason
+        self.timeout = timeout  # seconds of real time (monotonic)
         self._live = live
         self._placement = placement
         self._start = start
@@ -109,7 +126,15 @@ class WaitingJobs:
         """Place waiting jobs on servers with room, oldest first; the ids started."""
         started: list[int] = []
         fresh = True  # the first choice reads the servers again (a slot just freed)
+        now = time.monotonic()
         for job_id, waiting in list(self._jobs.items()):
+            if now - waiting.since > self.timeout:
+                del self._jobs[job_id]
+                log.info("job %s waited %.0f s for pool %s; failed", job_id,
+                         now - waiting.since, waiting.pool)
+                await self._fail(job_id, waited_too_long(waiting.pool, self.timeout))
+                self._live.forget(job_id)
+                continue
             try:
                 server = await self._placement.place(waiting.request, fresh=fresh)
             except ComfyVastError:
