@@ -83,13 +83,36 @@ def _watch(out: Path, step_kb: int, interval: float) -> None:
                 print(f"memhook: snapshot failed: {exc!r}", file=sys.stderr, flush=True)
 
 
+def _watch_garbage(out: Path, step_kb: int, interval: float) -> None:
+    """MEMHOOK_MODE=gc: at each RSS step, a full collection; how much it found (cyclic
+    garbage the collector's thresholds had left) and the RSS before and after, as JSON
+    lines. Changes the run it measures (the garbage is gone afterwards)."""
+    last = 0
+    with out.open("a") as fh:
+        while True:
+            time.sleep(interval)
+            status = _status()
+            if status["VmRSS"] > last + step_kb:
+                last = status["VmRSS"]
+                counts = [len(gc.get_objects(i)) for i in range(3)]
+                started = time.perf_counter()
+                found = gc.collect()
+                took = time.perf_counter() - started
+                fh.write(json.dumps({"at": time.time(), "rss_before": status["VmRSS"],
+                                     "rss_after": _status()["VmRSS"], "unreachable": found,
+                                     "generations": counts, "seconds": round(took, 3)}) + "\n")
+                fh.flush()
+
+
 def main() -> None:
     if len(sys.argv) < 4 or sys.argv[2] != "-m":
         sys.exit("usage: python -m bench.memhook OUT -m MODULE [ARGS...]")
     out, module = Path(sys.argv[1]), sys.argv[3]
-    tracemalloc.start(int(os.environ.get("MEMHOOK_FRAMES", "12")))
+    garbage = os.environ.get("MEMHOOK_MODE") == "gc"
+    if not garbage:
+        tracemalloc.start(int(os.environ.get("MEMHOOK_FRAMES", "12")))
     threading.Thread(
-        target=_watch, name="memhook", daemon=True,
+        target=_watch_garbage if garbage else _watch, name="memhook", daemon=True,
         args=(out, int(float(os.environ.get("MEMHOOK_STEP_MB", "15")) * 1024),
               float(os.environ.get("MEMHOOK_INTERVAL", "1"))),
     ).start()
@@ -114,6 +137,12 @@ def report(out: Path, top: int = 25) -> str:
     by the project line that caused them, plus the object census."""
     if not out.exists():
         return f"memory profile: no snapshot was written to {out}"
+    if os.environ.get("MEMHOOK_MODE") == "gc":
+        rows = [json.loads(line) for line in out.read_text().splitlines() if line]
+        return "full collections at RSS steps (MB before -> after, unreachable found):\n" + (
+            "\n".join(f"  {r['rss_before'] / 1024:6.0f} -> {r['rss_after'] / 1024:6.0f}  "
+                      f"{r['unreachable']:9,}  gens {r['generations']}  {r['seconds']} s"
+                      for r in rows))
     meta = json.loads(out.with_suffix(".json").read_text())
     snapshot = tracemalloc.Snapshot.load(str(out)).filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,27 @@ async def test_cancel_by_requester_but_not_by_someone_else(
     assert any(r.path == "/interrupt" for r in comfy.requests)
     await answer(studio, click)
     assert "cancelled" in reply(click).content
+
+
+async def test_a_running_job_keeps_no_copy_of_its_row(studio: BotEnv, comfy: FakeComfy) -> None:
+    """Found at 2,000 jobs in flight: each job's task kept the row submission had written
+    (an ORM object of ~4 KB) while it waited and ran. It keeps only what an attempt
+    needs, and a finished job leaves nothing in the runner's per-job maps."""
+    row = await running_job(studio, comfy, {"prompt": "held", "steps": 30})
+    runner = studio.services.generation._runner
+    assert row.id in runner._tasks and row.id not in runner._first
+    gc.collect()
+    held = [o for o in gc.get_objects()
+            if isinstance(o, ComfyGeneration) and o is not row and o.id == row.id]
+    assert held == []
+    comfy.resume_sampling()
+    assert (await finished_row(studio, row.id)).status == "completed"
+
+    async def task_ended() -> bool:
+        return row.id not in runner._tasks
+
+    await eventually(task_ended)
+    assert runner._first == {}
 
 
 async def test_reroll_queues_same_prompt_with_new_seed(studio: BotEnv, comfy: FakeComfy) -> None:

@@ -50,6 +50,27 @@ class FirstAttempt:
     message_id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What an attempt needs of the job's row. The row itself (an ORM object of about
+    4 KB) is not kept while the job waits and runs: 2,000 jobs in flight held 8 MB."""
+
+    prompt_id: str | None
+    pending: bool  # not queued on ComfyUI yet
+    spec: JobSpec
+
+
+def _attempt_of(row: ComfyGeneration, custom: ComfyWorkflow | None) -> _Attempt:
+    return _Attempt(
+        row.comfy_prompt_id,
+        row.status == GenerationStatus.PENDING,
+        JobSpec(
+            dict(row.parameters or {}), row.prompt, row.negative_prompt or "",
+            (custom.workflow, custom.param_map or {}) if custom is not None else None,
+        ),
+    )
+
+
 class JobRunner:
     """Starts, runs, cancels and stops the background task of each job."""
 
@@ -75,6 +96,9 @@ class JobRunner:
         self._registry = registry
         self._pool = pool
         self._tasks = TaskRegistry("generation")
+        # What submission knew of a job about to start, until its task takes it (held
+        # here, not by the task's frames: none of it is needed once the attempt began).
+        self._first: dict[int, FirstAttempt] = {}
 
     def start(
         self, job_id: int, *, resumed: bool = False, first: FirstAttempt | None = None
@@ -89,10 +113,15 @@ class JobRunner:
         if first is not None:
             # Shown from this view until the next transition: no read to name its server.
             self._live.seed(first.row, first.server.name, first.channel_id, first.message_id)
+            self._first[job_id] = first
         self._tasks.spawn(
-            self._run(job_id, resumed, first), key=job_id, name=f"generation-{job_id}",
-            on_done=lambda _task: self._live.forget(job_id),
+            self._run(job_id, resumed), key=job_id, name=f"generation-{job_id}",
+            on_done=lambda _task: self._ended(job_id),
         )
+
+    def _ended(self, job_id: int) -> None:
+        self._live.forget(job_id)
+        self._first.pop(job_id, None)  # a task cancelled before it began
 
     async def close(self) -> None:
         await self._tasks.close(timeout=None)
@@ -136,11 +165,9 @@ class JobRunner:
         await self._delivery.finish(job.id, GenerationStatus.CANCELLED, None)
         await self.discard_input(job.id)
 
-    async def _run(
-        self, job_id: int, resumed: bool = False, first: FirstAttempt | None = None
-    ) -> None:
+    async def _run(self, job_id: int, resumed: bool = False) -> None:
         try:
-            await self._drive(job_id, resumed, first)
+            await self._drive(job_id, resumed)
         except asyncio.CancelledError:
             raise
         except _Ended:
@@ -164,42 +191,25 @@ class JobRunner:
         except Exception:  # a leftover file is swept on the next start
             log.exception("could not discard the input of generation %s", job_id)
 
-    async def _drive(
-        self, job_id: int, resumed: bool = False, first: FirstAttempt | None = None
-    ) -> None:
+    async def _drive(self, job_id: int, resumed: bool = False) -> None:
         """Run attempts until the job ends; a failed server is left for another once."""
         live = self._live.state(job_id)
         live.resumed = resumed
+        first = self._first.pop(job_id, None)
         moved = False
         while True:
             if first is not None and not live.cancel_requested:
                 # Just recorded as pending: the row and server as submission wrote and chose
                 # them. A cancel that came first set cancel_requested (it needs no task).
-                row, custom, server = first.row, first.custom, first.server
-                first = None
+                attempt, server = _attempt_of(first.row, first.custom), first.server
             else:
-                found = await self._store.load_attempt(job_id)
-                if found is None or GenerationStatus(found[0].status).finished:
+                loaded = await self._load_attempt(job_id)
+                if loaded is None:
                     return
-                row, custom = found
-                server_id = row.server_id
-                if row.status == GenerationStatus.UPLOADING:
-                    # Crashed while delivering: the images are in ComfyUI's history.
-                    server = await self._registry.get(server_id) if server_id else None
-                    if server is not None:
-                        conn = await self._pool.get(server)
-                        result = await conn.client.get_prompt_result(row.comfy_prompt_id or "")
-                        if result is not None and result.status == "success":
-                            # It may have been posted already: the observer checks first.
-                            await self._delivery.deliver(
-                                job_id, conn, list(result.outputs), check_existing=True
-                            )
-                            return
-                if server_id is None:
-                    raise GenerationFailed("The server of this job was removed.")
-                server = await self._registry.get(server_id)
+                attempt, server = loaded
+            first = None
             try:
-                await self._execute(job_id, server, live, row, custom)
+                await self._execute(job_id, server, live, attempt)
                 return
             except ServerFailure as failure:
                 if moved or live.cancel_requested:
@@ -209,6 +219,30 @@ class JobRunner:
                     ) from None
                 moved = True
                 await self._move(job_id, server, failure, live)
+
+    async def _load_attempt(self, job_id: int) -> tuple[_Attempt, ServerView] | None:
+        """The next attempt, from the row as stored (a resumed or moved job); None when
+        the job has ended or its result was delivered here."""
+        found = await self._store.load_attempt(job_id)
+        if found is None or GenerationStatus(found[0].status).finished:
+            return None
+        row, custom = found
+        server_id = row.server_id
+        if row.status == GenerationStatus.UPLOADING:
+            # Crashed while delivering: the images are in ComfyUI's history.
+            server = await self._registry.get(server_id) if server_id else None
+            if server is not None:
+                conn = await self._pool.get(server)
+                result = await conn.client.get_prompt_result(row.comfy_prompt_id or "")
+                if result is not None and result.status == "success":
+                    # It may have been posted already: the observer checks first.
+                    await self._delivery.deliver(
+                        job_id, conn, list(result.outputs), check_existing=True
+                    )
+                    return None
+        if server_id is None:
+            raise GenerationFailed("The server of this job was removed.")
+        return _attempt_of(row, custom), await self._registry.get(server_id)
 
     async def _move(
         self, job_id: int, server: ServerView, failure: ServerFailure, live: LiveState
@@ -236,19 +270,15 @@ class JobRunner:
         await self._live.emit(await self._live.refresh(job_id))
 
     async def _execute(
-        self, job_id: int, server: ServerView, live: LiveState,
-        row: ComfyGeneration, custom: ComfyWorkflow | None,
+        self, job_id: int, server: ServerView, live: LiveState, attempt: _Attempt
     ) -> None:
         """One attempt on ``server``: queue (or find again) the prompt, follow, end."""
         try:
             conn = await self._pool.get(server)
         except ComfyError as exc:
             raise ServerFailure(str(exc)) from None
-        prompt_id = row.comfy_prompt_id or str(uuid.uuid4())
-        spec = JobSpec(
-            dict(row.parameters or {}), row.prompt, row.negative_prompt or "",
-            (custom.workflow, custom.param_map or {}) if custom is not None else None,
-        )
+        prompt_id = attempt.prompt_id or str(uuid.uuid4())
+        spec = attempt.spec
         # Warm the cache the result's Upscale button is decided from, off the critical path.
         self._placement.prefetch(server, "upscale_models")
         # Subscribe before queueing, so no message about the prompt can be missed. The
@@ -256,7 +286,7 @@ class JobRunner:
         sub = conn.stream.subscribe(prompt_id, latest_only=True)
         try:
             workflow = job_workflow(job_id, spec, await self._upload_input(conn.client, spec))
-            if row.status == GenerationStatus.PENDING:
+            if attempt.pending:
                 await self._queue(job_id, conn, prompt_id, workflow)
             else:
                 # Resumed after a restart: ComfyUI's queue and history tell where it is.
