@@ -137,6 +137,8 @@ class DiscordJobObserver(JobObserver):
         One edit instead of a new post and a final-state edit: a busy channel has a budget
         of about one edit per second, and two messages per job cannot keep up with it. A
         status message that is gone or cannot be edited gets a new post instead."""
+        # The result replaces the preview: not kept (~65 KB a job) through the upload.
+        self._previews.pop(job.id, None)
         if job.channel_id is None:
             return
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)

@@ -66,6 +66,11 @@ WINDOW_MARGIN = 0.25
 # An interaction token lives 15 minutes; its webhook is left this long before that, so an
 # edit in flight does not meet an expired token.
 TOKEN_MARGIN = 60.0
+# Progress edits in flight at once, over every lane. Each lane (an interaction's token)
+# has its own budget, so with thousands of jobs nothing else bounds them: at 2,000 jobs
+# the bot held 920 connections to Discord open at once, each with its buffers. Final
+# states are not counted (they never wait for progress), nor are other requests.
+MAX_PROGRESS_IN_FLIGHT = 32
 
 
 class FixedWindow:
@@ -160,6 +165,7 @@ class MessageRelay:
         self._finished: dict[int, None] = {}
         # One worker task per lane with edits to send; it ends when the lane has none.
         self._workers = TaskRegistry("relay")
+        self._progress_slots = asyncio.Semaphore(MAX_PROGRESS_IN_FLIGHT)
 
     def via_webhook(
         self,
@@ -319,10 +325,15 @@ class MessageRelay:
                 slot.builder = None
                 if builder is None:
                     continue
-                lane.window.take()
                 slot.sending = True
                 try:
-                    outcome = await self._send(slot, builder, final)
+                    if final:
+                        lane.window.take()
+                        outcome = await self._send(slot, builder, final)
+                    else:
+                        async with self._progress_slots:
+                            lane.window.take()
+                            outcome = await self._send(slot, builder, final)
                 finally:
                     slot.sending = False
                 # Measured from the end of the edit: building and sending can take a
