@@ -7,7 +7,6 @@ becomes a :class:`ServerFailure` the runner can move the job away from.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from core.config import ComfySettings
 from core.generation.live import LiveJobs, LiveState
 from core.generation.store import GenerationStore
 from core.generation.types import GenerationFailed, ServerFailure
+from core.shared_read import SharedReads
 
 QUEUE_SNAPSHOT_TTL = 2.0
 PROGRESS_DB_INTERVAL = 5.0
@@ -40,31 +40,10 @@ class QueueSnapshots:
     of them (the queue holds every waiting prompt's whole graph, so each copy costs)."""
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[float, Any]] = {}
-        self._inflight: dict[int, asyncio.Future[Any]] = {}
+        self._reads: SharedReads[int, Any] = SharedReads(QUEUE_SNAPSHOT_TTL)
 
     async def get(self, conn: ComfyConnection, *, fresh: bool = False) -> Any:
-        hit = self._cache.get(conn.server_id)
-        if hit and not fresh and time.monotonic() - hit[0] < QUEUE_SNAPSHOT_TTL:
-            return hit[1]
-        server_id = conn.server_id
-        pending = self._inflight.get(server_id)
-        if pending is None or fresh:
-            pending = asyncio.ensure_future(self._fetch(conn))
-            self._inflight[server_id] = pending
-            pending.add_done_callback(lambda f: self._settled(server_id, f))
-        return await asyncio.shield(pending)
-
-    async def _fetch(self, conn: ComfyConnection) -> Any:
-        queue = await conn.client.get_queue()
-        self._cache[conn.server_id] = (time.monotonic(), queue)
-        return queue
-
-    def _settled(self, server_id: int, future: asyncio.Future[Any]) -> None:
-        if self._inflight.get(server_id) is future:
-            del self._inflight[server_id]
-        if not future.cancelled():
-            future.exception()  # read even when every waiter was cancelled
+        return await self._reads.get(conn.server_id, conn.client.get_queue, fresh=fresh)
 
 
 def node_titles(workflow: dict[str, Any]) -> dict[str, str]:

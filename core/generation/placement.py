@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from core.audit import Actor
 from core.comfy.errors import ComfyError
@@ -25,11 +24,11 @@ from core.config import Settings
 from core.errors import ComfyVastError, ResourceBusy, ValidationFailed
 from core.generation.types import GenerationRequest, JobView
 from core.servers import ServerRegistry, ServerView
+from core.shared_read import SharedReads
 from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 CATALOG_TTL = 60.0
 # How long a read of the servers and their loads serves new choices (see Placement._view).
@@ -92,47 +91,6 @@ class ModelCatalog:
             del self._cache[key]
 
 
-class _Recent(Generic[T]):
-    """What ``read`` returned at most VIEW_TTL ago. Callers that find it older while a
-    read is under way share that read: the submissions of a burst each read their own,
-    holding a pooled connection each (and opening new ones past the pool's size)."""
-
-    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
-        self._read = read
-        self._value: tuple[float, T] | None = None
-        self._pending: asyncio.Future[T] | None = None
-
-    async def get(self) -> T:
-        if self._value is not None and time.monotonic() - self._value[0] < VIEW_TTL:
-            return self._value[1]
-        shared = self._pending
-        if shared is None:
-            shared = self._pending = asyncio.get_running_loop().create_future()
-            shared.add_done_callback(lambda f: f.cancelled() or f.exception())
-            try:
-                began = time.monotonic()
-                self._value = (began, await self._read())
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    shared.cancel()
-                else:
-                    shared.set_exception(exc)
-                raise
-            finally:
-                self._pending = None
-            shared.set_result(self._value[1])
-        try:
-            return await asyncio.shield(shared)
-        except asyncio.CancelledError:
-            if not shared.cancelled():
-                raise  # this caller was cancelled
-            return await self.get()  # the reader was: read again
-
-
-async def _no_pools() -> list[PoolChoice]:
-    return []
-
-
 class Placement:
     """Chooses servers for jobs and knows which models each server has."""
 
@@ -155,7 +113,9 @@ class Placement:
         # The pools a job that finds no room may wait for (set by the wiring); None or an
         # empty list: such a job is refused as before.
         self.pools: Callable[[], Awaitable[list[PoolChoice]]] | None = None
-        self._pool_choices = _Recent(lambda: self.pools() if self.pools else _no_pools())
+        # Read at most once per VIEW_TTL, shared by the submissions of a burst (each
+        # read on its own held a pooled connection, and opened new ones past the pool).
+        self._pool_choices: SharedReads[None, list[PoolChoice]] = SharedReads(VIEW_TTL)
 
     def _unplaced(self, req: GenerationRequest, final: bool) -> None:
         """A refusal after a fresh read (``final``) is demand for the pools."""
@@ -170,8 +130,7 @@ class Placement:
         have or its template downloads. None: no pool fits (the job is refused)."""
         if self.pools is None or req.server or req.kind == "upscale":
             return None
-        # Read at most once per VIEW_TTL: submission asks for every /generate.
-        for pool in await self._pool_choices.get():
+        for pool in await self._pool_choices.get(None, self.pools):
             if req.model is None or req.workflow or req.model in pool.models or any(
                 req.model in (self.catalog.peek(s, "checkpoints") or ())
                 for s in pool.server_ids
