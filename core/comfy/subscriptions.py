@@ -112,13 +112,17 @@ class EventSubscription:
                 return
         self._queue.put_nowait(item)
 
-    def _drop_newest(self) -> None:
+    def _empty_queue(self) -> list[Any]:
+        """Everything queued, in order; the queue is left empty."""
         items: list[Any] = []
         while True:
             try:
                 items.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
-                break
+                return items
+
+    def _drop_newest(self) -> None:
+        items = self._empty_queue()
         for item in items:
             if not isinstance(item, _Newest):
                 self._queue.put_nowait(item)
@@ -134,12 +138,7 @@ class EventSubscription:
     def _shed_stale(self) -> None:
         """Keep, in order, every event that is not stale plus the newest of each stale
         kind (the latest progress and preview are what a reader shows)."""
-        items: list[Any] = []
-        while True:
-            try:
-                items.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
+        items = self._empty_queue()
         newest: dict[type, int] = {}
         for index, item in enumerate(items):
             if isinstance(item, _STALE_KINDS):
