@@ -6,6 +6,7 @@ The pool's scheduler (:meth:`Autoscaler.tick`, run by the server maintenance loo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,13 +36,22 @@ def offers() -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture
-async def vast() -> AsyncIterator[FakeVast]:
+@contextlib.asynccontextmanager
+async def pool_vast() -> AsyncIterator[FakeVast]:
+    """The fake Vast of the pool tests: loopback offers, instances up in a blink."""
     fake = FakeVast(offers=offers(), clock=time.time, provision_seconds=0.05,
                     boot_seconds=0.1, restart_seconds=0.1, timeout_hang=1.5)
     await fake.start()
-    yield fake
-    await fake.stop()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def vast() -> AsyncIterator[FakeVast]:
+    async with pool_vast() as fake:
+        yield fake
 
 
 async def status_of(env: BotEnv, name: str) -> str | None:

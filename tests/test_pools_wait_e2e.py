@@ -25,17 +25,14 @@ from core.servers import ServerView
 from tests.conftest import BotEnv, _answered, eventually
 from tests.fakevast import FakeVast
 from tests.test_generation_e2e import finished_row, generate, job_row
-from tests.test_pools_e2e import _is, admin, decisions, offers, rent_running, running
+from tests.test_pools_e2e import _is, admin, decisions, pool_vast, rent_running, running
 from tests.test_servers_vast_e2e import press, vast_env
 
 
 @pytest.fixture
 async def vast() -> AsyncIterator[FakeVast]:
-    fake = FakeVast(offers=offers(), clock=time.time, provision_seconds=0.05,
-                    boot_seconds=0.1, restart_seconds=0.1, timeout_hang=1.5)
-    await fake.start()
-    yield fake
-    await fake.stop()
+    async with pool_vast() as fake:  # the pool tests' fake Vast
+        yield fake
 
 
 async def pool_of_one_stopped(env: BotEnv, vast: FakeVast, comfy: Any) -> ServerView:
