@@ -277,10 +277,16 @@ async def test_a_running_job_keeps_no_copy_of_its_row(studio: BotEnv, comfy: Fak
     row = await running_job(studio, comfy, {"prompt": "held", "steps": 30})
     runner = studio.services.generation._runner
     assert row.id in runner._tasks and row.id not in runner._first
-    gc.collect()
-    held = [o for o in gc.get_objects()
-            if isinstance(o, ComfyGeneration) and o is not row and o.id == row.id]
-    assert held == []
+
+    # ComfyUI can start the prompt while the runner's write of "queued" is still in
+    # flight, and that write holds its own row until it returns: a brief copy is fine,
+    # one that stays while the job runs is what this test catches.
+    async def no_copy_held() -> bool:
+        gc.collect()
+        return not [o for o in gc.get_objects()
+                    if isinstance(o, ComfyGeneration) and o is not row and o.id == row.id]
+
+    await eventually(no_copy_held, timeout=3, interval=0.1)
     comfy.resume_sampling()
     assert (await finished_row(studio, row.id)).status == "completed"
 
