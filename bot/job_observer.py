@@ -66,7 +66,7 @@ class DiscordJobObserver(JobObserver):
         self.relay = relay
         # job id -> (number, bytes) of its newest preview, and the number last sent. Not
         # id(): a replaced preview is freed, and the next one often gets its address.
-        self._previews: dict[int, tuple[int, bytes]] = {}
+        self._previews: dict[int, tuple[int, bytes | memoryview]] = {}
         self._preview_sent: dict[int, int] = {}
         self._preview_count = 0
         self._preview_due: dict[int, float] = {}  # job id -> when a new thumbnail may go
@@ -79,7 +79,7 @@ class DiscordJobObserver(JobObserver):
         self._results: dict[int, str] = {}  # job id -> jump URL of its result message
         self._in_place: set[int] = set()  # jobs whose status message became the result
 
-    async def on_update(self, job: JobView, preview: bytes | None) -> None:
+    async def on_update(self, job: JobView, preview: bytes | memoryview | None) -> None:
         if job.message_id is None or job.channel_id is None or job.id in self._ended:
             return  # an update handled after the end: it would count the job again
         self.pings.seen(job.user_id, job.channel_id, job.id)

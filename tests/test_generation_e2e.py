@@ -297,6 +297,67 @@ async def test_a_running_job_keeps_no_copy_of_its_row(studio: BotEnv, comfy: Fak
     assert runner._first == {}
 
 
+async def test_a_running_job_handles_its_steps_a_few_times_a_second(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    """The follow loop settles between steps (a status shows about one a second), so a
+    job of 60 steps of 10 ms wakes a few times, not 60; its end is not held up."""
+    from core.comfy.events import Progress
+
+    follower = studio.services.generation._runner._follower
+    handled: list[int] = []
+    on_event = follower.on_event
+
+    async def counting(job_id: int, event: Any, titles: Any, live: Any) -> None:
+        if isinstance(event, Progress):
+            handled.append(event.value)
+        await on_event(job_id, event, titles, live)
+
+    follower.on_event = counting  # type: ignore[method-assign]
+    await generate(studio, {"prompt": "many steps", "steps": 60})
+    row = await finished_row(studio)
+    assert row.status == "completed"
+    assert handled and len(handled) <= 15, handled
+    assert handled == sorted(handled)
+
+
+def reachable(root: object, depth: int = 4) -> list[object]:
+    """Objects reachable from ``root`` within ``depth`` references (a bound method, its
+    closure cells, what they hold)."""
+    seen: dict[int, object] = {}
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for obj in frontier:
+            for ref in gc.get_referents(obj):
+                if id(ref) not in seen and not isinstance(ref, type):
+                    seen[id(ref)] = ref
+                    nxt.append(ref)
+        frontier = nxt
+    return list(seen.values())
+
+
+async def test_the_relay_keeps_no_interaction_while_a_job_runs(
+    studio: BotEnv, comfy: FakeComfy
+) -> None:
+    """The relay edits a status through its interaction's webhook for 15 minutes: what it
+    keeps for that is the token, not the Interaction (its payload and state: ~2,000 of
+    them at 2,000 jobs in flight). The edits still arrive through the webhook."""
+    import discord
+
+    row = await running_job(studio, comfy, {"prompt": "light", "steps": 30})
+    route = studio.bot.relay.webhook_of(row.message_id)
+    assert route is not None
+    held = [o for o in reachable(route.edit) if isinstance(o, discord.Interaction)]
+    assert held == []
+    status = status_message(studio, row.id)
+    before = len(status.edits)
+    comfy.resume_sampling()
+    assert (await finished_row(studio, row.id)).status == "completed"
+    assert len(status.edits) > before
+    assert any(r.path.startswith("/webhooks/") for r in studio.fake.calls("PATCH", "/webhooks/"))
+
+
 async def test_reroll_queues_same_prompt_with_new_seed(studio: BotEnv, comfy: FakeComfy) -> None:
     await generate(studio, {"prompt": "a fox", "seed": 7})
     first = await finished_row(studio)

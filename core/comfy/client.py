@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import random
 import re
@@ -31,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from core import fastjson
 from core.comfy.errors import (
     ComfyError,
     ComfyHTTPError,
@@ -170,7 +170,7 @@ class ComfyClient:
     @staticmethod
     def _json(body: bytes, path: str) -> Any:
         try:
-            return json.loads(body)
+            return fastjson.loads(body)
         except (ValueError, RecursionError) as exc:
             # RecursionError: JSON nested thousands deep is no ComfyUI answer either.
             message = f"ComfyUI sent a response to {path} that is not JSON."

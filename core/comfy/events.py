@@ -13,12 +13,12 @@ prompt (see :mod:`core.comfy.stream`).
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from core import fastjson
 from core.comfy.errors import ComfyError, ComfyExecutionError, ComfyMalformed
 from core.comfy.responses import OutputImage, parse_images
 
@@ -150,7 +150,7 @@ class PreviewEvent:
 
     prompt_id: str | None
     node_id: str | None
-    image_bytes: bytes = field(repr=False)
+    image_bytes: bytes | memoryview = field(repr=False)  # a view into the frame
     mime: str
     metadata: dict[str, Any] | None = None
 
@@ -413,12 +413,14 @@ def decode_binary(
         mime = _PREVIEW_FORMATS.get(second)
         if mime is None:
             raise ComfyMalformed("preview frame", f"unknown image format {second}")
-        return PreviewEvent(current_prompt, current_node, frame[8:], mime)
+        # A view, not a copy: at 100 servers ~2,000 previews of ~65 KB arrive a second,
+        # and nearly all are superseded unread.
+        return PreviewEvent(current_prompt, current_node, memoryview(frame)[8:], mime)
     if event_type == BINARY_PREVIEW_IMAGE_WITH_METADATA:
         if 8 + second > len(frame):
             raise ComfyMalformed("preview frame", "metadata longer than the frame")
         try:
-            meta = json.loads(frame[8 : 8 + second])
+            meta = fastjson.loads(frame[8 : 8 + second])
         except (ValueError, RecursionError):
             raise ComfyMalformed("preview frame", "metadata is not JSON") from None
         mime = meta.get("image_type", "image/jpeg") if isinstance(meta, dict) else None
@@ -428,7 +430,7 @@ def decode_binary(
             prompt_id, node_id = _opt_str(meta.get("prompt_id")), _opt_str(meta.get("node_id"))
         except _Bad as exc:
             raise ComfyMalformed("preview frame", str(exc)) from None
-        return PreviewEvent(prompt_id, node_id, frame[8 + second :], mime, meta)
+        return PreviewEvent(prompt_id, node_id, memoryview(frame)[8 + second :], mime, meta)
     if event_type == BINARY_TEXT:
         if 8 + second > len(frame):
             raise ComfyMalformed("text frame", "node id longer than the frame")

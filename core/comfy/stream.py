@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Any
 
 import aiohttp
 
+from core import fastjson
 from core.comfy.client import ComfyClient
 from core.comfy.errors import ComfyMalformed, ComfyUnreachable
 from core.comfy.events import (
@@ -56,6 +56,15 @@ from core.retry import Backoff
 from core.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
+
+# How ComfyUI's ``progress_state`` frames begin. Its server sends
+# ``{"type": event, "data": data}`` with aiohttp's ``send_json`` (json.dumps' separators);
+# the compact form is accepted too. Each one carries every node's state so far, and a
+# sampler sends one per step beside its ``progress`` (comfyui.md, "Text frames"): half of
+# a running server's text frames, and the larger half. Nothing in the bot reads them (the
+# steps come in ``progress``), so unless someone takes every event they are skipped
+# undecoded; a junk frame that only starts like one concerned no one either.
+_UNREAD_FRAMES = ('{"type": "progress_state"', '{"type":"progress_state"')
 
 
 class ComfyEventStream:
@@ -282,6 +291,8 @@ class ComfyEventStream:
         first_status = True
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
+                if msg.data.startswith(_UNREAD_FRAMES) and not self._fanout.takes_everything:
+                    continue
                 event = self._decode_text(msg.data)
                 if event is None:
                     continue
@@ -317,7 +328,7 @@ class ComfyEventStream:
 
     def _decode_text(self, text: str) -> ComfyEvent | None:
         try:
-            return decode_message(json.loads(text))
+            return decode_message(fastjson.loads(text))
         except (ValueError, RecursionError):
             self._malformed.report("text frame", "not JSON")
         except ComfyMalformed as exc:

@@ -80,9 +80,12 @@ class EventSubscription:
         # read where the oldest unread one stood (see put).
         self._latest_only = latest_only
         self._newest: dict[type, Any] = {}
+        self._settling: asyncio.Future[None] | None = None  # see settle()
 
     def put(self, event: Any) -> None:
         """Called by the stream only."""
+        if not isinstance(event, _STALE_KINDS):
+            self._end_settling()
         if self._newest and isinstance(event, PromptDone):
             # A reader that shows only the newest progress skips to the end once it is
             # there: the progress and preview it has not read yet would never be shown.
@@ -156,6 +159,29 @@ class EventSubscription:
                         "previews are dropped", self.prompt_id, MAX_PENDING)
         self.shed += count
 
+    async def settle(self, seconds: float) -> None:
+        """Wait up to ``seconds`` while only progress and previews arrive; return as soon
+        as anything else is waiting (the prompt's end, a node change, a disconnect).
+
+        For a ``latest_only`` reader: the progress and previews that arrive meanwhile
+        replace each other, so it wakes once for many instead of once for each. A running
+        job gets a step and a preview ~20 times a second; its status is edited about once.
+        """
+        if self._ended or self._queue.qsize() > len(self._newest):
+            return  # something other than the newest progress is already waiting
+        self._settling = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._settling
+        except TimeoutError:
+            pass
+        finally:
+            self._settling = None
+
+    def _end_settling(self) -> None:
+        if self._settling is not None and not self._settling.done():
+            self._settling.set_result(None)
+
     @property
     def pending(self) -> int:
         """Events waiting to be read."""
@@ -215,6 +241,7 @@ class EventSubscription:
     def close(self) -> None:
         self._unsubscribe(self)
         self._queue.put_nowait(CLOSED)
+        self._end_settling()
 
     async def __aenter__(self) -> EventSubscription:
         return self
@@ -248,6 +275,12 @@ class EventFanout:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    @property
+    def takes_everything(self) -> bool:
+        """Whether someone reads every event (a listener or an all-events subscription),
+        not only the events of its prompts."""
+        return bool(self._listeners or self._all_subs)
 
     def remove_listener(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):

@@ -180,7 +180,7 @@ class LiveJobs:
         except Exception:
             log.exception("progress update for generation %s failed", view.id)
 
-    async def publish(self, job_id: int, preview: bytes | None = None) -> None:
+    async def publish(self, job_id: int, preview: bytes | memoryview | None = None) -> None:
         """Tell the observer about live progress (no database read while the job runs).
 
         This runs for every step and preview, so the view passed is the row as last

@@ -143,7 +143,7 @@ class JobObserver:
     Every method must tolerate being called again for the same job.
     """
 
-    async def on_update(self, job: JobView, preview: bytes | None) -> None:
+    async def on_update(self, job: JobView, preview: bytes | memoryview | None) -> None:
         """The job changed. For live progress ``job`` may lack the newest step: read
         :meth:`GenerationService.snapshot` when rendering."""
 

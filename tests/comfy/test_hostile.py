@@ -23,7 +23,14 @@ from core.comfy.errors import (
     ComfyRedirectRefused,
     ComfyResponseTooLarge,
 )
-from core.comfy.events import Disconnected, PreviewEvent, Progress, ProgressState, PromptDone
+from core.comfy.events import (
+    Disconnected,
+    Executing,
+    PreviewEvent,
+    Progress,
+    ProgressState,
+    PromptDone,
+)
 from core.comfy.limits import DEFAULT_LIMITS, MiB, ResponseLimits
 from core.comfy.stream import ComfyEventStream
 from core.comfy.subscriptions import MAX_PENDING
@@ -44,6 +51,9 @@ MODEL = "tiny-random-sd15.safetensors"
 def txt2img(steps: int = 2) -> dict:
     return build_workflow(GenerationParams(prompt="a cat", model=MODEL, width=64, height=64,
                                            steps=steps, seed=1))
+
+
+SAMPLER = next(k for k, n in txt2img().items() if n["class_type"] == "KSampler")
 
 
 async def until(check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -169,6 +179,49 @@ async def test_a_reader_behind_holds_only_the_newest_progress_and_preview(
     assert any(isinstance(e, newest_only) for e in ran)  # it did send progress meanwhile
     assert events == [e for e in ran if not isinstance(e, newest_only)]
     assert isinstance(events[-1], PromptDone) and events[-1].ok and events[-1].outputs
+
+
+async def test_settle_waits_through_progress_and_returns_at_the_prompts_end(
+    stream: ComfyEventStream, client: ComfyClient, fake: FakeComfy
+) -> None:
+    """A reader that settles wakes once for a burst of steps and previews (they replace
+    each other while it waits), and at once when anything else arrives: here the end."""
+    fake.pause_sampling()
+    sub = stream.subscribe("p-settle", latest_only=True)
+    await client.queue_prompt(txt2img(), prompt_id="p-settle")
+    await fake.wait_running("p-settle", node=SAMPLER, timeout=10)
+    await until(lambda: any(isinstance(e, Executing) and e.node == SAMPLER
+                            for e in sub.drain()))  # the reader handled all before it
+    settling = asyncio.create_task(sub.settle(30))
+    await fake.flood_progress("p-settle", 20, latent_preview_jpeg(8, 8))
+    await asyncio.sleep(0.3)
+    assert not settling.done()  # only progress and previews came: still waiting
+    waiting = sub.drain()
+    assert {type(e) for e in waiting} <= {Progress, PreviewEvent}
+    assert [e.value for e in waiting if isinstance(e, Progress)] == [20]
+    started = time.monotonic()
+    fake.resume_sampling()
+    await asyncio.wait_for(settling, 10)
+    assert time.monotonic() - started < 5  # woken by what followed, not by its 30 s
+    done = await sub.wait_done(timeout=10)
+    assert done.ok
+
+
+async def test_settle_returns_at_once_when_something_else_waits(
+    stream: ComfyEventStream, client: ComfyClient, fake: FakeComfy
+) -> None:
+    fake.pause_sampling()
+    sub = stream.subscribe("p-settled", latest_only=True)
+    await client.queue_prompt(txt2img(), prompt_id="p-settled")
+    await fake.wait_running("p-settled", timeout=10)
+    await asyncio.wait_for(sub.settle(30), 1)  # the prompt's start is waiting unread
+    sub.drain()
+    settling = asyncio.create_task(sub.settle(30))
+    await asyncio.sleep(0.1)
+    assert not settling.done()
+    sub.close()
+    await asyncio.wait_for(settling, 1)  # closed while it waited
+    fake.resume_sampling()
 
 
 async def test_junk_queue_rows_do_not_stop_the_poll_loop(
