@@ -39,6 +39,8 @@ class LiveState:
     started_at: dt.datetime | None = None
     # The last written view and that view marked running (publish, once per written row).
     running_view: tuple[JobView, JobView] | None = None
+    # Whether the job has an input image to delete at its end (None: not known yet).
+    has_input: bool | None = None
 
 
 def job_view(row: ComfyGeneration, server_name: str | None) -> JobView:

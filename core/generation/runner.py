@@ -166,6 +166,7 @@ class JobRunner:
         await self.discard_input(job.id)
 
     async def _run(self, job_id: int, resumed: bool = False) -> None:
+        live = self._live.state(job_id)
         try:
             await self._drive(job_id, resumed)
         except asyncio.CancelledError:
@@ -178,7 +179,8 @@ class JobRunner:
             log.exception("generation %s failed unexpectedly", job_id)
             await self._delivery.finish(job_id, GenerationStatus.FAILED, GENERIC_FAILURE)
         # Not on cancellation: a bot shutting down leaves the job (and its input) to resume.
-        await self.discard_input(job_id)
+        if live.has_input is not False:  # a read of the row for nothing, at every end
+            await self.discard_input(job_id)
 
     async def discard_input(self, job_id: int) -> None:
         """Delete the job's input image once the job has ended (never while it runs: a
@@ -208,6 +210,7 @@ class JobRunner:
                     return
                 attempt, server = loaded
             first = None
+            live.has_input = bool(attempt.spec.parameters.get("input_path"))
             try:
                 await self._execute(job_id, server, live, attempt)
                 return
