@@ -4,9 +4,9 @@ discord.py's ``Interaction.edit_original_response`` and ``WebhookMessage.edit`` 
 Message from Discord's answer (embeds, components, attachments): an eighth of an edit's
 CPU in ``bench.relay --scale`` (py-spy), for a message the relay never reads. They also
 hold the Interaction (its whole payload) for as long as the relay may edit through it:
-about 2,000 of them at 2,000 jobs in flight. The editor here keeps only the token and
-sends the same request through the same adapter, so rate limits, retries on 429 and the
-errors raised (NotFound, Forbidden, HTTPException) are discord.py's own.
+about 2,000 of them at 2,000 jobs in flight. The editor here keeps the token and the
+client's own state, and sends the same request through the same adapter, so rate limits,
+retries on 429 and the errors raised (NotFound, Forbidden, HTTPException) are discord.py's.
 """
 
 from __future__ import annotations
