@@ -116,16 +116,6 @@ def _guarded(transition: str, job_id: int) -> Any:
     )
 
 
-def _guarded_table(transition: str, job_id: int) -> Any:
-    """:func:`_guarded` on the table, for a write that needs no ORM object back: the ORM's
-    bulk-update path cost more than the write itself (half a millisecond of CPU for
-    every delivered job in bench.relay --scale, py-spy)."""
-    table = ComfyGeneration.__table__
-    return update(table).where(
-        table.c.id == job_id, table.c.status.in_(FROM[transition])
-    )
-
-
 def _start_values(started_at: dt.datetime | None) -> dict[str, ColumnElement[Any]]:
     """Write the start that was kept in memory: a waiting row becomes running, and keeps
     the first start it learned."""
@@ -387,13 +377,15 @@ class GenerationStore:
             "queue_position": None, "image_urls": image_urls, "started_at": started_at,
             "completed_at": now, "delivered_at": now,
         }
-        servers = Server.__table__
         async with self._writing() as session:
-            result = await session.execute(_guarded_table("complete", job_id).values(values))
+            result = await session.execute(
+                _guarded("complete", job_id).values(values), execution_options=_PLAIN
+            )
             if server_id is not None:
                 # A finished job is activity: idle autostop counts from here.
                 await session.execute(
-                    update(servers).where(servers.c.id == server_id).values(last_used_at=now)
+                    update(Server).where(Server.id == server_id).values(last_used_at=now),
+                    execution_options=_PLAIN,
                 )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
