@@ -301,24 +301,30 @@ async def test_a_running_job_handles_its_steps_a_few_times_a_second(
     studio: BotEnv, comfy: FakeComfy
 ) -> None:
     """The follow loop settles between steps (a status shows about one a second), so a
-    job of 60 steps of 10 ms wakes a few times, not 60; its end is not held up."""
+    job of 80 steps of 10 ms wakes a few times, not for each step."""
+    import time
+
     from core.comfy.events import Progress
 
     follower = studio.services.generation._runner._follower
-    handled: list[int] = []
+    handled: list[tuple[float, int]] = []
     on_event = follower.on_event
 
     async def counting(job_id: int, event: Any, titles: Any, live: Any) -> None:
         if isinstance(event, Progress):
-            handled.append(event.value)
+            handled.append((time.monotonic(), event.value))
         await on_event(job_id, event, titles, live)
 
     follower.on_event = counting  # type: ignore[method-assign]
-    await generate(studio, {"prompt": "many steps", "steps": 60})
+    await generate(studio, {"prompt": "many steps", "steps": 80})
     row = await finished_row(studio)
     assert row.status == "completed"
-    assert handled and len(handled) <= 15, handled
-    assert handled == sorted(handled)
+    steps = [step for _, step in handled]
+    assert len(steps) >= 2 and steps == sorted(steps), steps
+    # Woken for a step at most every 0.2 s (a loaded machine only spaces them more); the
+    # next node's start wakes it at once, with the sampler's last step.
+    gaps = [b - a for (a, _), (b, _) in zip(handled, handled[1:], strict=False)]
+    assert sum(gap < 0.15 for gap in gaps) <= 1, gaps
 
 
 def reachable(root: object, depth: int = 4) -> list[object]:
