@@ -66,11 +66,6 @@ WINDOW_MARGIN = 0.25
 # An interaction token lives 15 minutes; its webhook is left this long before that, so an
 # edit in flight does not meet an expired token.
 TOKEN_MARGIN = 60.0
-# A message that changes after a quiet time is edited this long after the change, so what
-# follows it at once goes in the same edit: a job that starts running shows its first
-# steps with "running", instead of one edit for each (at 2,000 jobs of ~1 s, a quarter of
-# the edits). Final states do not wait.
-GATHER = 0.25
 # Progress edits in flight at once, over every lane. Each lane (an interaction's token)
 # has its own budget, so with thousands of jobs nothing else bounds them: at 2,000 jobs
 # the bot held 920 connections to Discord open at once, each with its buffers. Final
@@ -137,7 +132,6 @@ class _Slot:
     edits: int = 0
     lane: LaneKey | None = None  # the lane it is queued in (None: not queued)
     interval: float | None = None  # of the wanted state, when not the relay's
-    wanted_at: float = float("-inf")  # relay clock: when it wanted an edit after none
 
 
 @dataclass
@@ -155,13 +149,11 @@ class MessageRelay:
         client: discord.Client,
         *,
         interval: float = 1.0,
-        gather: float = GATHER,
         final_reserve: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self.interval = interval
-        self.gather = gather
         # Requests progress edits leave unspent, so a final state never waits for a window.
         self._reserve = final_reserve
         self._clock = clock
@@ -220,8 +212,6 @@ class MessageRelay:
         slot = self._slot(channel_id, message_id)
         if slot.final:
             return  # the end state is set; later progress is stale
-        if slot.builder is None and not slot.sending:
-            slot.wanted_at = self._clock()  # the first change after a quiet time
         slot.builder = builder
         # A new pace (the job left the line and runs) wakes the worker sleeping on the old.
         paced = interval != slot.interval
@@ -288,18 +278,17 @@ class MessageRelay:
             lane.wake.set()
 
     def _next(self, lane: _Lane) -> tuple[_Slot, float]:
-        """The message to edit next and when its interval (and gather) allows: a final
-        state first (the one set first), else the message whose interval ends first, of
-        those the one edited least recently (a waiting job's long interval must not hold
-        back a running job's progress)."""
+        """The message to edit next and when its interval allows: a final state first (the
+        one set first), else the message whose interval ends first, of those the one
+        edited least recently (a waiting job's long interval must not hold back a running
+        job's progress)."""
         best: _Slot | None = None
         best_key = (float("inf"), float("inf"))
         for slot in lane.pending.values():
             if slot.final:
                 return slot, 0.0
             interval = self.interval if slot.interval is None else slot.interval
-            key = (max(slot.last_edit + interval, slot.wanted_at + self.gather),
-                   slot.last_edit)
+            key = (slot.last_edit + interval, slot.last_edit)
             if best is None or key < best_key:
                 best, best_key = slot, key
         assert best is not None
