@@ -8,6 +8,7 @@ fake with FakeVast.set_network, which stays across a stop and a start).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from core.audit import SYSTEM, Actor
-from core.db.models import ComfyGeneration
+from core.db.models import ComfyGeneration, Server
 from core.errors import ResourceBusy
 from core.generation import GenerationRequest
 from core.generation.placement import Placement, PoolChoice
@@ -33,6 +35,18 @@ from tests.test_servers_vast_e2e import press, vast_env
 async def vast() -> AsyncIterator[FakeVast]:
     async with pool_vast() as fake:  # the pool tests' fake Vast
         yield fake
+
+
+@contextlib.asynccontextmanager
+async def own_maintenance(env: BotEnv) -> AsyncIterator[None]:
+    """A server maintenance loop of the test's own, whose first round comes now (the
+    bot's own loop sleeps 30 s first); cancelled on leaving."""
+    loop = asyncio.create_task(
+        env.services.server_ops.maintain(sync_every=600, autostop_every=30))
+    try:
+        yield
+    finally:
+        loop.cancel()
 
 
 async def pool_of_one_stopped(env: BotEnv, vast: FakeVast, comfy: Any) -> ServerView:
@@ -200,8 +214,6 @@ async def test_a_server_started_again_is_idle_from_its_start_not_its_last_job(
     try:
         await rent_running(env, "RTX 4090", "again")
         server = await env.services.servers.get("again")
-        from core.db.models import Server
-
         async with env.services.sessions.begin() as session:
             row = await session.get(Server, server.id)
             assert row is not None and row.running_since is not None
@@ -297,14 +309,7 @@ async def test_an_idle_server_stops_when_its_timeout_passes_not_at_the_next_roun
 ) -> None:
     """The maintenance round is every 30 s; a server whose idle timeout passes between two
     rounds stops then (the loop wakes for it), not up to 30 s of GPU billing later."""
-    import asyncio
-
-    from sqlalchemy import update
-
-    from core.db.models import Server
-
     env = await vast_env(fake_discord, tmp_path, vast)
-    loop: asyncio.Task[None] | None = None
     try:
         await rent_running(env, "RTX 4090", "idle")
         server = await env.services.servers.get("idle")
@@ -314,17 +319,13 @@ async def test_an_idle_server_stops_when_its_timeout_passes_not_at_the_next_roun
                 idle_timeout=1, running_since=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=57),
                 last_used_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=57)))
         began = time.monotonic()
-        # A loop of its own whose first round comes now (the bot's own sleeps 30 s).
-        loop = asyncio.create_task(
-            env.services.server_ops.maintain(sync_every=600, autostop_every=30))
-        await eventually(lambda: _is(env, "idle", "stopped"), timeout=15)
+        async with own_maintenance(env):
+            await eventually(lambda: _is(env, "idle", "stopped"), timeout=15)
         # Stopped about when due (3 s), long before the next 30-s round.
         assert time.monotonic() - began < 15
         inst = vast.instances[int(server.provider_id or 0)]
         assert inst.actual_status == "stopped"
     finally:
-        if loop is not None:
-            loop.cancel()
         await env.stop()
 
 
@@ -425,14 +426,7 @@ async def test_a_member_that_became_surplus_drains_in_the_same_round(
     """The pools' tick sets each member's idle stop before the autostop runs: a member
     idle for 3 minutes under the pool's 15 that no recent demand needs drains (2 minutes)
     and stops in that round, not a 30-s round later."""
-    import asyncio
-
-    from sqlalchemy import update
-
-    from core.db.models import Server
-
     env = await vast_env(fake_discord, tmp_path, vast)
-    loop: asyncio.Task[None] | None = None
     try:
         await admin(env, "create", {"name": "gpu", "gpu": "RTX 4090"})
         await rent_running(env, "RTX 4090", "spare")
@@ -443,13 +437,10 @@ async def test_a_member_that_became_surplus_drains_in_the_same_round(
         async with env.services.sessions.begin() as session:
             await session.execute(update(Server).where(Server.id == server.id).values(
                 running_since=ago, last_used_at=ago))
-        loop = asyncio.create_task(
-            env.services.server_ops.maintain(sync_every=600, autostop_every=30))
-        await eventually(lambda: _is(env, "spare", "stopped"), timeout=10)
+        async with own_maintenance(env):
+            await eventually(lambda: _is(env, "spare", "stopped"), timeout=10)
         assert vast.instances[int(server.provider_id or 0)].actual_status == "stopped"
     finally:
-        if loop is not None:
-            loop.cancel()
         await env.stop()
 
 
