@@ -163,6 +163,22 @@ async def test_past_the_tokens_life_the_status_moves_to_the_channels_route(
     assert result_messages(studio) == [status]
 
 
+async def _run_in_line(studio: BotEnv, comfy: FakeComfy, jobs: list[dict[str, Any]]) -> Any:
+    """Submit ``jobs`` to one server while its sampler waits, so all but the first wait in
+    line; then let them run (50 ms a step). The last job's row, once it completed."""
+    studio.services.settings.limits.user_concurrent_jobs = 10
+    studio.services.settings.limits.user_jobs_per_minute = 10
+    comfy.step_delay = 0.05
+    comfy.pause_sampling()
+    for options in jobs:
+        await generate(studio, options)
+    last = await job_row(studio)
+    comfy.resume_sampling()
+    row = await finished_row(studio, last.id, timeout=60)
+    assert row.status == "completed", row.error_message
+    return row
+
+
 async def test_a_place_in_line_is_shown_less_often_than_progress(
     studio: BotEnv, comfy: FakeComfy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,16 +187,8 @@ async def test_a_place_in_line_is_shown_less_often_than_progress(
     # QUEUED_INTERVAL while it waits; once it runs, every relay interval.
     monkeypatch.setattr(bot.job_observer, "QUEUED_INTERVAL", 2.0)
     studio.bot.relay.interval = 0.3
-    studio.services.settings.limits.user_concurrent_jobs = 10
-    studio.services.settings.limits.user_jobs_per_minute = 10
-    comfy.step_delay = 0.05
-    comfy.pause_sampling()
-    for n in range(6):
-        await generate(studio, {"prompt": f"in line {n}", "steps": 40, "seed": n})
-    last = await job_row(studio)
-    comfy.resume_sampling()
-    row = await finished_row(studio, last.id, timeout=60)
-    assert row.status == "completed", row.error_message
+    row = await _run_in_line(studio, comfy, [
+        {"prompt": f"in line {n}", "steps": 40, "seed": n} for n in range(6)])
     edits = _webhook_edits(studio, row.message_id)[1:-1]  # between the first show and the result
     waiting = [r for r in edits if _title(r).startswith("Queued")]
     running = [r for r in edits if _title(r).startswith("Generating")]
@@ -206,16 +214,8 @@ async def test_places_in_line_and_previews_share_bot_wide_budgets(
     monkeypatch.setattr(bot.job_observer, "QUEUED_EDITS_PER_SECOND", 1.0)
     monkeypatch.setattr(bot.job_observer, "PREVIEWS_PER_SECOND", 1.0)
     studio.bot.relay.interval = 0.2
-    studio.services.settings.limits.user_concurrent_jobs = 10
-    studio.services.settings.limits.user_jobs_per_minute = 10
-    comfy.step_delay = 0.05
-    comfy.pause_sampling()
-    for n in range(8):
-        await generate(studio, {"prompt": f"budget {n}", "steps": 6 if n else 60, "seed": n})
-    last = await job_row(studio)
-    comfy.resume_sampling()
-    row = await finished_row(studio, last.id, timeout=60)
-    assert row.status == "completed", row.error_message
+    await _run_in_line(studio, comfy, [
+        {"prompt": f"budget {n}", "steps": 6 if n else 60, "seed": n} for n in range(8)])
     async with studio.services.sessions() as session:
         rows = list(await session.scalars(
             select(ComfyGeneration).order_by(ComfyGeneration.id).limit(8)))
